@@ -1,0 +1,184 @@
+//! The `CdcPipeline` custom resource: spec, status and defaults. No I/O lives here.
+//!
+//! The same types are read by the operator (from the API server) and by `philotes run -f`
+//! (from a manifest file), so a pipeline behaves the same wherever it is declared.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every Philotes resource.
+pub const GROUP: &str = "philotes.io";
+/// API version of `CdcPipeline`.
+pub const VERSION: &str = "v1alpha1";
+
+pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const DEFAULT_BUFFER_SIZE: u32 = 10_000;
+pub const DEFAULT_FLUSH_INTERVAL: &str = "5s";
+pub const DEFAULT_STATUS_INTERVAL: &str = "10s";
+pub const DEFAULT_BUFFER_SCHEMA: &str = "philotes";
+pub const DEFAULT_SECRET_KEY: &str = "uri";
+
+/// Pattern every duration field must match: the Kubernetes/Go form such as `250ms`, `5s`, `1m30s`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// A change-data-capture pipeline: streams row changes of the listed tables from a source
+/// PostgreSQL into an ordered event log in a buffer PostgreSQL.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "philotes.io",
+    version = "v1alpha1",
+    kind = "CdcPipeline",
+    plural = "cdcpipelines",
+    shortname = "cdcp",
+    namespaced,
+    status = "CdcPipelineStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lagBytes","description":"Bytes of WAL the source holds that are not yet checkpointed"}"#,
+    printcolumn = r#"{"name":"Events","type":"integer","jsonPath":".status.eventsTotal"}"#,
+    printcolumn = r#"{"name":"Slot","type":"string","jsonPath":".status.slotName","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdcPipelineSpec {
+    /// The PostgreSQL database whose changes are captured.
+    pub source: SourceSpec,
+    /// The PostgreSQL database the change events are written to.
+    pub buffer: BufferSpec,
+    /// Maximum number of events written to the buffer in one transaction. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub batch_size: Option<u32>,
+    /// Maximum time a received event waits before it is written to the buffer, as a
+    /// Kubernetes duration (`250ms`, `5s`, `1m30s`). Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub flush_interval: Option<String>,
+    /// Maximum number of events held in memory between the replication stream and the
+    /// buffer; the reader waits while it is full. Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub buffer_size: Option<u32>,
+    /// How often lag and health are refreshed, as a Kubernetes duration. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub status_interval: Option<String>,
+}
+
+/// Where changes come from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Secret holding the source's `postgres://` connection URI. The user needs the
+    /// REPLICATION attribute (or superuser) and, to create the publication, ownership of
+    /// the tables.
+    pub connection_secret_ref: SecretKeyRef,
+    /// Tables to capture, as `schema.table` (or `table` for `public`). Quote names that
+    /// need it the SQL way: `"My Schema"."Order Items"`.
+    #[schemars(length(min = 1))]
+    pub tables: Vec<String>,
+    /// Publication to stream from. Created `FOR TABLE` the listed tables if missing;
+    /// adopted if it exists and publishes exactly those tables. Default: derived from
+    /// the resource name (`philotes_<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
+    /// Logical replication slot to stream from. Created with the `pgoutput` plugin if
+    /// missing; adopted if it exists. Default: derived from namespace and name
+    /// (`philotes_<namespace>_<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+}
+
+/// Where change events go.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BufferSpec {
+    /// Secret holding the buffer's `postgres://` connection URI.
+    pub connection_secret_ref: SecretKeyRef,
+    /// Schema the event tables live in; created if missing. Default `philotes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+}
+
+/// A key of a Secret in the pipeline's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret whose value is the connection URI. Default `uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl SecretKeyRef {
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or(DEFAULT_SECRET_KEY)
+    }
+}
+
+/// Observed state of a pipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcPipelineStatus {
+    /// Pending, Provisioning, Running, Degraded, Suspended or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replication slot in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_name: Option<String>,
+    /// Publication in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication_name: Option<String>,
+    /// Highest WAL position received from the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_received_lsn: Option<String>,
+    /// Position durable in the buffer and confirmed to the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_flush_lsn: Option<String>,
+    /// The source's current WAL write position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_wal_lsn: Option<String>,
+    /// Bytes of WAL between the source's current position and the slot's confirmed position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+    /// `wal_status` of the slot (`reserved`, `extended`, `unreserved`, `lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger of being lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_wal_size_bytes: Option<i64>,
+    /// Change events written to the buffer by this pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_total: Option<i64>,
+    /// When the checkpoint last advanced (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint_time: Option<String>,
+    /// Latest observations of the pipeline's state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One observation of the pipeline's state, in the shape of `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Short CamelCase reason for the last transition.
+    pub reason: String,
+    /// Human-readable details.
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The `metadata.generation` the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,120 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::CustomResourceExt;
+
+use philotes::crd::CdcPipeline;
+use philotes::pipeline::{Outcome, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "philotes",
+    version,
+    about = "PostgreSQL change-data-capture pipelines"
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline from a manifest file (a CdcPipeline plus the Secrets it references),
+    /// without a cluster. Stops on SIGINT/SIGTERM after flushing and checkpointing.
+    Run {
+        /// The manifest: YAML documents as for `kubectl apply -f`.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Which CdcPipeline to run when the manifest holds several.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Exit 0 once everything committed on the source before the start is durable in
+        /// the buffer (like pg_recvlogical --endpos).
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Run a demo pipeline end to end on a throwaway local PostgreSQL.
+    Demo,
+    /// Print the CdcPipeline CustomResourceDefinition.
+    Crd,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,pgwire_replication=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Crd => match serde_yaml::to_string(&CdcPipeline::crd()) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo => match runtime.block_on(philotes::demo::run()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: demo failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run {
+            file,
+            pipeline,
+            until_caught_up,
+        } => {
+            let result = philotes::standalone::load(&file, pipeline.as_deref()).map(|(_, cfg)| cfg);
+            let cfg = match result {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = RunOptions {
+                until_caught_up,
+                retry_setup: false,
+            };
+            match runtime.block_on(philotes::standalone::run(cfg, opts)) {
+                Ok(Outcome::Stopped) | Ok(Outcome::CaughtUp) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! A `CdcPipeline` spec with its defaults applied, its secrets resolved and every field
+//! checked. Nothing here touches the network, so every rule has a plain unit test.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::crd::{self, CdcPipelineSpec, SecretKeyRef};
+use crate::duration;
+
+use super::conn::ConnInfo;
+use super::error::{Error, Result};
+
+/// A schema-qualified table name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table`, `table` (schema `public`), or SQL-quoted parts such as
+    /// `"My Schema"."Order Items"`. Unquoted parts are folded to lower case, as PostgreSQL does.
+    pub fn parse(input: &str) -> std::result::Result<TableName, String> {
+        let mut parts = Vec::new();
+        let mut chars = input.trim().chars().peekable();
+        loop {
+            let mut part = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            part.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => part.push(c),
+                        None => return Err(format!("`{input}` has an unterminated quote")),
+                    }
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c == '.' {
+                        break;
+                    }
+                    if c == '"' || c.is_whitespace() {
+                        return Err(format!(
+                            "`{input}` is not a table name; quote names with spaces or quotes, e.g. \"My Table\""
+                        ));
+                    }
+                    part.push(c.to_ascii_lowercase());
+                    chars.next();
+                }
+            }
+            if part.is_empty() {
+                return Err(format!("`{input}` has an empty name part"));
+            }
+            parts.push(part);
+            match chars.next() {
+                None => break,
+                Some('.') => continue,
+                Some(_) => return Err(format!("`{input}` has text after a quoted name")),
+            }
+        }
+        match parts.len() {
+            1 => Ok(TableName {
+                schema: "public".into(),
+                name: parts.remove(0),
+            }),
+            2 => {
+                let name = parts.remove(1);
+                Ok(TableName {
+                    schema: parts.remove(0),
+                    name,
+                })
+            }
+            _ => Err(format!(
+                "`{input}` has more than two parts; use schema.table"
+            )),
+        }
+    }
+
+    /// The SQL-quoted form, safe to splice into a statement.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Everything a running pipeline needs, checked.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// `namespace/name`: the value of the `pipeline` column in the buffer.
+    pub id: String,
+    pub source: ConnInfo,
+    pub buffer: ConnInfo,
+    pub tables: Vec<TableName>,
+    pub publication: String,
+    pub slot: String,
+    pub buffer_schema: String,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub buffer_size: usize,
+    pub status_interval: Duration,
+}
+
+/// Where secret values come from: the manifest's own `Secret` documents when standalone, the
+/// API server in the operator.
+pub trait SecretSource {
+    /// The decoded value of `key` in secret `namespace/name`, or an error saying which of
+    /// the two is missing.
+    fn get(&self, namespace: &str, name: &str, key: &str) -> Result<String>;
+}
+
+impl PipelineConfig {
+    pub fn resolve(
+        namespace: &str,
+        name: &str,
+        spec: &CdcPipelineSpec,
+        secrets: &dyn SecretSource,
+    ) -> Result<PipelineConfig> {
+        let invalid = |field: &str, why: String| {
+            Error::InvalidSpec(format!("CdcPipeline {namespace}/{name}: {field} {why}"))
+        };
+        if spec.source.tables.is_empty() {
+            return Err(invalid(
+                "spec.source.tables",
+                "is empty; list at least one table to capture, e.g. [public.orders]".into(),
+            ));
+        }
+        let mut tables = Vec::new();
+        for (i, t) in spec.source.tables.iter().enumerate() {
+            let table =
+                TableName::parse(t).map_err(|e| invalid(&format!("spec.source.tables[{i}]"), e))?;
+            if tables.contains(&table) {
+                return Err(invalid(
+                    &format!("spec.source.tables[{i}]"),
+                    format!("lists {table} twice"),
+                ));
+            }
+            tables.push(table);
+        }
+        let slot = match &spec.source.slot {
+            Some(s) => {
+                check_replication_name(s).map_err(|e| invalid("spec.source.slot", e))?;
+                s.clone()
+            }
+            None => derive_name(&format!("philotes_{namespace}_{name}")),
+        };
+        let publication = match &spec.source.publication {
+            Some(p) => {
+                check_replication_name(p).map_err(|e| invalid("spec.source.publication", e))?;
+                p.clone()
+            }
+            None => derive_name(&format!("philotes_{name}")),
+        };
+        let buffer_schema = spec
+            .buffer
+            .schema
+            .clone()
+            .unwrap_or_else(|| crd::DEFAULT_BUFFER_SCHEMA.to_string());
+        if buffer_schema.is_empty() || buffer_schema.len() > 63 || buffer_schema.starts_with("pg_")
+        {
+            return Err(invalid(
+                "spec.buffer.schema",
+                format!("`{buffer_schema}` is not a usable schema name (1 to 63 characters, not starting with pg_)"),
+            ));
+        }
+        let positive = |field: &str, v: Option<u32>, default: u32| -> Result<usize> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(field, "must be at least 1 (got 0)".into())),
+                n => Ok(n as usize),
+            }
+        };
+        let batch_size = positive("spec.batchSize", spec.batch_size, crd::DEFAULT_BATCH_SIZE)?;
+        let buffer_size = positive(
+            "spec.bufferSize",
+            spec.buffer_size,
+            crd::DEFAULT_BUFFER_SIZE,
+        )?;
+        let interval = |field: &str, v: &Option<String>, default: &str| -> Result<Duration> {
+            let d =
+                duration::parse(v.as_deref().unwrap_or(default)).map_err(|e| invalid(field, e))?;
+            if d < Duration::from_millis(10) || d > Duration::from_secs(24 * 3600) {
+                return Err(invalid(
+                    field,
+                    format!("must be between 10ms and 24h (got {})", duration::format(d)),
+                ));
+            }
+            Ok(d)
+        };
+        let flush_interval = interval(
+            "spec.flushInterval",
+            &spec.flush_interval,
+            crd::DEFAULT_FLUSH_INTERVAL,
+        )?;
+        let status_interval = interval(
+            "spec.statusInterval",
+            &spec.status_interval,
+            crd::DEFAULT_STATUS_INTERVAL,
+        )?;
+        let source = conn_from_secret(
+            namespace,
+            &spec.source.connection_secret_ref,
+            "spec.source.connectionSecretRef",
+            secrets,
+        )?;
+        let buffer = conn_from_secret(
+            namespace,
+            &spec.buffer.connection_secret_ref,
+            "spec.buffer.connectionSecretRef",
+            secrets,
+        )?;
+        Ok(PipelineConfig {
+            id: format!("{namespace}/{name}"),
+            source,
+            buffer,
+            tables,
+            publication,
+            slot,
+            buffer_schema,
+            batch_size,
+            flush_interval,
+            buffer_size,
+            status_interval,
+        })
+    }
+}
+
+fn conn_from_secret(
+    namespace: &str,
+    r: &SecretKeyRef,
+    field: &str,
+    secrets: &dyn SecretSource,
+) -> Result<ConnInfo> {
+    let value = secrets
+        .get(namespace, &r.name, r.key())
+        .map_err(|e| match e {
+            Error::Secret(m) => Error::Secret(format!("{field}: {m}")),
+            other => other,
+        })?;
+    ConnInfo::parse(
+        &value,
+        &format!("{field}: secret {namespace}/{} key `{}`", r.name, r.key()),
+    )
+}
+
+/// Slot and publication names: PostgreSQL allows only lower-case letters, digits and
+/// underscores in slot names; publications are held to the same rule because
+/// `publication_names` folds case and splits on commas.
+fn check_replication_name(s: &str) -> std::result::Result<(), String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(format!("`{s}` must be 1 to 63 characters long"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(format!(
+            "`{s}` may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
+/// A valid slot/publication name from arbitrary text: lower-cased, other characters replaced
+/// by `_`, and cut to 63 bytes with a hash suffix when longer, so two long names stay distinct.
+pub fn derive_name(raw: &str) -> String {
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.len() <= 63 {
+        return clean;
+    }
+    // FNV-1a: stable across releases (the name must not change between versions).
+    let mut h: u32 = 0x811c9dc5;
+    for b in raw.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("{}_{h:08x}", &clean[..54])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<(String, String), HashMap<String, String>>);
+    impl SecretSource for Map {
+        fn get(&self, ns: &str, name: &str, key: &str) -> Result<String> {
+            let s = self
+                .0
+                .get(&(ns.to_string(), name.to_string()))
+                .ok_or_else(|| Error::Secret(format!("secret {ns}/{name} not found")))?;
+            s.get(key)
+                .cloned()
+                .ok_or_else(|| Error::Secret(format!("secret {ns}/{name} has no key `{key}`")))
+        }
+    }
+
+    fn secrets() -> Map {
+        let mut m = HashMap::new();
+        m.insert(
+            ("shop".to_string(), "src".to_string()),
+            HashMap::from([("uri".to_string(), "postgres://u:pw@h:5433/s".to_string())]),
+        );
+        m.insert(
+            ("shop".to_string(), "buf".to_string()),
+            HashMap::from([("dsn".to_string(), "postgres://u:pw@h/b".to_string())]),
+        );
+        Map(m)
+    }
+
+    fn spec(extra: &str) -> CdcPipelineSpec {
+        serde_yaml::from_str(&format!(
+            "source: {{connectionSecretRef: {{name: src}}, tables: [public.orders, Customers]}}\n\
+             buffer: {{connectionSecretRef: {{name: buf, key: dsn}}}}\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let c = PipelineConfig::resolve("shop", "orders", &spec(""), &secrets()).unwrap();
+        assert_eq!(c.id, "shop/orders");
+        assert_eq!(c.slot, "philotes_shop_orders");
+        assert_eq!(c.publication, "philotes_orders");
+        assert_eq!(c.buffer_schema, "philotes");
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.buffer_size, 10_000);
+        assert_eq!(c.flush_interval, Duration::from_secs(5));
+        assert_eq!(c.status_interval, Duration::from_secs(10));
+        assert_eq!(c.tables[1].to_string(), "public.customers");
+        assert_eq!(c.source.port, 5433);
+        assert_eq!(c.buffer.dbname, "b");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            ("batchSize: 0", "spec.batchSize must be at least 1"),
+            ("bufferSize: 0", "spec.bufferSize must be at least 1"),
+            (
+                "flushInterval: soon",
+                "spec.flushInterval `soon` is not a duration",
+            ),
+            ("statusInterval: 1ns", "spec.statusInterval must be between"),
+        ];
+        for (extra, want) in cases {
+            let err = PipelineConfig::resolve("shop", "orders", &spec(extra), &secrets())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+            assert!(err.contains("CdcPipeline shop/orders"), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_secret_and_key_are_named() {
+        let mut s = spec("");
+        s.source.connection_secret_ref.name = "nope".into();
+        let err = PipelineConfig::resolve("shop", "o", &s, &secrets())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.source.connectionSecretRef: secret shop/nope not found"),
+            "{err}"
+        );
+        let mut s = spec("");
+        s.buffer.connection_secret_ref.key = Some("uri".into());
+        let err = PipelineConfig::resolve("shop", "o", &s, &secrets())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret shop/buf has no key `uri`"), "{err}");
+    }
+
+    #[test]
+    fn table_names_parse_like_sql() {
+        let t = TableName::parse(r#""My Schema"."Order ""Items""""#).unwrap();
+        assert_eq!(t.schema, "My Schema");
+        assert_eq!(t.name, "Order \"Items\"");
+        assert_eq!(t.quoted(), r#""My Schema"."Order ""Items""""#);
+        assert_eq!(
+            TableName::parse("Orders").unwrap().to_string(),
+            "public.orders"
+        );
+        for bad in ["", "a.b.c", "a..b", "\"open", "two words"] {
+            assert!(TableName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn derived_names_are_valid_and_distinct() {
+        let a = derive_name(&format!("philotes_{}_x", "n".repeat(80)));
+        let b = derive_name(&format!("philotes_{}_y", "n".repeat(80)));
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_ne!(a, b);
+        check_replication_name(&a).unwrap();
+        assert_eq!(
+            derive_name("philotes_My-NS_orders.v2"),
+            "philotes_my_ns_orders_v2"
+        );
+        assert!(check_replication_name("Bad-Name").is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! Errors of the data plane. Each one knows a short stable `reason()` (used as a condition
+//! reason, an event reason and a metric label) and whether retrying can help.
+//!
+//! Messages never carry a password or a full connection string: connection errors name the
+//! target (`source`/`buffer`) and host, and the driver's text, which holds neither.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The spec or manifest is invalid; nothing will change until the user edits it.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// A referenced secret or key is missing or unusable.
+    #[error("{0}")]
+    Secret(String),
+    /// A server could not be reached (refused, timed out, DNS, TLS).
+    #[error("cannot connect to the {target} database at {endpoint}: {message}")]
+    Unreachable {
+        target: &'static str,
+        endpoint: String,
+        message: String,
+    },
+    /// The server refused the credentials.
+    #[error("the {target} database at {endpoint} refused the login: {message}; check the user and password in the connection secret")]
+    Auth {
+        target: &'static str,
+        endpoint: String,
+        message: String,
+    },
+    /// The source is not set up in a way Philotes can stream from.
+    #[error("{0}")]
+    SourceSetup(String),
+    /// The buffer is not usable (schema owned by something else, no permission).
+    #[error("{0}")]
+    BufferSetup(String),
+    /// Another process streams from the slot right now.
+    #[error("{0}")]
+    SlotInUse(String),
+    /// The replication stream failed while running.
+    #[error("replication stream from the source failed: {0}")]
+    Stream(String),
+    /// Writing to the buffer failed while running.
+    #[error("writing to the buffer failed: {0}")]
+    Buffer(String),
+    /// The stream carried something the decoder does not understand.
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(String),
+}
+
+impl Error {
+    /// Short stable CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "InvalidSpec",
+            Error::Secret(_) => "SecretError",
+            Error::Unreachable { .. } => "Unreachable",
+            Error::Auth { .. } => "AuthenticationFailed",
+            Error::SourceSetup(_) => "SourceNotReady",
+            Error::BufferSetup(_) => "BufferNotReady",
+            Error::SlotInUse(_) => "SlotInUse",
+            Error::Stream(_) => "StreamError",
+            Error::Buffer(_) => "BufferError",
+            Error::Decode(_) => "DecodeError",
+        }
+    }
+
+    /// Whether trying again later, with the same spec, can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::SlotInUse(_) | Error::Stream(_) | Error::Buffer(_)
+        )
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

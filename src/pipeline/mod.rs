@@ -1,0 +1,16 @@
+//! The data plane: source (replication stream + decoding) → buffer (event persistence) →
+//! checkpoint → confirmation to the source. It knows nothing about Kubernetes.
+
+pub mod buffer;
+pub mod config;
+pub mod conn;
+pub mod decode;
+pub mod error;
+pub mod lsn;
+mod run;
+pub mod source;
+pub mod status;
+
+pub use config::PipelineConfig;
+pub use error::{Error, Result};
+pub use run::{run, Outcome, Progress, RunOptions, State};

@@ -1,0 +1,508 @@
+//! The replication loop.
+//!
+//! # LSN rules
+//!
+//! - **received**: the highest position the stream has reported (a commit's end, or a
+//!   keepalive's WAL end). Nothing follows from it.
+//! - **written**: events sit in `batch` until a buffer transaction commits them. `safe_lsn` is
+//!   the position a checkpoint may claim once the batch is written: the end of the last commit
+//!   received, or a keepalive's WAL end when no transaction is open (nothing before it is
+//!   missing). It never moves while a transaction is open, so a checkpoint never claims a
+//!   transaction whose changes are only partly written.
+//! - **checkpointed**: `ckpt.lsn`, committed in the buffer in the same transaction as the
+//!   events it covers. Together with `ckpt.last_event` (the last event written, possibly part
+//!   of an unfinished transaction) it is the whole durable state: a restart streams from
+//!   `ckpt.lsn` and skips events at or before `ckpt.last_event`.
+//! - **confirmed to the source**: only ever `ckpt.lsn`, and only after the buffer transaction
+//!   that wrote it committed. Invariant: confirmed ≤ checkpointed ≤ safe_lsn ≤ received.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+
+use super::buffer::{Buffer, Checkpoint, Event, RelationRecord};
+use super::config::PipelineConfig;
+use super::decode::{Decoded, Decoder, Relation};
+use super::error::{Error, Result};
+use super::source;
+
+/// How the standalone runner or the operator wants a pipeline run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Stop, with [`Outcome::CaughtUp`], once everything committed on the source before the
+    /// start is durable in the buffer.
+    pub until_caught_up: bool,
+    /// Retry transient errors during the first start too (the operator does; the standalone
+    /// runner reports them and exits).
+    pub retry_setup: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Shut down on request, after flushing and checkpointing.
+    Stopped,
+    /// `until_caught_up` reached its target.
+    CaughtUp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum State {
+    #[default]
+    Starting,
+    Streaming,
+    /// A transient error ended the last session; the loop waits and tries again.
+    Retrying,
+    Stopped,
+    Failed,
+}
+
+/// What the loop publishes for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub state: State,
+    pub received_lsn: u64,
+    pub checkpoint_lsn: u64,
+    pub events_total: i64,
+    pub last_checkpoint_time: Option<SystemTime>,
+    /// `(reason, message)` of the last error, cleared by the next successful write.
+    pub last_error: Option<(String, String)>,
+    pub slot_created: bool,
+    pub publication_created: bool,
+}
+
+/// Runs the pipeline until shutdown is signalled (or, with `until_caught_up`, until caught up),
+/// retrying transient errors with backoff. Returns the first permanent error.
+pub async fn run(
+    cfg: PipelineConfig,
+    opts: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+    progress: watch::Sender<Progress>,
+) -> Result<Outcome> {
+    let mut buffer: Option<Buffer> = None;
+    let mut target: Option<u64> = None;
+    let mut backoff = Backoff::new();
+    let mut started = false;
+    loop {
+        let result = session(
+            &cfg,
+            opts,
+            &mut buffer,
+            &mut target,
+            &mut shutdown,
+            &progress,
+            &mut started,
+        )
+        .await;
+        match result {
+            Ok(outcome) => {
+                progress.send_modify(|p| p.state = State::Stopped);
+                return Ok(outcome);
+            }
+            Err(e) if e.is_transient() && (started || opts.retry_setup) => {
+                if matches!(e, Error::Buffer(_)) {
+                    buffer = None;
+                }
+                if buffer.as_ref().is_some_and(|b| b.is_closed()) {
+                    buffer = None;
+                }
+                let wait = backoff.next();
+                tracing::warn!(pipeline = %cfg.id, reason = e.reason(), error = %e, retry_in = ?wait, "pipeline interrupted; retrying");
+                progress.send_modify(|p| {
+                    p.state = State::Retrying;
+                    p.last_error = Some((e.reason().to_string(), e.to_string()));
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {
+                        progress.send_modify(|p| p.state = State::Stopped);
+                        return Ok(Outcome::Stopped);
+                    }
+                }
+            }
+            Err(e) => {
+                progress.send_modify(|p| {
+                    p.state = State::Failed;
+                    p.last_error = Some((e.reason().to_string(), e.to_string()));
+                });
+                return Err(e);
+            }
+        }
+        if *shutdown.borrow() {
+            progress.send_modify(|p| p.state = State::Stopped);
+            return Ok(Outcome::Stopped);
+        }
+    }
+}
+
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_millis(250))
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+        d
+    }
+}
+
+/// The transaction whose changes are arriving.
+struct OpenTx {
+    commit_lsn: u64,
+    xid: u32,
+    commit_time: i64,
+    seq: i32,
+}
+
+/// One connection's worth of streaming: provision, resume from the checkpoint, loop.
+async fn session(
+    cfg: &PipelineConfig,
+    opts: RunOptions,
+    buffer_slot: &mut Option<Buffer>,
+    target: &mut Option<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+    progress: &watch::Sender<Progress>,
+    started: &mut bool,
+) -> Result<Outcome> {
+    if buffer_slot.as_ref().is_none_or(|b| b.is_closed()) {
+        *buffer_slot = Some(Buffer::open(cfg).await?);
+    }
+    let Some(buffer) = buffer_slot.as_mut() else {
+        return Err(Error::Buffer("buffer connection missing".into()));
+    };
+
+    let source_client = cfg.source.connect("source").await?;
+    let provisioned = source::provision(&source_client, cfg).await?;
+    drop(source_client);
+    let target = *target.get_or_insert(provisioned.current_wal_lsn);
+
+    let ckpt = match buffer.checkpoint().await? {
+        Some(c) => c,
+        None => Checkpoint {
+            lsn: provisioned.slot_confirmed_lsn,
+            ..Checkpoint::default()
+        },
+    };
+    progress.send_modify(|p| {
+        p.checkpoint_lsn = ckpt.lsn;
+        p.received_lsn = p.received_lsn.max(ckpt.lsn);
+        p.events_total = ckpt.events_total;
+        p.slot_created |= provisioned.slot_created;
+        p.publication_created |= provisioned.publication_created;
+    });
+    if opts.until_caught_up && ckpt.lsn >= target {
+        // Nothing committed since the slot's position: record where we are and stop.
+        buffer.write(&[], &[], &ckpt).await?;
+        return Ok(Outcome::CaughtUp);
+    }
+
+    let repl_cfg = cfg.source.replication_config(
+        &cfg.slot,
+        &cfg.publication,
+        ckpt.lsn,
+        cfg.buffer_size,
+        Duration::from_secs(1),
+    );
+    let mut stream = ReplicationClient::connect(repl_cfg)
+        .await
+        .map_err(|e| stream_error(cfg, e))?;
+    stream
+        .wait_started()
+        .await
+        .map_err(|e| stream_error(cfg, e))?;
+    *started = true;
+    tracing::info!(pipeline = %cfg.id, slot = %cfg.slot, publication = %cfg.publication,
+        from = %super::lsn::format(ckpt.lsn), "streaming");
+    progress.send_modify(|p| {
+        p.state = State::Streaming;
+    });
+
+    let mut st = Streamer {
+        cfg,
+        opts,
+        target,
+        decoder: Decoder::new(),
+        written_relations: HashMap::new(),
+        tx: None,
+        pending: Pending {
+            batch: Vec::with_capacity(cfg.batch_size),
+            relations: Vec::new(),
+            safe_lsn: ckpt.lsn,
+            last_event: ckpt.last_event,
+            deadline: None,
+        },
+        ckpt,
+    };
+
+    loop {
+        tokio::select! {
+            biased;
+            // 1. Shutdown: take in what the stream already delivered, write it, checkpoint,
+            //    confirm, stop.
+            _ = shutdown.changed() => {
+                stream.stop();
+                let drain = async {
+                    while let Ok(Some(event)) = stream.recv().await {
+                        st.on_event(event, buffer, &stream, progress).await?;
+                    }
+                    Ok::<(), Error>(())
+                };
+                if let Ok(result) = tokio::time::timeout(Duration::from_secs(5), drain).await {
+                    result?;
+                }
+                st.flush(buffer, &stream, progress).await?;
+                tracing::info!(pipeline = %cfg.id, checkpoint = %super::lsn::format(st.ckpt.lsn), "stopped");
+                return Ok(Outcome::Stopped);
+            }
+            // 2. Flush deadline: no received event waits longer than flushInterval.
+            _ = sleep_until(st.pending.deadline.unwrap_or_else(Instant::now)), if st.pending.deadline.is_some() => {
+                st.flush(buffer, &stream, progress).await?;
+            }
+            // 3. The stream (keepalive replies are sent by the client itself).
+            event = stream.recv() => {
+                match event {
+                    Ok(Some(event)) => st.on_event(event, buffer, &stream, progress).await?,
+                    Ok(None) => return Err(Error::Stream("the source ended the replication stream".into())),
+                    Err(e) => return Err(stream_error(cfg, e)),
+                }
+            }
+        }
+        if st.caught_up() {
+            stream.stop();
+            return Ok(Outcome::CaughtUp);
+        }
+    }
+}
+
+/// The state of one streaming session.
+struct Streamer<'a> {
+    cfg: &'a PipelineConfig,
+    opts: RunOptions,
+    /// `until_caught_up`'s target.
+    target: u64,
+    decoder: Decoder,
+    /// Table definitions recorded in this session, to record only changes.
+    written_relations: HashMap<u32, Arc<Relation>>,
+    tx: Option<OpenTx>,
+    pending: Pending,
+    /// What the buffer holds durably.
+    ckpt: Checkpoint,
+}
+
+impl Streamer<'_> {
+    fn caught_up(&self) -> bool {
+        self.opts.until_caught_up && self.tx.is_none() && self.ckpt.lsn >= self.target
+    }
+
+    fn arm_deadline(&mut self) {
+        let interval = self.cfg.flush_interval;
+        self.pending
+            .deadline
+            .get_or_insert_with(|| Instant::now() + interval);
+    }
+
+    async fn on_event(
+        &mut self,
+        event: ReplicationEvent,
+        buffer: &mut Buffer,
+        stream: &ReplicationClient,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.tx = Some(OpenTx {
+                    commit_lsn: final_lsn.0,
+                    xid,
+                    commit_time: commit_time_micros,
+                    seq: 0,
+                });
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let Some(open) = self.tx.as_mut() else {
+                    return Err(Error::Decode("change outside a transaction".into()));
+                };
+                let changes = match self.decoder.decode(&data)? {
+                    Decoded::Relation(rel) => {
+                        let position = (open.commit_lsn, open.seq);
+                        let known = self
+                            .written_relations
+                            .get(&rel.id)
+                            .is_some_and(|r| **r == *rel);
+                        if !known && self.pending.last_event.is_none_or(|last| position > last) {
+                            self.written_relations.insert(rel.id, rel.clone());
+                            self.pending.relations.push(RelationRecord {
+                                commit_lsn: open.commit_lsn,
+                                seq: open.seq,
+                                relation: rel,
+                            });
+                        }
+                        return Ok(());
+                    }
+                    Decoded::Change(c) => vec![c],
+                    Decoded::Truncate(cs) => cs,
+                    Decoded::Nothing => return Ok(()),
+                };
+                for change in changes {
+                    let Some(open) = self.tx.as_mut() else {
+                        break;
+                    };
+                    let position = (open.commit_lsn, open.seq);
+                    open.seq += 1;
+                    // Already in the buffer from before a restart: skip, so it lands once.
+                    if self.pending.last_event.is_some_and(|last| position <= last) {
+                        continue;
+                    }
+                    self.pending.last_event = Some(position);
+                    self.pending.batch.push(Event {
+                        commit_lsn: open.commit_lsn,
+                        seq: position.1,
+                        lsn: wal_start.0,
+                        xid: open.xid,
+                        commit_time: open.commit_time,
+                        change,
+                    });
+                    self.arm_deadline();
+                    if self.pending.batch.len() >= self.cfg.batch_size {
+                        self.flush(buffer, stream, progress).await?;
+                    }
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.tx = None;
+                self.advance(end_lsn.0, buffer, stream, progress).await?;
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // With no transaction open, everything before wal_end has been sent: the slot
+                // may follow it, so idle tables do not make the source keep WAL.
+                if self.tx.is_none() {
+                    self.advance(wal_end.0, buffer, stream, progress).await?;
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(Error::Stream("the stream stopped unexpectedly".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the position the next checkpoint may claim (no transaction is open).
+    async fn advance(
+        &mut self,
+        lsn: u64,
+        buffer: &mut Buffer,
+        stream: &ReplicationClient,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        progress.send_modify(|p| p.received_lsn = p.received_lsn.max(lsn));
+        if lsn <= self.pending.safe_lsn {
+            return Ok(());
+        }
+        self.pending.safe_lsn = lsn;
+        if self.opts.until_caught_up && lsn >= self.target {
+            self.flush(buffer, stream, progress).await
+        } else {
+            self.arm_deadline();
+            Ok(())
+        }
+    }
+
+    /// Writes the batch, the definitions and the checkpoint in one buffer transaction; then,
+    /// and only then, confirms the checkpoint to the source.
+    async fn flush(
+        &mut self,
+        buffer: &mut Buffer,
+        stream: &ReplicationClient,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        let pending = &mut self.pending;
+        pending.deadline = None;
+        if pending.batch.is_empty()
+            && pending.relations.is_empty()
+            && pending.safe_lsn <= self.ckpt.lsn
+        {
+            return Ok(());
+        }
+        // The invariant of the LSN rules: the checkpoint never moves back, and never claims a
+        // transaction that is still arriving.
+        debug_assert!(pending.safe_lsn >= self.ckpt.lsn);
+        debug_assert!(self
+            .tx
+            .as_ref()
+            .is_none_or(|t| pending.safe_lsn <= t.commit_lsn));
+        let next = Checkpoint {
+            lsn: pending.safe_lsn,
+            last_event: pending.last_event,
+            events_total: self.ckpt.events_total + pending.batch.len() as i64,
+        };
+        buffer
+            .write(&pending.batch, &pending.relations, &next)
+            .await?;
+        self.ckpt = next;
+        pending.batch.clear();
+        pending.relations.clear();
+        stream.update_applied_lsn(Lsn(self.ckpt.lsn));
+        let ckpt = self.ckpt;
+        progress.send_modify(|p| {
+            p.checkpoint_lsn = ckpt.lsn;
+            p.events_total = ckpt.events_total;
+            p.last_checkpoint_time = Some(SystemTime::now());
+            p.last_error = None;
+        });
+        Ok(())
+    }
+}
+
+/// What is received but not yet durable.
+struct Pending {
+    batch: Vec<Event>,
+    relations: Vec<RelationRecord>,
+    /// The LSN the next checkpoint may claim (see the LSN rules above).
+    safe_lsn: u64,
+    /// The last event accepted: written, or in `batch`.
+    last_event: Option<(u64, i32)>,
+    /// When the oldest unwritten event (or checkpoint advance) must be written.
+    deadline: Option<Instant>,
+}
+
+fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
+    let text = e.to_string();
+    match e {
+        PgWireError::Auth(m) => Error::Auth {
+            target: "source",
+            endpoint: cfg.source.to_string(),
+            message: m,
+        },
+        PgWireError::Server(m) if m.contains("28P01") || m.contains("password authentication") => {
+            Error::Auth {
+                target: "source",
+                endpoint: cfg.source.to_string(),
+                message: m,
+            }
+        }
+        PgWireError::Server(m) if m.contains("55006") || m.contains("is active for PID") => {
+            Error::SlotInUse(format!(
+                "replication slot {} on the source database {} is in use by another process ({m}); \
+                 stop the other consumer, or give this pipeline its own spec.source.slot",
+                cfg.slot, cfg.source
+            ))
+        }
+        PgWireError::Io(_) | PgWireError::Tls(_) => Error::Unreachable {
+            target: "source",
+            endpoint: cfg.source.to_string(),
+            message: text,
+        },
+        _ => Error::Stream(text),
+    }
+}

@@ -1,0 +1,295 @@
+//! The source database over ordinary SQL: preflight checks, provisioning (or adopting) the
+//! publication and the replication slot, and the slot statistics status reports.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use super::config::{quote_ident, quote_literal, PipelineConfig, TableName};
+use super::conn::describe_pg_error;
+use super::error::{Error, Result};
+use super::lsn;
+
+/// What provisioning found or made.
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub publication_created: bool,
+    pub slot_created: bool,
+    /// The slot's confirmed position when provisioning ended.
+    pub slot_confirmed_lsn: u64,
+    /// The source's WAL position when provisioning ended: everything committed before it is
+    /// what `--until-caught-up` waits for.
+    pub current_wal_lsn: u64,
+}
+
+/// Checks the source can stream the listed tables, then creates or adopts the publication and
+/// the slot. Every refusal names the object and what to change.
+pub async fn provision(client: &Client, cfg: &PipelineConfig) -> Result<Provisioned> {
+    let src = &cfg.source;
+    let q = |e: tokio_postgres::Error| {
+        let hint = if e.code().map(|c| c.code()) == Some("42501") {
+            "; the source user needs the REPLICATION attribute and ownership of the captured tables (or superuser)"
+        } else {
+            ""
+        };
+        Error::SourceSetup(format!(
+            "source database {src}: {}{hint}",
+            describe_pg_error(&e)
+        ))
+    };
+
+    let wal_level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(Error::SourceSetup(format!(
+            "source database {src} has wal_level={wal_level}; logical replication needs wal_level=logical: \
+             run ALTER SYSTEM SET wal_level = logical (or set it in postgresql.conf) and restart PostgreSQL"
+        )));
+    }
+
+    for table in &cfg.tables {
+        check_table(client, cfg, table).await?;
+    }
+
+    let publication_created = ensure_publication(client, cfg).await?;
+    let slot_created = ensure_slot(client, cfg).await?;
+
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(q)?;
+    Ok(Provisioned {
+        publication_created,
+        slot_created,
+        slot_confirmed_lsn: row
+            .get::<_, Option<&str>>(0)
+            .and_then(lsn::parse)
+            .unwrap_or(0),
+        current_wal_lsn: lsn::parse(row.get(1)).unwrap_or(0),
+    })
+}
+
+async fn check_table(client: &Client, cfg: &PipelineConfig, table: &TableName) -> Result<()> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind::text, c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| {
+            Error::SourceSetup(format!(
+                "source database {}: {}",
+                cfg.source,
+                describe_pg_error(&e)
+            ))
+        })?;
+    let Some(row) = row else {
+        return Err(Error::SourceSetup(format!(
+            "table {table} listed in spec.source.tables does not exist in the source database {}; create it or remove it from the list",
+            cfg.source
+        )));
+    };
+    let (kind, identity, has_pk): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    if kind != "r" && kind != "p" {
+        return Err(Error::SourceSetup(format!(
+            "{table} listed in spec.source.tables is not a table (relkind {kind}); only tables can be captured"
+        )));
+    }
+    if identity == "n" || (identity == "d" && !has_pk) {
+        return Err(Error::SourceSetup(format!(
+            "table {table} has no replica identity (no primary key, REPLICA IDENTITY {}), so its UPDATEs and DELETEs cannot be captured; \
+             add a primary key or run ALTER TABLE {} REPLICA IDENTITY FULL",
+            if identity == "n" { "NOTHING" } else { "DEFAULT" },
+            table.quoted()
+        )));
+    }
+    Ok(())
+}
+
+/// Returns whether the publication was created now.
+async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
+    let name = &cfg.publication;
+    let err = |e: tokio_postgres::Error| {
+        Error::SourceSetup(format!(
+            "publication {name} on the source database {}: {}",
+            cfg.source,
+            describe_pg_error(&e)
+        ))
+    };
+    let existing = client
+        .query_opt(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[name],
+        )
+        .await
+        .map_err(err)?;
+    let wanted: BTreeSet<String> = cfg.tables.iter().map(|t| t.to_string()).collect();
+    let Some(row) = existing else {
+        let list = cfg
+            .tables
+            .iter()
+            .map(|t| t.quoted())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let created = client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {list}; COMMENT ON PUBLICATION {} IS {}",
+                quote_ident(name),
+                quote_ident(name),
+                quote_literal(&format!("created by philotes for {}", cfg.id))
+            ))
+            .await;
+        match created {
+            Ok(()) => return Ok(true),
+            // Created by a concurrent start: adopt it below like any other.
+            Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
+                return Box::pin(ensure_publication(client, cfg)).await
+            }
+            Err(e) => return Err(err(e)),
+        }
+    };
+    let all_tables: bool = row.get(0);
+    let missing_ops: Vec<&str> = [(1, "insert"), (2, "update"), (3, "delete"), (4, "truncate")]
+        .iter()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, op)| *op)
+        .collect();
+    if !missing_ops.is_empty() {
+        return Err(Error::SourceSetup(format!(
+            "publication {name} on the source database {} does not publish {}; those changes would be lost. \
+             Run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') or choose another spec.source.publication",
+            cfg.source,
+            missing_ops.join(", "),
+            quote_ident(name)
+        )));
+    }
+    let published: BTreeSet<String> = client
+        .query(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[name],
+        )
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)))
+        .collect();
+    if all_tables || published != wanted {
+        let shown = if all_tables {
+            "ALL TABLES".to_string()
+        } else {
+            published.iter().cloned().collect::<Vec<_>>().join(", ")
+        };
+        return Err(Error::SourceSetup(format!(
+            "publication {name} already exists on the source database {} and publishes [{shown}], but spec.source.tables lists [{}]; \
+             make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
+            cfg.source,
+            wanted.iter().cloned().collect::<Vec<_>>().join(", "),
+            quote_ident(name)
+        )));
+    }
+    Ok(false)
+}
+
+/// Returns whether the slot was created now.
+async fn ensure_slot(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
+    let slot = &cfg.slot;
+    let err = |e: tokio_postgres::Error| {
+        Error::SourceSetup(format!(
+            "replication slot {slot} on the source database {}: {}",
+            cfg.source,
+            describe_pg_error(&e)
+        ))
+    };
+    let existing = client
+        .query_opt(
+            "SELECT slot_type, plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(err)?;
+    match existing {
+        None => {
+            let created = client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await;
+            match created {
+                Ok(_) => Ok(true),
+                Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
+                    Box::pin(ensure_slot(client, cfg)).await
+                }
+                Err(e) => Err(err(e)),
+            }
+        }
+        Some(row) => {
+            let (kind, plugin, database, wal_status): (
+                String,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return Err(Error::SourceSetup(format!(
+                    "replication slot {slot} already exists on the source database {} as a {kind} slot with plugin {}; \
+                     Philotes needs a logical slot with plugin pgoutput: drop it or choose another spec.source.slot",
+                    cfg.source,
+                    plugin.as_deref().unwrap_or("none")
+                )));
+            }
+            if database.as_deref() != Some(cfg.source.dbname.as_str()) {
+                return Err(Error::SourceSetup(format!(
+                    "replication slot {slot} belongs to database {}, not {}; choose another spec.source.slot",
+                    database.as_deref().unwrap_or("?"),
+                    cfg.source.dbname
+                )));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                return Err(Error::SourceSetup(format!(
+                    "replication slot {slot} on the source database {} has lost WAL it needed (wal_status lost): changes were lost before Philotes read them. \
+                     Drop the slot and start again with a fresh copy of the tables",
+                    cfg.source
+                )));
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// The slot as `pg_replication_slots` reports it, and the source's WAL position.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotStats {
+    pub current_wal_lsn: u64,
+    pub confirmed_flush_lsn: Option<u64>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+    pub active: bool,
+}
+
+pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false) \
+             FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::Stream(describe_pg_error(&e)))?;
+    Ok(SlotStats {
+        current_wal_lsn: lsn::parse(row.get(0)).unwrap_or(0),
+        confirmed_flush_lsn: row.get::<_, Option<&str>>(1).and_then(lsn::parse),
+        wal_status: row.get(2),
+        safe_wal_size: row.get(3),
+        active: row.get(4),
+    })
+}

@@ -1,0 +1,296 @@
+//! The pipeline's status as the operator reports it: positions, lag, slot health, and a
+//! verdict with a reason. [`assess`] is pure; [`watch_status`] refreshes it on a timer.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::config::PipelineConfig;
+use super::lsn;
+use super::run::{Progress, State};
+use super::source::{self, SlotStats};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Health {
+    Starting,
+    Healthy,
+    Degraded,
+    Failed,
+    Stopped,
+}
+
+/// One status refresh.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub pipeline: String,
+    pub health: Health,
+    pub reason: String,
+    pub message: String,
+    pub slot_name: String,
+    pub publication_name: String,
+    pub last_received_lsn: String,
+    pub checkpoint_lsn: String,
+    pub confirmed_flush_lsn: Option<String>,
+    pub current_wal_lsn: Option<String>,
+    pub lag_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size_bytes: Option<i64>,
+    pub events_total: i64,
+    pub last_checkpoint_time: Option<String>,
+    #[serde(skip)]
+    checkpoint_raw: u64,
+    /// Consecutive refreshes with lag but no checkpoint progress.
+    #[serde(skip)]
+    stalled_refreshes: u32,
+}
+
+impl Snapshot {
+    /// A compact line for people: `shop/orders Healthy (Streaming): lag 0 B, 1200 events, ...`.
+    pub fn human_line(&self) -> String {
+        let lag = self
+            .lag_bytes
+            .map(|b| format!("{b} B"))
+            .unwrap_or_else(|| "?".into());
+        format!(
+            "{} {:?} ({}): lag {lag}, {} events, received {}, checkpointed {}, source {}, slot {} wal_status {}",
+            self.pipeline,
+            self.health,
+            self.reason,
+            self.events_total,
+            self.last_received_lsn,
+            self.checkpoint_lsn,
+            self.current_wal_lsn.as_deref().unwrap_or("?"),
+            self.slot_name,
+            self.wal_status.as_deref().unwrap_or("?"),
+        )
+    }
+}
+
+/// Combines the loop's progress with the slot's statistics (`None` when the source could not
+/// be asked) into a verdict. `prev` is the previous refresh, for stall detection.
+pub fn assess(
+    cfg: &PipelineConfig,
+    progress: &Progress,
+    stats: Option<&SlotStats>,
+    prev: Option<&Snapshot>,
+) -> Snapshot {
+    let lag_bytes = stats.and_then(|s| {
+        s.confirmed_flush_lsn
+            .map(|c| s.current_wal_lsn.saturating_sub(c) as i64)
+    });
+    let advanced = prev.is_none_or(|p| progress.checkpoint_lsn > p.checkpoint_raw);
+    let stalled_refreshes =
+        if progress.state == State::Streaming && !advanced && lag_bytes.unwrap_or(0) > 0 {
+            prev.map_or(0, |p| p.stalled_refreshes) + 1
+        } else {
+            0
+        };
+    let error = progress
+        .last_error
+        .clone()
+        .unwrap_or_else(|| ("Unknown".into(), "no error recorded".into()));
+    let (health, reason, message) = match progress.state {
+        State::Failed => (Health::Failed, error.0, error.1),
+        State::Retrying => (Health::Degraded, error.0, format!("retrying: {}", error.1)),
+        State::Stopped => (Health::Stopped, "Stopped".into(), "the pipeline is not running".into()),
+        State::Starting => (Health::Starting, "Starting".into(), "provisioning and connecting".into()),
+        State::Streaming => match stats {
+            None => (
+                Health::Degraded,
+                "SourceUnreachable".into(),
+                "the source did not answer the status query".into(),
+            ),
+            Some(s) if s.wal_status.as_deref() == Some("lost") => (
+                Health::Failed,
+                "WalLost".into(),
+                format!("slot {} lost WAL it needed; changes were lost on the source", cfg.slot),
+            ),
+            Some(s) if s.confirmed_flush_lsn.is_none() => (
+                Health::Failed,
+                "SlotMissing".into(),
+                format!("slot {} no longer exists on the source", cfg.slot),
+            ),
+            Some(s) if s.wal_status.as_deref() == Some("unreserved") => (
+                Health::Degraded,
+                "WalAtRisk".into(),
+                format!(
+                    "slot {} holds more WAL than max_slot_wal_keep_size allows; it will be lost unless the pipeline catches up",
+                    cfg.slot
+                ),
+            ),
+            Some(_) if stalled_refreshes >= 2 => (
+                Health::Degraded,
+                "Stalled".into(),
+                format!(
+                    "no checkpoint progress over the last {stalled_refreshes} status intervals while the source is {} bytes ahead",
+                    lag_bytes.unwrap_or(0)
+                ),
+            ),
+            Some(_) => (Health::Healthy, "Streaming".into(), "streaming changes".into()),
+        },
+    };
+    Snapshot {
+        pipeline: cfg.id.clone(),
+        health,
+        reason,
+        message,
+        slot_name: cfg.slot.clone(),
+        publication_name: cfg.publication.clone(),
+        last_received_lsn: lsn::format(progress.received_lsn),
+        checkpoint_lsn: lsn::format(progress.checkpoint_lsn),
+        confirmed_flush_lsn: stats.and_then(|s| s.confirmed_flush_lsn).map(lsn::format),
+        current_wal_lsn: stats.map(|s| lsn::format(s.current_wal_lsn)),
+        lag_bytes,
+        wal_status: stats.and_then(|s| s.wal_status.clone()),
+        safe_wal_size_bytes: stats.and_then(|s| s.safe_wal_size),
+        events_total: progress.events_total,
+        last_checkpoint_time: progress
+            .last_checkpoint_time
+            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
+        checkpoint_raw: progress.checkpoint_lsn,
+        stalled_refreshes,
+    }
+}
+
+/// Refreshes the status every `statusInterval` until `progress` closes, publishing each
+/// snapshot. The source is asked over a connection of its own, so a slow status query never
+/// holds the stream up.
+pub async fn watch_status(
+    cfg: PipelineConfig,
+    mut progress: watch::Receiver<Progress>,
+    out: watch::Sender<Option<Snapshot>>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut prev: Option<Snapshot> = None;
+    let mut tick = tokio::time::interval(cfg.status_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = progress.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tokio::time::timeout(Duration::from_secs(10), cfg.source.connect("source"))
+                .await
+                .ok()
+                .and_then(|r| r.ok());
+        }
+        let stats = match &client {
+            Some(c) => {
+                tokio::time::timeout(Duration::from_secs(10), source::slot_stats(c, &cfg.slot))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+            }
+            None => None,
+        };
+        let snapshot = assess(
+            &cfg,
+            &progress.borrow().clone(),
+            stats.as_ref(),
+            prev.as_ref(),
+        );
+        prev = Some(snapshot.clone());
+        if out.send(Some(snapshot)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Seconds since `t`, for people.
+pub fn age(t: SystemTime) -> Duration {
+    SystemTime::now().duration_since(t).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::conn::ConnInfo;
+
+    fn cfg() -> PipelineConfig {
+        let c = ConnInfo::parse("postgres://u:p@h/d", "t").unwrap();
+        PipelineConfig {
+            id: "ns/p".into(),
+            source: c.clone(),
+            buffer: c,
+            tables: vec![],
+            publication: "pub".into(),
+            slot: "slot".into(),
+            buffer_schema: "philotes".into(),
+            batch_size: 1,
+            flush_interval: Duration::from_secs(1),
+            buffer_size: 1,
+            status_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn stats(current: u64, confirmed: u64) -> SlotStats {
+        SlotStats {
+            current_wal_lsn: current,
+            confirmed_flush_lsn: Some(confirmed),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            active: true,
+        }
+    }
+
+    #[test]
+    fn a_pipeline_that_stops_checkpointing_turns_degraded_within_two_refreshes() {
+        let cfg = cfg();
+        let mut p = Progress {
+            state: State::Streaming,
+            checkpoint_lsn: 100,
+            ..Progress::default()
+        };
+        let s1 = assess(&cfg, &p, Some(&stats(200, 100)), None);
+        assert_eq!(s1.health, Health::Healthy);
+        assert_eq!(s1.lag_bytes, Some(100));
+        let s2 = assess(&cfg, &p, Some(&stats(300, 100)), Some(&s1));
+        assert_eq!(s2.health, Health::Healthy);
+        let s3 = assess(&cfg, &p, Some(&stats(400, 100)), Some(&s2));
+        assert_eq!(
+            (s3.health, s3.reason.as_str()),
+            (Health::Degraded, "Stalled")
+        );
+        // Progress resumes: healthy again at once.
+        p.checkpoint_lsn = 400;
+        let s4 = assess(&cfg, &p, Some(&stats(400, 400)), Some(&s3));
+        assert_eq!(s4.health, Health::Healthy);
+        assert_eq!(s4.lag_bytes, Some(0));
+    }
+
+    #[test]
+    fn errors_and_slot_trouble_name_their_reason() {
+        let cfg = cfg();
+        let p = Progress {
+            state: State::Retrying,
+            last_error: Some((
+                "BufferError".into(),
+                "writing to the buffer failed: x".into(),
+            )),
+            ..Progress::default()
+        };
+        let s = assess(&cfg, &p, None, None);
+        assert_eq!(
+            (s.health, s.reason.as_str()),
+            (Health::Degraded, "BufferError")
+        );
+        let p = Progress {
+            state: State::Streaming,
+            ..Progress::default()
+        };
+        let mut st = stats(1, 1);
+        st.wal_status = Some("lost".into());
+        assert_eq!(assess(&cfg, &p, Some(&st), None).reason, "WalLost");
+        st.wal_status = Some("unreserved".into());
+        assert_eq!(assess(&cfg, &p, Some(&st), None).reason, "WalAtRisk");
+        assert_eq!(assess(&cfg, &p, None, None).reason, "SourceUnreachable");
+    }
+}
