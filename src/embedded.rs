@@ -262,6 +262,33 @@ impl Cluster {
         Ok(())
     }
 
+    /// For a server kept for a whole process (a test binary's shared server, which a static
+    /// never drops): a watcher stops it and removes its files once this process has exited.
+    pub fn stop_when_process_exits(&self) -> Result<()> {
+        let pid = std::process::id();
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let data = self.data_dir();
+        let stop = format!(
+            "{}'{}' -D '{}' -m immediate -w stop",
+            if self.as_postgres { "runuser -u postgres -- " } else { "" },
+            path_str(&pg_ctl)?,
+            path_str(&data)?
+        );
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
+            path_str(self.dir.path())?
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the server's watcher")?;
+        Ok(())
+    }
+
     /// The server log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -1,0 +1,451 @@
+//! What lands in the buffer: value mapping, TOAST, replica identity, TRUNCATE, ALTER TABLE,
+//! commit order, checkpoints and slot progress, against a real PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use philotes::pipeline::{Outcome, RunOptions};
+
+const FAST: &str = "flushInterval: 100ms\nstatusInterval: 1s";
+
+/// Every value type the contract lists round-trips: `(after->>'col')::type` equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_round_trip_for_every_type() {
+    let cluster = shared();
+    let uri = fresh_db(cluster, "types").await;
+    let db = connect(&uri).await;
+    db.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE t (
+            id int PRIMARY KEY,
+            c_int2 int2, c_int4 int4, c_int8 int8,
+            c_float4 float4, c_float8 float8, c_numeric numeric,
+            c_bool bool, c_json json, c_jsonb jsonb,
+            c_text text, c_varchar varchar(20), c_char char(3),
+            c_timestamp timestamp, c_timestamptz timestamptz, c_date date, c_time time, c_interval interval,
+            c_uuid uuid, c_bytea bytea, c_int_array int[], c_text_array text[], c_enum mood, c_inet inet,
+            c_int4range int4range, c_money_like numeric(12,2)
+         );",
+    )
+    .await
+    .unwrap();
+    // Buffer schema in the same database, so SQL can compare the two directly.
+    let cfg = config(&manifest("types", &uri, &uri, &["public.t"], FAST));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    db.batch_execute(
+        r#"INSERT INTO t VALUES
+          (1, 32767, -2147483648, 9223372036854775807, 3.4028235e38, 1.7976931348623157e308,
+           12345678901234567890.123456789012345678901234567890, true, '{"a": [1, 2.50, "x"], "b": null}', '{"k": {"n": 1.000}}',
+           E'line\nbreak\ttab "quoted" \\ backslash ünïcödé 🐘', 'short', 'ab',
+           '2024-02-29 23:59:59.999999', '2024-02-29 23:59:59.123456+05:30', '2024-02-29', '13:45:00.5', '1 year 2 mons 3 days 04:05:06.7',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', E'\\x00ff10', '{1,NULL,3}', '{"a b","c,d",NULL}', 'happy', '192.168.0.1/24',
+           '[1,10)', 12.30),
+          (2, -1, 0, -9223372036854775808, 'NaN', '-Infinity', 'NaN', false, '[]', '"just a string"',
+           '', 'x', 'z', 'infinity', '-infinity', 'infinity', '00:00', '-1 day', '00000000-0000-0000-0000-000000000000', E'\\x', '{}', '{}', 'sad', '::1',
+           'empty', 0),
+          (3, NULL, NULL, NULL, 'Infinity', 5e-324, 'Infinity', NULL, NULL, 'null', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, -0.01);"#,
+    )
+    .await
+    .unwrap();
+    let lsn = wal_lsn(&db).await;
+    r.checkpointed(lsn).await;
+    r.stop().await.unwrap();
+
+    let columns: Vec<(String, String)> = db
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 't'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(columns.len(), 26);
+    for (col, ty) in &columns {
+        // Documents are embedded, so compare them as jsonb (json has no equality operator);
+        // SQL NULL and a JSON null document both read as JSON null.
+        let (lhs, rhs) = if ty == "json" || ty == "jsonb" {
+            (
+                format!("e.after->'{col}'"),
+                format!("coalesce(t.{col}::jsonb, 'null')"),
+            )
+        } else {
+            (format!("(e.after->>'{col}')::{ty}"), format!("t.{col}"))
+        };
+        let bad: i64 = db
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM t JOIN philotes.cdc_events e
+                       ON e.pipeline = 'test/types' AND e.table_name = 't' AND (e.after->>'id')::int = t.id
+                     WHERE NOT (e.after ? '{col}') OR {lhs} IS DISTINCT FROM {rhs}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("compare {col} {ty}: {e}"))
+            .get(0);
+        assert_eq!(bad, 0, "column {col} ({ty}) differs from the source");
+    }
+    // The JSON types a consumer sees.
+    let row = db
+        .query_one(
+            "SELECT jsonb_typeof(after->'c_int8'), jsonb_typeof(after->'c_numeric'), jsonb_typeof(after->'c_bool'),
+                    jsonb_typeof(after->'c_jsonb'), jsonb_typeof(after->'c_timestamptz'), after->>'c_bytea',
+                    after->>'c_int8', after->>'c_numeric'
+             FROM philotes.cdc_events WHERE pipeline = 'test/types' AND (after->>'id')::int = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Option<String>> = (0..8).map(|i| row.get(i)).collect();
+    assert_eq!(
+        got,
+        [
+            "number",
+            "number",
+            "boolean",
+            "object",
+            "string",
+            "\\x00ff10",
+            "9223372036854775807",
+            "12345678901234567890.123456789012345678901234567890"
+        ]
+        .map(|s| Some(s.to_string()))
+    );
+    let specials = db
+        .query_one(
+            "SELECT jsonb_typeof(after->'c_float4'), after->>'c_float4', jsonb_typeof(after->'c_int2'), jsonb_typeof(after->'c_jsonb')
+             FROM philotes.cdc_events WHERE pipeline = 'test/types' AND (after->>'id')::int = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(specials.get::<_, String>(0), "string");
+    assert_eq!(specials.get::<_, String>(1), "NaN");
+    assert_eq!(specials.get::<_, String>(2), "number");
+    assert_eq!(specials.get::<_, String>(3), "string");
+    let nulls = db
+        .query_one(
+            "SELECT jsonb_typeof(after->'c_int2'), jsonb_typeof(after->'c_jsonb') FROM philotes.cdc_events
+             WHERE pipeline = 'test/types' AND (after->>'id')::int = 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(nulls.get::<_, String>(0), "null", "SQL NULL is JSON null");
+    assert_eq!(nulls.get::<_, String>(1), "null", "jsonb 'null' stays JSON null");
+}
+
+/// INSERT/UPDATE/DELETE images, unchanged TOAST values, and REPLICA IDENTITY FULL vs DEFAULT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toast_and_replica_identity() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "toast_src").await;
+    let buf = fresh_db(cluster, "toast_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute(
+        "CREATE TABLE dflt (id int PRIMARY KEY, n int, big text);
+         CREATE TABLE full_id (id int PRIMARY KEY, n int, big text);
+         ALTER TABLE full_id REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&manifest(
+        "toast",
+        &src,
+        &buf,
+        &["public.dflt", "public.full_id"],
+        FAST,
+    ));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    // ~200 KB of incompressible text: stored out of line (TOASTed).
+    let big = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 6000) i)";
+    for table in ["dflt", "full_id"] {
+        db.batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 0, {big});
+             UPDATE {table} SET n = 1 WHERE id = 1;
+             UPDATE {table} SET id = 2 WHERE id = 1;
+             DELETE FROM {table} WHERE id = 2;"
+        ))
+        .await
+        .unwrap();
+    }
+    let lsn = wal_lsn(&db).await;
+    r.checkpointed(lsn).await;
+    r.stop().await.unwrap();
+
+    let buffer = connect(&buf).await;
+    let ev = events(&buffer, "philotes", "test/toast").await;
+    let ops: Vec<(&str, &str)> = ev
+        .iter()
+        .map(|e| (e.table.as_str(), e.operation.as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("dflt", "INSERT"),
+            ("dflt", "UPDATE"),
+            ("dflt", "UPDATE"),
+            ("dflt", "DELETE"),
+            ("full_id", "INSERT"),
+            ("full_id", "UPDATE"),
+            ("full_id", "UPDATE"),
+            ("full_id", "DELETE"),
+        ]
+    );
+    let big_len = 6000 * 32;
+    let d = &ev[..4];
+    assert_eq!(d[0].after.as_ref().unwrap()["big"].as_str().unwrap().len(), big_len);
+    assert_eq!(d[0].key_columns, ["id"]);
+    // The unchanged TOASTed value is absent, not null.
+    let upd = d[1].after.as_ref().unwrap();
+    assert_eq!(upd["n"], 1);
+    assert!(upd.get("big").is_none(), "unchanged TOAST must be absent: {upd}");
+    assert_eq!(d[1].before, None, "default identity sends no old row when the key is unchanged");
+    // Key change: the old key, and only the key.
+    assert_eq!(d[2].before, Some(serde_json::json!({"id": 1})));
+    assert_eq!(d[3].before, Some(serde_json::json!({"id": 2})));
+    assert_eq!(d[3].after, None);
+
+    let f = &ev[4..];
+    assert_eq!(f[0].key_columns, ["id", "n", "big"]);
+    let before = f[1].before.as_ref().expect("FULL sends the old row");
+    assert_eq!(before["n"], 0);
+    assert_eq!(before["big"].as_str().unwrap().len(), big_len, "the whole old row");
+    let del = f[3].before.as_ref().unwrap();
+    assert_eq!((del["id"].clone(), del["n"].clone()), (2.into(), 1.into()));
+}
+
+/// TRUNCATE gives one event per table; ALTER TABLE mid-stream is recorded in cdc_relations
+/// and later events carry the new column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_and_alter_table_mid_stream() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "ddl_src").await;
+    let buf = fresh_db(cluster, "ddl_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let cfg = config(&manifest("ddl", &src, &buf, &["a", "b"], FAST));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    // Each statement its own transaction.
+    for sql in [
+        "INSERT INTO a VALUES (1, 'one')",
+        "INSERT INTO b VALUES (1)",
+        "ALTER TABLE a ADD COLUMN extra numeric DEFAULT 1.5",
+        "INSERT INTO a VALUES (2, 'two', 2.25)",
+        "ALTER TABLE a ALTER COLUMN v TYPE varchar(10)",
+        "UPDATE a SET v = 'deux' WHERE id = 2",
+        "TRUNCATE a, b",
+    ] {
+        db.batch_execute(sql).await.unwrap();
+    }
+    let lsn = wal_lsn(&db).await;
+    r.checkpointed(lsn).await;
+    r.stop().await.unwrap();
+
+    let buffer = connect(&buf).await;
+    let ev = events(&buffer, "philotes", "test/ddl").await;
+    let ops: Vec<(&str, &str, i32)> = ev
+        .iter()
+        .map(|e| (e.table.as_str(), e.operation.as_str(), e.seq))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("a", "INSERT", 0),
+            ("b", "INSERT", 0),
+            ("a", "INSERT", 0),
+            ("a", "UPDATE", 0),
+            ("a", "TRUNCATE", 0),
+            ("b", "TRUNCATE", 1),
+        ]
+    );
+    assert_eq!(ev[4].commit_lsn, ev[5].commit_lsn, "one TRUNCATE, one transaction");
+    assert_eq!(ev[4].before, None);
+    assert_eq!(ev[4].after, None);
+    assert_eq!(
+        ev[2].after,
+        Some(serde_json::json!({"id": 2, "v": "two", "extra": 2.25}))
+    );
+    // Table definitions over time: before and after each ALTER.
+    let defs = buffer
+        .query(
+            "SELECT commit_lsn::text, seq, columns FROM philotes.cdc_relations
+             WHERE pipeline = 'test/ddl' AND table_name = 'a' ORDER BY commit_lsn, seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let shapes: Vec<Vec<(String, i64)>> = defs
+        .iter()
+        .map(|r| {
+            let cols: serde_json::Value = r.get(2);
+            cols.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap().to_string(),
+                        c["type_modifier"].as_i64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![("id".to_string(), -1), ("v".to_string(), -1)],
+            vec![("id".to_string(), -1), ("v".to_string(), -1), ("extra".to_string(), -1)],
+            vec![("id".to_string(), -1), ("v".to_string(), 14), ("extra".to_string(), -1)],
+        ]
+    );
+    // Each definition starts at the event it first describes.
+    assert_eq!(defs[1].get::<_, String>(0), ev[2].commit_lsn);
+    assert_eq!(defs[2].get::<_, String>(0), ev[3].commit_lsn);
+}
+
+/// Interleaved transactions land in commit order, each with its own xid and seq from 0, and
+/// rolled-back work never lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_transactions_land_in_commit_order() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "order_src").await;
+    let buf = fresh_db(cluster, "order_buf").await;
+    let setup = connect(&src).await;
+    setup
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, who text)")
+        .await
+        .unwrap();
+    let cfg = config(&manifest("order", &src, &buf, &["t"], FAST));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    let a = connect(&src).await;
+    let b = connect(&src).await;
+    let c = connect(&src).await;
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 'a')").await.unwrap();
+    b.batch_execute("BEGIN; INSERT INTO t VALUES (2, 'b')").await.unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (99, 'rolled back')").await.unwrap();
+    a.batch_execute("INSERT INTO t VALUES (3, 'a')").await.unwrap();
+    b.batch_execute("INSERT INTO t VALUES (4, 'b'); COMMIT").await.unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    a.batch_execute("INSERT INTO t VALUES (5, 'a'); COMMIT").await.unwrap();
+    let lsn = wal_lsn(&setup).await;
+    r.checkpointed(lsn).await;
+    r.stop().await.unwrap();
+
+    let ev = events(&connect(&buf).await, "philotes", "test/order").await;
+    let got: Vec<(i64, i32)> = ev
+        .iter()
+        .map(|e| (e.after.as_ref().unwrap()["id"].as_i64().unwrap(), e.seq))
+        .collect();
+    assert_eq!(got, [(2, 0), (4, 1), (1, 0), (3, 1), (5, 2)]);
+    assert_ne!(ev[0].xid, ev[2].xid);
+    assert!(ev[0].commit_lsn < ev[2].commit_lsn);
+}
+
+/// When the captured tables are idle but the source is busy elsewhere, the checkpoint and the
+/// slot's confirmed position still advance, so the source does not retain WAL for us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tables_do_not_hold_back_the_slot() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "idle_src").await;
+    let buf = fresh_db(cluster, "idle_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id int)")
+        .await
+        .unwrap();
+    let cfg = config(&manifest("idle", &src, &buf, &["captured"], FAST));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    let before = wal_lsn(&db).await;
+    db.batch_execute("INSERT INTO other SELECT generate_series(1, 20000)")
+        .await
+        .unwrap();
+    let after = wal_lsn(&db).await;
+    assert!(after > before + 100_000, "the workload wrote WAL");
+    r.checkpointed(after).await;
+    let slot = cfg.slot.clone();
+    eventually("the slot's confirmed_flush_lsn to pass the busy work", Duration::from_secs(30), || {
+        let db = &db;
+        let slot = slot.clone();
+        async move {
+            let s: String = db
+                .query_one(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (philotes::pipeline::lsn::parse(&s)? >= after).then_some(())
+        }
+    })
+    .await;
+    r.stop().await.unwrap();
+    let ev = events(&connect(&buf).await, "philotes", "test/idle").await;
+    assert!(ev.is_empty(), "nothing captured from an uncaptured table");
+}
+
+/// --until-caught-up semantics, restart from the checkpoint without duplicates, and the
+/// publication and slot being adopted on the second start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_checkpoint_exactly_once() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "resume_src").await;
+    let buf = fresh_db(cluster, "resume_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Small batches: a transaction is written in several buffer transactions.
+    let cfg = config(&manifest("resume", &src, &buf, &["t"], "batchSize: 7\nflushInterval: 50ms"));
+    assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
+    db.batch_execute("INSERT INTO t SELECT generate_series(101, 150); DELETE FROM t WHERE id <= 10")
+        .await
+        .unwrap();
+    assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
+    assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp, "nothing new: returns at once");
+
+    let buffer = connect(&buf).await;
+    let ev = events(&buffer, "philotes", "test/resume").await;
+    assert_eq!(ev.len(), 160);
+    let inserted: Vec<i64> = ev
+        .iter()
+        .filter(|e| e.operation == "INSERT")
+        .map(|e| e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(inserted, (1..=150).collect::<Vec<_>>());
+    let ckpt = buffer
+        .query_one(
+            "SELECT events_total, lsn >= $1::text::pg_lsn FROM philotes.cdc_checkpoints WHERE pipeline = 'test/resume'",
+            &[&philotes::pipeline::lsn::format(wal_lsn(&db).await - 1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ckpt.get::<_, i64>(0), 160);
+    let pubs: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_resume'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 1);
+}
