@@ -102,7 +102,12 @@ pub async fn run(
                 progress.send_modify(|p| p.state = State::Stopped);
                 return Ok(outcome);
             }
-            Err(e) if e.is_transient() && (started || opts.retry_setup) => {
+            // A slot or writer lock held by another process is waited for even on the first
+            // start: after a crash the old session lingers for a moment.
+            Err(e)
+                if e.is_transient()
+                    && (started || opts.retry_setup || matches!(e, Error::SlotInUse(_))) =>
+            {
                 if matches!(e, Error::Buffer(_)) {
                     buffer = None;
                 }

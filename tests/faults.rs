@@ -1,0 +1,349 @@
+//! The guarantees under failure: kill -9 at random moments, large transactions in bounded
+//! memory, clean SIGTERM, source restarts and buffer outages, each checked by replaying the
+//! buffer against the source.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use philotes::embedded::ClusterOptions;
+use philotes::pipeline::{RunOptions, State};
+
+/// Guarantee 1: after kill -9 at random moments and a restart each time, every committed
+/// change is in the buffer exactly once, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "kill_src").await;
+    let buf = fresh_db(cluster, "kill_buf").await;
+    let source = connect(&src).await;
+    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let file = manifest_file(&manifest(
+        "kill",
+        &src,
+        &buf,
+        &["w"],
+        "batchSize: 20\nflushInterval: 30ms\nbufferSize: 50",
+    ));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    // Provision the slot before the workload starts, so all of it is captured.
+    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    assert_eq!(code, 0, "{out}");
+
+    let done = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let done = done.clone();
+        let src = src.clone();
+        tokio::spawn(async move {
+            let client = connect(&src).await;
+            let mut w = Workload::new();
+            while !done.load(Ordering::Relaxed) || w.counts.inserts < 500 {
+                w.step(&client).await;
+            }
+            w.counts
+        })
+    };
+
+    let mut rng = Rng::seeded();
+    let kills = 12;
+    for _ in 0..kills {
+        let mut child = spawn_run(file.path(), &[], log.path());
+        tokio::time::sleep(Duration::from_millis(150 + rng.below(700))).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "philotes exited on its own: {}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
+        kill9(&mut child);
+    }
+    done.store(true, Ordering::Relaxed);
+    let counts = workload.await.unwrap();
+    // The kills hit running pipelines, not processes still starting.
+    let streamed = std::fs::read_to_string(log.path())
+        .unwrap()
+        .matches("streaming")
+        .count();
+    assert!(streamed >= kills / 2, "only {streamed} of {kills} runs reached streaming");
+
+    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    assert_eq!(code, 0, "final catch-up failed: {out}");
+    let buffer = connect(&buf).await;
+    verify_workload(&source, &buffer, "test/kill", counts).await;
+    eprintln!("survived {kills} kills; verified {counts:?}");
+}
+
+/// Guarantee 2: one transaction far larger than bufferSize streams through in bounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transaction_streams_in_bounded_memory() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "big_src").await;
+    let buf = fresh_db(cluster, "big_buf").await;
+    let source = connect(&src).await;
+    source
+        .batch_execute("CREATE TABLE big (id int PRIMARY KEY, payload text)")
+        .await
+        .unwrap();
+    let file = manifest_file(&manifest(
+        "big",
+        &src,
+        &buf,
+        &["big"],
+        "batchSize: 500\nbufferSize: 1000\nflushInterval: 100ms",
+    ));
+    // Create the slot first, so the transaction below is part of the stream.
+    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    assert_eq!(code, 0, "{out}");
+    // 200,000 rows of ~600 bytes: ~120 MB of row images in one transaction.
+    let rows = 200_000;
+    source
+        .batch_execute(&format!(
+            "INSERT INTO big SELECT i, repeat(md5(i::text), 18) FROM generate_series(1, {rows}) i"
+        ))
+        .await
+        .unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = spawn_run(file.path(), &["--until-caught-up"], log.path());
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no catch-up after 300s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    let buffer = connect(&buf).await;
+    let n: i64 = buffer
+        .query_one(
+            "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/big'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, rows);
+    eprintln!("peak RSS {peak_kib} KiB for a {rows}-row transaction");
+    // Holding the transaction would take well over 120 MB.
+    assert!(peak_kib < 80 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+/// Guarantee 5: SIGTERM writes and checkpoints what was received, then exits 0 promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "term_src").await;
+    let buf = fresh_db(cluster, "term_buf").await;
+    let source = connect(&src).await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // Nothing would be written for an hour but for the shutdown.
+    let file = manifest_file(&manifest(
+        "term",
+        &src,
+        &buf,
+        &["t"],
+        "batchSize: 100000\nflushInterval: 1h",
+    ));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = spawn_run(file.path(), &[], log.path());
+    eventually("the pipeline to stream", Duration::from_secs(60), || {
+        let source = &source;
+        async move {
+            let active: bool = source
+                .query_one(
+                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 'philotes_test_term'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            active.then_some(())
+        }
+    })
+    .await;
+    for i in 0..10 {
+        source
+            .batch_execute(&format!("INSERT INTO t SELECT generate_series({0} * 100 + 1, {0} * 100 + 100)", i))
+            .await
+            .unwrap();
+    }
+    let target = wal_lsn(&source).await;
+    // Wait until the server has sent it all to the pipeline.
+    eventually("the walsender to send everything", Duration::from_secs(30), || {
+        let source = &source;
+        async move {
+            let sent: Option<String> = source
+                .query_one("SELECT max(sent_lsn)::text FROM pg_stat_replication", &[])
+                .await
+                .ok()?
+                .get(0);
+            (philotes::pipeline::lsn::parse(&sent?)? >= target).then_some(())
+        }
+    })
+    .await;
+    sigterm(&child);
+    let started = Instant::now();
+    let mut child = child;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no exit within 10s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let out = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(status.success(), "exit {status}: {out}");
+    let buffer = connect(&buf).await;
+    let row = buffer
+        .query_one(
+            "SELECT (SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/term'), events_total
+             FROM philotes.cdc_checkpoints WHERE pipeline = 'test/term'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1000, 1000));
+}
+
+/// Guarantee 4: the source restarting (fast and immediate) and its walsender being killed
+/// interrupt the pipeline, which retries and resumes without loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_restarts_and_killed_connections_lose_nothing() {
+    let mut source_cluster = own_cluster(ClusterOptions::default());
+    let src = fresh_db(&source_cluster, "restart_src").await;
+    let buf = fresh_db(shared(), "restart_buf").await;
+    let setup = connect(&src).await;
+    setup.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let cfg = config(&manifest("restart", &src, &buf, &["w"], "flushInterval: 50ms\nbatchSize: 25"));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    let mut w = Workload::new();
+
+    // Round 1: walsender killed.
+    let client = connect(&src).await;
+    for _ in 0..100 {
+        w.step(&client).await;
+    }
+    client
+        .batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'philotes_test_restart'")
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        w.step(&client).await;
+    }
+    drop(client);
+    r.wait("a retry after the walsender was killed", Duration::from_secs(30), |p| {
+        p.state == State::Retrying || p.last_error.is_some()
+    })
+    .await;
+
+    // Rounds 2 and 3: the source restarts, fast then immediate (a crash).
+    for mode in ["fast", "immediate"] {
+        r.streaming().await;
+        let client = connect(&src).await;
+        for _ in 0..100 {
+            w.step(&client).await;
+        }
+        drop(client);
+        source_cluster.stop_server(mode).unwrap();
+        r.wait("the pipeline to notice the source is gone", Duration::from_secs(30), |p| {
+            p.state == State::Retrying
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        source_cluster.start_server().unwrap();
+    }
+    r.streaming().await;
+    let client = connect(&src).await;
+    for _ in 0..100 {
+        w.step(&client).await;
+    }
+    let lsn = wal_lsn(&client).await;
+    r.checkpointed(lsn).await;
+    r.stop().await.unwrap();
+    verify_workload(&client, &connect(&buf).await, "test/restart", w.counts).await;
+}
+
+/// Guarantee 4: while the buffer is down the reader stops reading (the slot goes inactive, no
+/// unbounded buffering), status says why, and everything arrives once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_outage_applies_backpressure_and_loses_nothing() {
+    let mut buffer_cluster = own_cluster(ClusterOptions::default());
+    let src = fresh_db(shared(), "outage_src").await;
+    let buf = fresh_db(&buffer_cluster, "outage_buf").await;
+    let source = connect(&src).await;
+    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let cfg = config(&manifest("outage", &src, &buf, &["w"], "flushInterval: 100ms"));
+    let mut r = start(cfg.clone(), RunOptions::default());
+    r.streaming().await;
+    let mut w = Workload::new();
+    for _ in 0..100 {
+        w.step(&source).await;
+    }
+    let lsn = wal_lsn(&source).await;
+    r.checkpointed(lsn).await;
+
+    buffer_cluster.stop_server("fast").unwrap();
+    for _ in 0..200 {
+        w.step(&source).await;
+    }
+    r.wait("status to report the buffer outage", Duration::from_secs(30), |p| {
+        p.state == State::Retrying
+            && p.last_error
+                .as_ref()
+                .is_some_and(|(reason, _)| reason == "BufferError" || reason == "Unreachable")
+    })
+    .await;
+    // Backpressure: with the buffer gone, the stream is not read at all.
+    eventually("the slot to go inactive during the outage", Duration::from_secs(30), || {
+        let source = &source;
+        async move {
+            let active: bool = source
+                .query_one(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_test_outage'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (!active).then_some(())
+        }
+    })
+    .await;
+    // Longer than flushInterval.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let confirmed: String = source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'philotes_test_outage'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let end = wal_lsn(&source).await;
+    assert!(
+        philotes::pipeline::lsn::parse(&confirmed).unwrap() < end,
+        "nothing written during the outage may be confirmed"
+    );
+    buffer_cluster.start_server().unwrap();
+    r.checkpointed(end).await;
+    r.stop().await.unwrap();
+    verify_workload(&source, &connect(&buf).await, "test/outage", w.counts).await;
+}
