@@ -270,7 +270,11 @@ impl Cluster {
         let data = self.data_dir();
         let stop = format!(
             "{}'{}' -D '{}' -m immediate -w stop",
-            if self.as_postgres { "runuser -u postgres -- " } else { "" },
+            if self.as_postgres {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            },
             path_str(&pg_ctl)?,
             path_str(&data)?
         );

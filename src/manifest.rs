@@ -33,12 +33,18 @@ impl Manifest {
             }
             let field = |f: &str| value.get(f).and_then(|v| v.as_str()).unwrap_or("");
             let (api_version, kind) = (field("apiVersion").to_string(), field("kind").to_string());
-            let bad = |e: serde_yaml::Error| {
-                Error::InvalidSpec(format!("{origin}: document {n} ({kind}): {e}"))
+            let bad = |e: serde_path_to_error::Error<serde_yaml::Error>| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path.is_empty() || path == "." {
+                    Error::InvalidSpec(format!("{origin}: document {n} ({kind}): {inner}"))
+                } else {
+                    Error::InvalidSpec(format!("{origin}: document {n} ({kind}): {path}: {inner}"))
+                }
             };
             match (api_version.as_str(), kind.as_str()) {
                 ("philotes.io/v1alpha1", "CdcPipeline") => {
-                    let mut p: CdcPipeline = serde_yaml::from_value(value).map_err(bad)?;
+                    let mut p: CdcPipeline = serde_path_to_error::deserialize(value).map_err(bad)?;
                     if p.metadata.name.as_deref().unwrap_or("").is_empty() {
                         return Err(Error::InvalidSpec(format!(
                             "{origin}: document {n} (CdcPipeline) has no metadata.name"
@@ -48,7 +54,7 @@ impl Manifest {
                     manifest.pipelines.push(p);
                 }
                 ("v1", "Secret") => {
-                    let s: Secret = serde_yaml::from_value(value).map_err(bad)?;
+                    let s: Secret = serde_path_to_error::deserialize(value).map_err(bad)?;
                     let name = s.metadata.name.clone().unwrap_or_default();
                     let ns = s
                         .metadata

@@ -138,7 +138,11 @@ async fn values_round_trip_for_every_type() {
         .await
         .unwrap();
     assert_eq!(nulls.get::<_, String>(0), "null", "SQL NULL is JSON null");
-    assert_eq!(nulls.get::<_, String>(1), "null", "jsonb 'null' stays JSON null");
+    assert_eq!(
+        nulls.get::<_, String>(1),
+        "null",
+        "jsonb 'null' stays JSON null"
+    );
 }
 
 /// INSERT/UPDATE/DELETE images, unchanged TOAST values, and REPLICA IDENTITY FULL vs DEFAULT.
@@ -201,13 +205,22 @@ async fn toast_and_replica_identity() {
     );
     let big_len = 6000 * 32;
     let d = &ev[..4];
-    assert_eq!(d[0].after.as_ref().unwrap()["big"].as_str().unwrap().len(), big_len);
+    assert_eq!(
+        d[0].after.as_ref().unwrap()["big"].as_str().unwrap().len(),
+        big_len
+    );
     assert_eq!(d[0].key_columns, ["id"]);
     // The unchanged TOASTed value is absent, not null.
     let upd = d[1].after.as_ref().unwrap();
     assert_eq!(upd["n"], 1);
-    assert!(upd.get("big").is_none(), "unchanged TOAST must be absent: {upd}");
-    assert_eq!(d[1].before, None, "default identity sends no old row when the key is unchanged");
+    assert!(
+        upd.get("big").is_none(),
+        "unchanged TOAST must be absent: {upd}"
+    );
+    assert_eq!(
+        d[1].before, None,
+        "default identity sends no old row when the key is unchanged"
+    );
     // Key change: the old key, and only the key.
     assert_eq!(d[2].before, Some(serde_json::json!({"id": 1})));
     assert_eq!(d[3].before, Some(serde_json::json!({"id": 2})));
@@ -217,7 +230,11 @@ async fn toast_and_replica_identity() {
     assert_eq!(f[0].key_columns, ["id", "n", "big"]);
     let before = f[1].before.as_ref().expect("FULL sends the old row");
     assert_eq!(before["n"], 0);
-    assert_eq!(before["big"].as_str().unwrap().len(), big_len, "the whole old row");
+    assert_eq!(
+        before["big"].as_str().unwrap().len(),
+        big_len,
+        "the whole old row"
+    );
     let del = f[3].before.as_ref().unwrap();
     assert_eq!((del["id"].clone(), del["n"].clone()), (2.into(), 1.into()));
 }
@@ -271,7 +288,10 @@ async fn truncate_and_alter_table_mid_stream() {
             ("b", "TRUNCATE", 1),
         ]
     );
-    assert_eq!(ev[4].commit_lsn, ev[5].commit_lsn, "one TRUNCATE, one transaction");
+    assert_eq!(
+        ev[4].commit_lsn, ev[5].commit_lsn,
+        "one TRUNCATE, one transaction"
+    );
     assert_eq!(ev[4].before, None);
     assert_eq!(ev[4].after, None);
     assert_eq!(
@@ -307,8 +327,16 @@ async fn truncate_and_alter_table_mid_stream() {
         shapes,
         vec![
             vec![("id".to_string(), -1), ("v".to_string(), -1)],
-            vec![("id".to_string(), -1), ("v".to_string(), -1), ("extra".to_string(), -1)],
-            vec![("id".to_string(), -1), ("v".to_string(), 14), ("extra".to_string(), -1)],
+            vec![
+                ("id".to_string(), -1),
+                ("v".to_string(), -1),
+                ("extra".to_string(), -1)
+            ],
+            vec![
+                ("id".to_string(), -1),
+                ("v".to_string(), 14),
+                ("extra".to_string(), -1)
+            ],
         ]
     );
     // Each definition starts at the event it first describes.
@@ -334,13 +362,25 @@ async fn interleaved_transactions_land_in_commit_order() {
     let a = connect(&src).await;
     let b = connect(&src).await;
     let c = connect(&src).await;
-    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 'a')").await.unwrap();
-    b.batch_execute("BEGIN; INSERT INTO t VALUES (2, 'b')").await.unwrap();
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (99, 'rolled back')").await.unwrap();
-    a.batch_execute("INSERT INTO t VALUES (3, 'a')").await.unwrap();
-    b.batch_execute("INSERT INTO t VALUES (4, 'b'); COMMIT").await.unwrap();
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    b.batch_execute("BEGIN; INSERT INTO t VALUES (2, 'b')")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (99, 'rolled back')")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO t VALUES (3, 'a')")
+        .await
+        .unwrap();
+    b.batch_execute("INSERT INTO t VALUES (4, 'b'); COMMIT")
+        .await
+        .unwrap();
     c.batch_execute("ROLLBACK").await.unwrap();
-    a.batch_execute("INSERT INTO t VALUES (5, 'a'); COMMIT").await.unwrap();
+    a.batch_execute("INSERT INTO t VALUES (5, 'a'); COMMIT")
+        .await
+        .unwrap();
     let lsn = wal_lsn(&setup).await;
     r.checkpointed(lsn).await;
     r.stop().await.unwrap();
@@ -410,17 +450,29 @@ async fn restart_resumes_from_checkpoint_exactly_once() {
         .await
         .unwrap();
     // Small batches: a transaction is written in several buffer transactions.
-    let cfg = config(&manifest("resume", &src, &buf, &["t"], "batchSize: 7\nflushInterval: 50ms"));
+    let cfg = config(&manifest(
+        "resume",
+        &src,
+        &buf,
+        &["t"],
+        "batchSize: 7\nflushInterval: 50ms",
+    ));
     assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
         .await
         .unwrap();
     assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
-    db.batch_execute("INSERT INTO t SELECT generate_series(101, 150); DELETE FROM t WHERE id <= 10")
-        .await
-        .unwrap();
+    db.batch_execute(
+        "INSERT INTO t SELECT generate_series(101, 150); DELETE FROM t WHERE id <= 10",
+    )
+    .await
+    .unwrap();
     assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp);
-    assert_eq!(catch_up(&cfg).await, Outcome::CaughtUp, "nothing new: returns at once");
+    assert_eq!(
+        catch_up(&cfg).await,
+        Outcome::CaughtUp,
+        "nothing new: returns at once"
+    );
 
     let buffer = connect(&buf).await;
     let ev = events(&buffer, "philotes", "test/resume").await;

@@ -30,7 +30,12 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     ));
     let log = tempfile::NamedTempFile::new().unwrap();
     // Provision the slot before the workload starts, so all of it is captured.
-    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    let (code, out) = run_cli(&[
+        "run",
+        "-f",
+        file.path().to_str().unwrap(),
+        "--until-caught-up",
+    ]);
     assert_eq!(code, 0, "{out}");
 
     let done = Arc::new(AtomicBool::new(false));
@@ -66,9 +71,17 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap()
         .matches("streaming")
         .count();
-    assert!(streamed >= kills / 2, "only {streamed} of {kills} runs reached streaming");
+    assert!(
+        streamed >= kills / 2,
+        "only {streamed} of {kills} runs reached streaming"
+    );
 
-    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    let (code, out) = run_cli(&[
+        "run",
+        "-f",
+        file.path().to_str().unwrap(),
+        "--until-caught-up",
+    ]);
     assert_eq!(code, 0, "final catch-up failed: {out}");
     let buffer = connect(&buf).await;
     verify_workload(&source, &buffer, "test/kill", counts).await;
@@ -94,7 +107,12 @@ async fn large_transaction_streams_in_bounded_memory() {
         "batchSize: 500\nbufferSize: 1000\nflushInterval: 100ms",
     ));
     // Create the slot first, so the transaction below is part of the stream.
-    let (code, out) = run_cli(&["run", "-f", file.path().to_str().unwrap(), "--until-caught-up"]);
+    let (code, out) = run_cli(&[
+        "run",
+        "-f",
+        file.path().to_str().unwrap(),
+        "--until-caught-up",
+    ]);
     assert_eq!(code, 0, "{out}");
     // 200,000 rows of ~600 bytes: ~120 MB of row images in one transaction.
     let rows = 200_000;
@@ -180,23 +198,30 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
     .await;
     for i in 0..10 {
         source
-            .batch_execute(&format!("INSERT INTO t SELECT generate_series({0} * 100 + 1, {0} * 100 + 100)", i))
+            .batch_execute(&format!(
+                "INSERT INTO t SELECT generate_series({0} * 100 + 1, {0} * 100 + 100)",
+                i
+            ))
             .await
             .unwrap();
     }
     let target = wal_lsn(&source).await;
     // Wait until the server has sent it all to the pipeline.
-    eventually("the walsender to send everything", Duration::from_secs(30), || {
-        let source = &source;
-        async move {
-            let sent: Option<String> = source
-                .query_one("SELECT max(sent_lsn)::text FROM pg_stat_replication", &[])
-                .await
-                .ok()?
-                .get(0);
-            (philotes::pipeline::lsn::parse(&sent?)? >= target).then_some(())
-        }
-    })
+    eventually(
+        "the walsender to send everything",
+        Duration::from_secs(30),
+        || {
+            let source = &source;
+            async move {
+                let sent: Option<String> = source
+                    .query_one("SELECT max(sent_lsn)::text FROM pg_stat_replication", &[])
+                    .await
+                    .ok()?
+                    .get(0);
+                (philotes::pipeline::lsn::parse(&sent?)? >= target).then_some(())
+            }
+        },
+    )
     .await;
     sigterm(&child);
     let started = Instant::now();
@@ -205,7 +230,10 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "no exit within 10s of SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit within 10s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let out = std::fs::read_to_string(log.path()).unwrap_or_default();
@@ -231,7 +259,13 @@ async fn source_restarts_and_killed_connections_lose_nothing() {
     let buf = fresh_db(shared(), "restart_buf").await;
     let setup = connect(&src).await;
     setup.batch_execute(WORKLOAD_TABLE).await.unwrap();
-    let cfg = config(&manifest("restart", &src, &buf, &["w"], "flushInterval: 50ms\nbatchSize: 25"));
+    let cfg = config(&manifest(
+        "restart",
+        &src,
+        &buf,
+        &["w"],
+        "flushInterval: 50ms\nbatchSize: 25",
+    ));
     let mut r = start(cfg.clone(), RunOptions::default());
     r.streaming().await;
     let mut w = Workload::new();
@@ -249,9 +283,11 @@ async fn source_restarts_and_killed_connections_lose_nothing() {
         w.step(&client).await;
     }
     drop(client);
-    r.wait("a retry after the walsender was killed", Duration::from_secs(30), |p| {
-        p.state == State::Retrying || p.last_error.is_some()
-    })
+    r.wait(
+        "a retry after the walsender was killed",
+        Duration::from_secs(30),
+        |p| p.state == State::Retrying || p.last_error.is_some(),
+    )
     .await;
 
     // Rounds 2 and 3: the source restarts, fast then immediate (a crash).
@@ -263,9 +299,11 @@ async fn source_restarts_and_killed_connections_lose_nothing() {
         }
         drop(client);
         source_cluster.stop_server(mode).unwrap();
-        r.wait("the pipeline to notice the source is gone", Duration::from_secs(30), |p| {
-            p.state == State::Retrying
-        })
+        r.wait(
+            "the pipeline to notice the source is gone",
+            Duration::from_secs(30),
+            |p| p.state == State::Retrying,
+        )
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         source_cluster.start_server().unwrap();
@@ -290,7 +328,13 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
     let buf = fresh_db(&buffer_cluster, "outage_buf").await;
     let source = connect(&src).await;
     source.batch_execute(WORKLOAD_TABLE).await.unwrap();
-    let cfg = config(&manifest("outage", &src, &buf, &["w"], "flushInterval: 100ms"));
+    let cfg = config(&manifest(
+        "outage",
+        &src,
+        &buf,
+        &["w"],
+        "flushInterval: 100ms",
+    ));
     let mut r = start(cfg.clone(), RunOptions::default());
     r.streaming().await;
     let mut w = Workload::new();
@@ -304,12 +348,16 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
     for _ in 0..200 {
         w.step(&source).await;
     }
-    r.wait("status to report the buffer outage", Duration::from_secs(30), |p| {
-        p.state == State::Retrying
-            && p.last_error
-                .as_ref()
-                .is_some_and(|(reason, _)| reason == "BufferError" || reason == "Unreachable")
-    })
+    r.wait(
+        "status to report the buffer outage",
+        Duration::from_secs(30),
+        |p| {
+            p.state == State::Retrying
+                && p.last_error
+                    .as_ref()
+                    .is_some_and(|(reason, _)| reason == "BufferError" || reason == "Unreachable")
+        },
+    )
     .await;
     // Backpressure: with the buffer gone, the stream is not read at all.
     eventually("the slot to go inactive during the outage", Duration::from_secs(30), || {

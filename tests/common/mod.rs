@@ -133,7 +133,10 @@ impl Running {
                     return;
                 }
                 if p.state == pipeline::State::Failed {
-                    panic!("pipeline failed while waiting for {what}: {:?}", p.last_error);
+                    panic!(
+                        "pipeline failed while waiting for {what}: {:?}",
+                        p.last_error
+                    );
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -409,7 +412,9 @@ impl Workload {
                 c.inserts += 1;
             } else if roll < 8 {
                 let id = live[self.rng.below(live.len() as u64) as usize];
-                sql.push_str(&format!("UPDATE w SET n = n + 1, v = v || '!' WHERE id = {id};"));
+                sql.push_str(&format!(
+                    "UPDATE w SET n = n + 1, v = v || '!' WHERE id = {id};"
+                ));
                 c.updates += 1;
             } else {
                 let i = self.rng.below(live.len() as u64) as usize;
@@ -455,11 +460,19 @@ pub async fn verify_workload(source: &Client, buffer: &Client, pipeline: &str, e
                 got.inserts += 1;
                 let after = e.after.clone().unwrap();
                 let old = rows.insert(key(&e.after), after.as_object().unwrap().clone());
-                assert!(old.is_none(), "event {i}: duplicate insert of {}", key(&e.after));
+                assert!(
+                    old.is_none(),
+                    "event {i}: duplicate insert of {}",
+                    key(&e.after)
+                );
             }
             "UPDATE" => {
                 got.updates += 1;
-                let old_key = if e.before.is_some() { key(&e.before) } else { key(&e.after) };
+                let old_key = if e.before.is_some() {
+                    key(&e.before)
+                } else {
+                    key(&e.after)
+                };
                 let mut row = rows
                     .remove(&old_key)
                     .unwrap_or_else(|| panic!("event {i}: update of missing row {old_key}"));
@@ -471,7 +484,10 @@ pub async fn verify_workload(source: &Client, buffer: &Client, pipeline: &str, e
             "DELETE" => {
                 got.deletes += 1;
                 let k = key(&e.before);
-                assert!(rows.remove(&k).is_some(), "event {i}: delete of missing row {k}");
+                assert!(
+                    rows.remove(&k).is_some(),
+                    "event {i}: delete of missing row {k}"
+                );
             }
             "TRUNCATE" => rows.clear(),
             other => panic!("unknown operation {other}"),
