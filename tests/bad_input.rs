@@ -52,10 +52,7 @@ async fn spec_and_secret_errors_name_the_field() {
     let (_, out) = run_bad(&base.replace("{name: buf}", "{name: buf, key: dsn}"), pw);
     expect(&out, &["secret test/buf has no key `dsn`", "uri"]);
 
-    let (_, out) = run_bad(
-        &format!("{base}").replace("  buffer:", "  batchSize: 0\n  buffer:"),
-        pw,
-    );
+    let (_, out) = run_bad(&base.replace("  buffer:", "  batchSize: 0\n  buffer:"), pw);
     expect(
         &out,
         &[

@@ -501,3 +501,90 @@ async fn restart_resumes_from_checkpoint_exactly_once() {
         .get(0);
     assert_eq!(pubs, 1);
 }
+
+/// Standalone mode prints the status every statusInterval: a human line by default, JSON
+/// fields with --log-format json, with positions, lag, slot WAL status, events and a verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_printed_every_interval_as_text_and_json() {
+    let cluster = shared();
+    let src = fresh_db(cluster, "status_src").await;
+    let buf = fresh_db(cluster, "status_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let file = manifest_file(&manifest(
+        "status",
+        &src,
+        &buf,
+        &["t"],
+        "flushInterval: 50ms\nstatusInterval: 200ms",
+    ));
+    let (code, out) = run_cli(&[
+        "run",
+        "-f",
+        file.path().to_str().unwrap(),
+        "--until-caught-up",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 42)")
+        .await
+        .unwrap();
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["--log-format", "json", "run", "-f"])
+        .arg(file.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log.path()).unwrap())
+        .spawn()
+        .unwrap();
+    let line = eventually(
+        "a healthy status line with 42 events",
+        Duration::from_secs(30),
+        || {
+            let path = log.path().to_path_buf();
+            async move {
+                let text = std::fs::read_to_string(path).ok()?;
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["health"] == "Healthy" && v["events_total"] == 42)
+            }
+        },
+    )
+    .await;
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(line["pipeline"], "test/status");
+    assert_eq!(line["reason"], "Streaming");
+    assert_eq!(line["wal_status"], "reserved");
+    assert!(line["lag_bytes"].as_i64().unwrap() >= 0);
+    for field in [
+        "last_received_lsn",
+        "checkpoint_lsn",
+        "current_wal_lsn",
+        "last_checkpoint_time",
+    ] {
+        assert!(
+            line[field].as_str().is_some_and(|s| !s.is_empty()),
+            "{field} missing in {line}"
+        );
+    }
+    assert!(line["message"].as_str().unwrap().contains("lag"), "{line}");
+
+    // Text form: one compact line.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = spawn_run(file.path(), &[], log.path());
+    let text = eventually("a human status line", Duration::from_secs(30), || {
+        let path = log.path().to_path_buf();
+        async move {
+            let text = std::fs::read_to_string(path).ok()?;
+            text.lines()
+                .find(|l| l.contains("test/status Healthy (Streaming): lag"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    assert!(text.contains("42 events"), "{text}");
+    kill9(&mut child);
+}
