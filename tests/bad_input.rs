@@ -10,12 +10,7 @@ use philotes::embedded::ClusterOptions;
 /// is a clean message: no panic, no Rust debug dump, no password.
 fn run_bad(manifest: &str, password: &str) -> (i32, String) {
     let file = manifest_file(manifest);
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_ne!(code, 0, "expected failure, got success: {out}");
     assert!(!out.contains("panicked"), "panic: {out}");
     assert!(
@@ -113,10 +108,8 @@ async fn connection_errors_say_which_database_and_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_setup_errors_name_the_object_and_leave_it_alone() {
-    let c = shared();
-    let src = fresh_db(c, "bad_src").await;
-    let buf = fresh_db(c, "bad_buf").await;
-    let pw = c.password();
+    let (src, buf) = databases("bad").await;
+    let pw = shared().password();
     let db = connect(&src).await;
     db.batch_execute(
         "CREATE TABLE ok (id int PRIMARY KEY);
@@ -235,9 +228,7 @@ async fn wal_level_replica_is_refused_with_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_the_same_pipeline_waits_and_says_why() {
-    let c = shared();
-    let src = fresh_db(c, "twice_src").await;
-    let buf = fresh_db(c, "twice_buf").await;
+    let (src, buf) = databases("twice").await;
     connect(&src)
         .await
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")

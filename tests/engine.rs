@@ -148,9 +148,7 @@ async fn values_round_trip_for_every_type() {
 /// INSERT/UPDATE/DELETE images, unchanged TOAST values, and REPLICA IDENTITY FULL vs DEFAULT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toast_and_replica_identity() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "toast_src").await;
-    let buf = fresh_db(cluster, "toast_buf").await;
+    let (src, buf) = databases("toast").await;
     let db = connect(&src).await;
     db.batch_execute(
         "CREATE TABLE dflt (id int PRIMARY KEY, n int, big text);
@@ -243,9 +241,7 @@ async fn toast_and_replica_identity() {
 /// and later events carry the new column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_and_alter_table_mid_stream() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "ddl_src").await;
-    let buf = fresh_db(cluster, "ddl_buf").await;
+    let (src, buf) = databases("ddl").await;
     let db = connect(&src).await;
     db.batch_execute(
         "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY);",
@@ -348,9 +344,7 @@ async fn truncate_and_alter_table_mid_stream() {
 /// rolled-back work never lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_transactions_land_in_commit_order() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "order_src").await;
-    let buf = fresh_db(cluster, "order_buf").await;
+    let (src, buf) = databases("order").await;
     let setup = connect(&src).await;
     setup
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, who text)")
@@ -399,9 +393,7 @@ async fn interleaved_transactions_land_in_commit_order() {
 /// slot's confirmed position still advance, so the source does not retain WAL for us.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tables_do_not_hold_back_the_slot() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "idle_src").await;
-    let buf = fresh_db(cluster, "idle_buf").await;
+    let (src, buf) = databases("idle").await;
     let db = connect(&src).await;
     db.batch_execute("CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id int)")
         .await
@@ -442,9 +434,7 @@ async fn idle_tables_do_not_hold_back_the_slot() {
 /// publication and slot being adopted on the second start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_checkpoint_exactly_once() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "resume_src").await;
-    let buf = fresh_db(cluster, "resume_buf").await;
+    let (src, buf) = databases("resume").await;
     let db = connect(&src).await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
@@ -506,9 +496,7 @@ async fn restart_resumes_from_checkpoint_exactly_once() {
 /// fields with --log-format json, with positions, lag, slot WAL status, events and a verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_printed_every_interval_as_text_and_json() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "status_src").await;
-    let buf = fresh_db(cluster, "status_buf").await;
+    let (src, buf) = databases("status").await;
     let db = connect(&src).await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
@@ -520,12 +508,7 @@ async fn status_is_printed_every_interval_as_text_and_json() {
         &["t"],
         "flushInterval: 50ms\nstatusInterval: 200ms",
     ));
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "{out}");
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 42)")
         .await

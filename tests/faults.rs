@@ -16,9 +16,7 @@ use philotes::pipeline::{RunOptions, State};
 /// change is in the buffer exactly once, in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "kill_src").await;
-    let buf = fresh_db(cluster, "kill_buf").await;
+    let (src, buf) = databases("kill").await;
     let source = connect(&src).await;
     source.batch_execute(WORKLOAD_TABLE).await.unwrap();
     let file = manifest_file(&manifest(
@@ -30,12 +28,7 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     ));
     let log = tempfile::NamedTempFile::new().unwrap();
     // Provision the slot before the workload starts, so all of it is captured.
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "{out}");
 
     let done = Arc::new(AtomicBool::new(false));
@@ -76,12 +69,7 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         "only {streamed} of {kills} runs reached streaming"
     );
 
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "final catch-up failed: {out}");
     let buffer = connect(&buf).await;
     verify_workload(&source, &buffer, "test/kill", counts).await;
@@ -91,9 +79,7 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 /// Guarantee 2: one transaction far larger than bufferSize streams through in bounded memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transaction_streams_in_bounded_memory() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "big_src").await;
-    let buf = fresh_db(cluster, "big_buf").await;
+    let (src, buf) = databases("big").await;
     let source = connect(&src).await;
     source
         .batch_execute("CREATE TABLE big (id int PRIMARY KEY, payload text)")
@@ -107,12 +93,7 @@ async fn large_transaction_streams_in_bounded_memory() {
         "batchSize: 500\nbufferSize: 1000\nflushInterval: 100ms",
     ));
     // Create the slot first, so the transaction below is part of the stream.
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "{out}");
     // 200,000 rows of ~600 bytes: ~120 MB of row images in one transaction.
     let rows = 200_000;
@@ -163,9 +144,7 @@ async fn large_transaction_streams_in_bounded_memory() {
 /// Guarantee 5: SIGTERM writes and checkpoints what was received, then exits 0 promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
-    let cluster = shared();
-    let src = fresh_db(cluster, "term_src").await;
-    let buf = fresh_db(cluster, "term_buf").await;
+    let (src, buf) = databases("term").await;
     let source = connect(&src).await;
     source
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")

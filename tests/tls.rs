@@ -116,12 +116,7 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
 
     let full = uri(&c, "postgres", "verify-full", ca.path());
     let file = manifest_file(&manifest("wrongname", &full, &full, &["t"], ""));
-    let (code, out) = run_cli(&[
-        "run",
-        "-f",
-        file.path().to_str().unwrap(),
-        "--until-caught-up",
-    ]);
+    let (code, out) = catch_up_cli(file.path());
     assert_ne!(code, 0, "{out}");
     assert!(
         out.contains("cannot connect to the buffer database at localhost"),

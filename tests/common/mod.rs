@@ -509,3 +509,22 @@ pub async fn verify_workload(source: &Client, buffer: &Client, pipeline: &str, e
         assert_eq!(rows.get(k), Some(v), "row {k} after replay");
     }
 }
+
+/// Fresh source and buffer databases `<name>_src` and `<name>_buf` on the shared server.
+pub async fn databases(name: &str) -> (String, String) {
+    let cluster = shared();
+    (
+        fresh_db(cluster, &format!("{name}_src")).await,
+        fresh_db(cluster, &format!("{name}_buf")).await,
+    )
+}
+
+/// `philotes run -f <file> --until-caught-up`: (exit code, output).
+pub fn catch_up_cli(file: &std::path::Path) -> (i32, String) {
+    run_cli(&[
+        "run",
+        "-f",
+        file.to_str().expect("utf-8 path"),
+        "--until-caught-up",
+    ])
+}
