@@ -63,6 +63,23 @@ pub struct CdcPipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub status_interval: Option<String>,
+    /// Stop streaming, keeping the slot (the source retains WAL meanwhile). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// What deleting the resource does on the source: `Retain` (default) leaves the slot and
+    /// publication; `Delete` drops the slot and a publication Philotes created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_deletion_policy: Option<SlotDeletionPolicy>,
+}
+
+/// What deleting a `CdcPipeline` does to its replication slot and publication.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SlotDeletionPolicy {
+    /// Leave slot and publication in place (the source keeps retaining WAL for the slot).
+    #[default]
+    Retain,
+    /// Drop the slot, and the publication if Philotes created it.
+    Delete,
 }
 
 /// Where changes come from.

@@ -5,10 +5,14 @@
 //! - [`manifest`] and [`standalone`]: `philotes run -f`, the same pipeline without a cluster.
 //! - [`embedded`]: a throwaway PostgreSQL server for the demo and the tests.
 
+pub mod controller;
 pub mod crd;
 pub mod demo;
 pub mod duration;
 pub mod embedded;
+pub mod http;
 pub mod manifest;
+pub mod metrics;
+pub mod operator;
 pub mod pipeline;
 pub mod standalone;

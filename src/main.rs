@@ -43,6 +43,24 @@ enum Command {
         #[arg(long)]
         until_caught_up: bool,
     },
+    /// Run the operator: reconcile CdcPipeline resources, one pipeline per resource.
+    Controller {
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+        /// Run without leader election (only ever one replica!).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Namespace of the leader Lease (default: $POD_NAMESPACE, else philotes-system).
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// Name of the leader Lease.
+        #[arg(long, default_value = "philotes-controller")]
+        lease_name: String,
+    },
     /// Run a demo pipeline end to end on a throwaway local PostgreSQL.
     Demo,
     /// Print the CdcPipeline CustomResourceDefinition.
@@ -84,6 +102,34 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Controller {
+            namespace,
+            metrics_addr,
+            no_leader_election,
+            lease_namespace,
+            lease_name,
+        } => {
+            let opts = philotes::operator::OperatorOptions {
+                namespace,
+                metrics_addr,
+                leader_election: !no_leader_election,
+                lease_namespace: lease_namespace
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "philotes-system".into()),
+                lease_name,
+            };
+            match runtime.block_on(philotes::operator::run(
+                opts,
+                philotes::standalone::wait_for_signal(),
+            )) {
+                Ok(philotes::operator::Exit::Signalled) => ExitCode::SUCCESS,
+                Ok(philotes::operator::Exit::LostLeadership) => ExitCode::from(3),
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo => match runtime.block_on(philotes::demo::run()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -107,6 +153,7 @@ fn main() -> ExitCode {
             let opts = RunOptions {
                 until_caught_up,
                 retry_setup: false,
+                ..RunOptions::default()
             };
             match runtime.block_on(philotes::standalone::run(cfg, opts)) {
                 Ok(Outcome::Stopped) | Ok(Outcome::CaughtUp) => ExitCode::SUCCESS,

@@ -13,4 +13,4 @@ pub mod status;
 
 pub use config::PipelineConfig;
 pub use error::{Error, Result};
-pub use run::{run, Outcome, Progress, RunOptions, State};
+pub use run::{run, BatchObserver, Outcome, Progress, RunOptions, State};

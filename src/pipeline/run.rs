@@ -30,8 +30,13 @@ use super::decode::{Decoded, Decoder, Relation};
 use super::error::{Error, Result};
 use super::source;
 
+/// Told about every batch the buffer committed (the operator's metrics).
+pub trait BatchObserver: Send + Sync {
+    fn batch_written(&self, pipeline: &str, events: &[Event], elapsed: Duration);
+}
+
 /// How the standalone runner or the operator wants a pipeline run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Stop, with [`Outcome::CaughtUp`], once everything committed on the source before the
     /// start is durable in the buffer.
@@ -39,6 +44,7 @@ pub struct RunOptions {
     /// Retry transient errors during the first start too (the operator does; the standalone
     /// runner reports them and exits).
     pub retry_setup: bool,
+    pub observer: Option<Arc<dyn BatchObserver>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +95,7 @@ pub async fn run(
     loop {
         let result = session(
             &cfg,
-            opts,
+            &opts,
             &mut buffer,
             &mut target,
             &mut shutdown,
@@ -167,7 +173,7 @@ struct OpenTx {
 /// One connection's worth of streaming: provision, resume from the checkpoint, loop.
 async fn session(
     cfg: &PipelineConfig,
-    opts: RunOptions,
+    opts: &RunOptions,
     buffer_slot: &mut Option<Buffer>,
     target: &mut Option<u64>,
     shutdown: &mut watch::Receiver<bool>,
@@ -287,7 +293,7 @@ async fn session(
 /// The state of one streaming session.
 struct Streamer<'a> {
     cfg: &'a PipelineConfig,
-    opts: RunOptions,
+    opts: &'a RunOptions,
     /// `until_caught_up`'s target.
     target: u64,
     decoder: Decoder,

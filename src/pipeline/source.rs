@@ -293,3 +293,59 @@ pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
         active: row.get(4),
     })
 }
+
+/// What [`drop_provisioned`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub slot: bool,
+    pub publication: bool,
+}
+
+/// Drops the pipeline's slot, and its publication if Philotes created it for this pipeline
+/// (an adopted publication is left alone). A slot still in use is refused, not terminated.
+pub async fn drop_provisioned(client: &Client, cfg: &PipelineConfig) -> Result<Dropped> {
+    let err = |what: &str, e: tokio_postgres::Error| {
+        Error::SourceSetup(format!(
+            "cannot drop {what} on the source database {}: {}",
+            cfg.source,
+            describe_pg_error(&e)
+        ))
+    };
+    let mut dropped = Dropped::default();
+    let slot = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(|e| err("the replication slot", e))?;
+    if let Some(row) = slot {
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(Error::SlotInUse(format!(
+                "replication slot {} is in use by process {pid}; stop that consumer before deleting",
+                cfg.slot
+            )));
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
+            .await
+            .map_err(|e| err("the replication slot", e))?;
+        dropped.slot = true;
+    }
+    let ours: Option<bool> = client
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_publication') = $2 FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication, &format!("created by philotes for {}", cfg.id)],
+        )
+        .await
+        .map_err(|e| err("the publication", e))?
+        .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false));
+    if ours == Some(true) {
+        client
+            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&cfg.publication)))
+            .await
+            .map_err(|e| err("the publication", e))?;
+        dropped.publication = true;
+    }
+    Ok(dropped)
+}

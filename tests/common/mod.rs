@@ -184,6 +184,7 @@ pub async fn catch_up(cfg: &PipelineConfig) -> Outcome {
         RunOptions {
             until_caught_up: true,
             retry_setup: false,
+            ..RunOptions::default()
         },
     );
     tokio::time::timeout(Duration::from_secs(120), r.handle)

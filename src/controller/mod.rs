@@ -1,0 +1,332 @@
+//! The Kubernetes side: watch `CdcPipeline`s (and the Secrets they reference) and reconcile
+//! each as a short chain of steps: read refs → validate → start/stop the pipeline task →
+//! status. The data loop itself runs in tasks owned by the [`supervisor`].
+
+pub mod cleanup;
+pub mod leader;
+pub mod refs;
+pub mod status;
+pub mod supervisor;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+
+use crate::crd::{CdcPipeline, CdcPipelineStatus, SlotDeletionPolicy};
+use crate::duration;
+use crate::metrics::{ErrorLabels, Metrics, PipelineLabels, ReconcileLabels};
+use crate::pipeline::{self, PipelineConfig};
+
+use self::refs::Secrets;
+use self::status::{Inputs, Observed};
+use self::supervisor::Supervisor;
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "philotes";
+/// Finalizer that makes deletion apply `slotDeletionPolicy`.
+pub const FINALIZER: &str = "philotes.io/cleanup";
+/// Annotation that lets a resource be deleted without touching the source (when the source
+/// is gone for good and cleanup cannot succeed).
+pub const SKIP_CLEANUP: &str = "philotes.io/skip-cleanup";
+
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Cleanup(String),
+}
+
+impl ReconcileError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Kube(_) => "KubeApiError",
+            ReconcileError::Cleanup(_) => "CleanupFailed",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub supervisor: Arc<Supervisor>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+/// Options of `philotes controller`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+}
+
+/// Runs the controller until `shutdown` resolves, then stops every pipeline (flushed and
+/// checkpointed).
+pub async fn run(
+    client: Client,
+    opts: Options,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (pipelines, secrets): (Api<CdcPipeline>, Api<Secret>) = match &opts.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let supervisor = Supervisor::new(metrics.clone());
+    let reporter = Reporter {
+        controller: "philotes".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        supervisor: supervisor.clone(),
+        metrics,
+        recorder: Recorder::new(client, reporter),
+    });
+    let controller = Controller::new(pipelines, watcher::Config::default());
+    let store = controller.store();
+    ready.store(true, Ordering::Relaxed);
+    controller
+        // A changed secret re-reconciles the pipelines that reference it.
+        .watches(secrets, watcher::Config::default(), move |secret: Secret| {
+            let ns = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|p| refs::referenced(p).contains(&name))
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile stream");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped; stopping pipelines");
+    supervisor.stop_all().await;
+}
+
+async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let ns = p.namespace().unwrap_or_default();
+    let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, p, |event| async {
+        match event {
+            Finalizer::Apply(p) => apply(&p, &ctx).await,
+            Finalizer::Cleanup(p) => cleanup::cleanup(&p, &ctx).await,
+        }
+    })
+    .await;
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ReconcileLabels {
+            result: label.into(),
+        })
+        .inc();
+    result.map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e)
+        | kube::runtime::finalizer::Error::RemoveFinalizer(e) => ReconcileError::Kube(e),
+        other => ReconcileError::Cleanup(other.to_string()),
+    })
+}
+
+fn error_policy(p: Arc<CdcPipeline>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
+    tracing::warn!(pipeline = %key(&p), reason = err.reason(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels {
+            reason: err.reason().into(),
+        })
+        .inc();
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// `namespace/name`.
+pub fn key(p: &CdcPipeline) -> String {
+    format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
+}
+
+fn status_interval(p: &CdcPipeline) -> Duration {
+    p.spec
+        .status_interval
+        .as_deref()
+        .and_then(|s| duration::parse(s).ok())
+        .filter(|d| *d >= Duration::from_millis(10))
+        .unwrap_or(Duration::from_secs(10))
+}
+
+/// Read refs → validate → start/stop → status.
+async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError> {
+    let key = key(p);
+    let ns = p.namespace().unwrap_or_default();
+    let every = status_interval(p);
+
+    let (observed, cfg) = if p.spec.suspend.unwrap_or(false) {
+        if ctx.supervisor.stop(&key).await {
+            tracing::info!(pipeline = %key, "suspended: pipeline stopped, slot kept");
+        }
+        (Observed::Suspended, None)
+    } else {
+        let secrets = Secrets::fetch(&ctx.client, p, &ns).await?;
+        match PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets) {
+            Err(e) => {
+                // An unusable spec or secret: stop what runs and wait for a change (the
+                // secret watch brings us back when one is created or fixed).
+                ctx.supervisor.stop(&key).await;
+                (Observed::Invalid(e.reason().into(), e.to_string()), None)
+            }
+            Ok(cfg) => {
+                let mut h = DefaultHasher::new();
+                serde_json::to_string(&p.spec)
+                    .unwrap_or_default()
+                    .hash(&mut h);
+                secrets.fingerprint(&mut h);
+                match ctx.supervisor.ensure(&key, cfg.clone(), h.finish()).await {
+                    supervisor::Started::Started => {
+                        tracing::info!(pipeline = %key, "pipeline started")
+                    }
+                    supervisor::Started::Restarted => {
+                        tracing::info!(pipeline = %key, "spec or secret changed: pipeline restarted")
+                    }
+                    supervisor::Started::AlreadyRunning => {}
+                }
+                let observed = ctx.supervisor.observe(&key).await.unwrap_or(Observed::Task {
+                    progress: pipeline::Progress::default(),
+                    snapshot: None,
+                    ended: None,
+                });
+                (observed, Some(cfg))
+            }
+        }
+    };
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let previous = p.status.as_ref();
+    let (slot, publication) = match &cfg {
+        Some(c) => (Some(c.slot.as_str()), Some(c.publication.as_str())),
+        None => (
+            previous.and_then(|s| s.slot_name.as_deref()),
+            previous.and_then(|s| s.publication_name.as_deref()),
+        ),
+    };
+    let status = status::compute(&Inputs {
+        generation: p.meta().generation,
+        slot,
+        publication,
+        observed: &observed,
+        previous,
+        now: &now,
+    });
+    record_metrics(ctx, &key, &status);
+    publish_status(ctx, p, previous, status).await?;
+    Ok(Action::requeue(every))
+}
+
+fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
+    let labels = PipelineLabels {
+        pipeline: key.to_string(),
+    };
+    if let Some(lag) = status.lag_bytes {
+        ctx.metrics.lag_bytes.get_or_create(&labels).set(lag);
+    }
+    if let Some(lsn) = status
+        .confirmed_flush_lsn
+        .as_deref()
+        .and_then(pipeline::lsn::parse)
+    {
+        ctx.metrics
+            .checkpoint_lsn
+            .get_or_create(&labels)
+            .set(lsn as i64);
+    }
+}
+
+/// Writes the status when it changed, and an Event when the Ready condition changed.
+async fn publish_status(
+    ctx: &Context,
+    p: &CdcPipeline,
+    previous: Option<&CdcPipelineStatus>,
+    status: CdcPipelineStatus,
+) -> Result<(), ReconcileError> {
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let old = previous.and_then(status::ready);
+    let new = status::ready(&status);
+    let transition = match (old, new) {
+        (Some(o), Some(n)) => o.status != n.status || o.reason != n.reason,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    let api: Api<CdcPipeline> =
+        Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "philotes.io/v1alpha1",
+        "kind": "CdcPipeline",
+        "status": status,
+    });
+    api.patch_status(
+        &p.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if let (true, Some(n)) = (transition, new) {
+        let event = KubeEvent {
+            type_: if n.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: n.reason.clone(),
+            note: Some(truncate(&n.message, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
+            tracing::warn!(pipeline = %key(p), error = %e, "cannot publish event");
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Whether deletion must drop the slot.
+pub fn deletes_slot(p: &CdcPipeline) -> bool {
+    p.spec.slot_deletion_policy.unwrap_or_default() == SlotDeletionPolicy::Delete
+}

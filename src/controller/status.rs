@@ -1,0 +1,220 @@
+//! From what the supervisor observes to the resource's status: phase, the `Ready` condition
+//! and the numbers. Pure functions, so every mapping has a unit test.
+
+use crate::crd::{CdcPipelineStatus, Condition};
+use crate::pipeline::status::{Health, Snapshot};
+use crate::pipeline::{lsn, Progress, State};
+
+/// What the controller knows about a pipeline at one reconcile.
+#[derive(Debug, Clone)]
+pub enum Observed {
+    /// Suspended by the spec: the task is stopped, the slot kept.
+    Suspended,
+    /// The spec or its secrets are unusable: `(reason, message)`.
+    Invalid(String, String),
+    /// A task runs (or ended with an error).
+    Task {
+        progress: Progress,
+        snapshot: Option<Snapshot>,
+        /// `(reason, message)` of the error that ended it.
+        ended: Option<(String, String)>,
+    },
+}
+
+pub struct Inputs<'a> {
+    pub generation: Option<i64>,
+    pub slot: Option<&'a str>,
+    pub publication: Option<&'a str>,
+    pub observed: &'a Observed,
+    pub previous: Option<&'a CdcPipelineStatus>,
+    pub now: &'a str,
+}
+
+/// The status to write. Transition times are kept when a condition did not change.
+pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
+    let (phase, ready, reason, message) = match i.observed {
+        Observed::Suspended => (
+            "Suspended",
+            false,
+            "Suspended".to_string(),
+            "spec.suspend is true: streaming is stopped and the slot kept (the source retains WAL for it)"
+                .to_string(),
+        ),
+        Observed::Invalid(reason, message) => ("Failed", false, reason.clone(), message.clone()),
+        Observed::Task {
+            progress,
+            snapshot,
+            ended,
+        } => match (ended, progress.state) {
+            (Some((reason, message)), _) => ("Failed", false, reason.clone(), message.clone()),
+            (None, State::Starting) => (
+                "Provisioning",
+                false,
+                "Provisioning".into(),
+                "checking the source, creating or adopting publication and slot, connecting".into(),
+            ),
+            (None, State::Retrying) => {
+                let (reason, message) = progress
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| ("Retrying".into(), "retrying".into()));
+                ("Degraded", false, reason, format!("retrying: {message}"))
+            }
+            (None, State::Failed) => {
+                let (reason, message) = progress
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| ("Failed".into(), "the pipeline failed".into()));
+                ("Failed", false, reason, message)
+            }
+            (None, State::Stopped) => (
+                "Pending",
+                false,
+                "Stopped".into(),
+                "the pipeline is not running".into(),
+            ),
+            (None, State::Streaming) => match snapshot {
+                Some(s) if s.health == Health::Healthy => {
+                    ("Running", true, s.reason.clone(), s.message.clone())
+                }
+                Some(s) if s.health == Health::Failed => {
+                    ("Failed", false, s.reason.clone(), s.message.clone())
+                }
+                Some(s) if s.health == Health::Degraded => {
+                    ("Degraded", false, s.reason.clone(), s.message.clone())
+                }
+                _ => (
+                    "Running",
+                    true,
+                    "Streaming".into(),
+                    "streaming changes".into(),
+                ),
+            },
+        },
+    };
+    let mut status = CdcPipelineStatus {
+        phase: Some(phase.to_string()),
+        observed_generation: i.generation,
+        slot_name: i.slot.map(str::to_string),
+        publication_name: i.publication.map(str::to_string),
+        ..CdcPipelineStatus::default()
+    };
+    // Keep the last known numbers while the task is not reporting.
+    if let Some(prev) = i.previous {
+        status.events_total = prev.events_total;
+        status.last_checkpoint_time = prev.last_checkpoint_time.clone();
+        status.confirmed_flush_lsn = prev.confirmed_flush_lsn.clone();
+        status.last_received_lsn = prev.last_received_lsn.clone();
+    }
+    if let Observed::Task {
+        progress, snapshot, ..
+    } = i.observed
+    {
+        if progress.received_lsn > 0 {
+            status.last_received_lsn = Some(lsn::format(progress.received_lsn));
+        }
+        // Before the task has read its checkpoint it knows no totals: keep the last ones.
+        if progress.checkpoint_lsn > 0 {
+            status.events_total = Some(progress.events_total);
+        }
+        if let Some(t) = progress.last_checkpoint_time {
+            status.last_checkpoint_time =
+                Some(chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339());
+        }
+        if let Some(s) = snapshot {
+            status.confirmed_flush_lsn = s.confirmed_flush_lsn.clone();
+            status.current_wal_lsn = s.current_wal_lsn.clone();
+            status.lag_bytes = s.lag_bytes;
+            status.wal_status = s.wal_status.clone();
+            status.safe_wal_size_bytes = s.safe_wal_size_bytes;
+        }
+    }
+    let ready_status = if ready { "True" } else { "False" };
+    let previous = i
+        .previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"));
+    let last_transition_time = match previous {
+        Some(c) if c.status == ready_status => c.last_transition_time.clone(),
+        _ => i.now.to_string(),
+    };
+    status.conditions = vec![Condition {
+        type_: "Ready".into(),
+        status: ready_status.into(),
+        reason,
+        message,
+        last_transition_time,
+        observed_generation: i.generation,
+    }];
+    status
+}
+
+/// The `Ready` condition of a status.
+pub fn ready(status: &CdcPipelineStatus) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == "Ready")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs<'a>(o: &'a Observed, prev: Option<&'a CdcPipelineStatus>, now: &'a str) -> Inputs<'a> {
+        Inputs {
+            generation: Some(3),
+            slot: Some("s"),
+            publication: Some("p"),
+            observed: o,
+            previous: prev,
+            now,
+        }
+    }
+
+    #[test]
+    fn phases_follow_the_task() {
+        let streaming = Observed::Task {
+            progress: Progress {
+                state: State::Streaming,
+                events_total: 5,
+                checkpoint_lsn: 100,
+                ..Progress::default()
+            },
+            snapshot: None,
+            ended: None,
+        };
+        let s = compute(&inputs(&streaming, None, "t1"));
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(ready(&s).unwrap().status, "True");
+        assert_eq!(s.events_total, Some(5));
+        assert_eq!(s.observed_generation, Some(3));
+
+        let retrying = Observed::Task {
+            progress: Progress {
+                state: State::Retrying,
+                last_error: Some(("BufferError".into(), "buffer down".into())),
+                ..Progress::default()
+            },
+            snapshot: None,
+            ended: None,
+        };
+        let s2 = compute(&inputs(&retrying, Some(&s), "t2"));
+        assert_eq!(s2.phase.as_deref(), Some("Degraded"));
+        let c = ready(&s2).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BufferError"));
+        assert_eq!(c.last_transition_time, "t2");
+        assert_eq!(s2.events_total, Some(5), "kept until the new session knows");
+
+        let ended = Observed::Task {
+            progress: Progress::default(),
+            snapshot: None,
+            ended: Some(("AuthenticationFailed".into(), "bad password".into())),
+        };
+        let s3 = compute(&inputs(&ended, Some(&s2), "t3"));
+        assert_eq!(s3.phase.as_deref(), Some("Failed"));
+        // Still False: the transition time stays at the first failure.
+        assert_eq!(ready(&s3).unwrap().last_transition_time, "t2");
+        assert_eq!(ready(&s3).unwrap().reason, "AuthenticationFailed");
+
+        let s4 = compute(&inputs(&Observed::Suspended, Some(&s3), "t4"));
+        assert_eq!(s4.phase.as_deref(), Some("Suspended"));
+        assert_eq!(s4.events_total, s3.events_total, "numbers kept while suspended");
+    }
+}

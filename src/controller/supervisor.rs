@@ -1,0 +1,179 @@
+//! One task per pipeline, owned here. Reconcile starts, stops or restarts tasks and reads
+//! their progress; it never runs the data loop itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::pipeline::status::{self, Snapshot};
+use crate::pipeline::{self, Outcome, PipelineConfig, Progress, RunOptions};
+
+use super::status::Observed;
+
+struct Task {
+    /// Identifies the spec and secret values the task runs with.
+    fingerprint: u64,
+    shutdown: watch::Sender<bool>,
+    progress: watch::Receiver<Progress>,
+    snapshot: watch::Receiver<Option<Snapshot>>,
+    join: Option<JoinHandle<pipeline::Result<Outcome>>>,
+    status_task: JoinHandle<()>,
+    /// `(reason, message, when)` once the task ended with an error.
+    ended: Option<(String, String, Instant)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    AlreadyRunning,
+    Started,
+    /// The spec or a secret changed: the old task was stopped (flushed) first.
+    Restarted,
+}
+
+/// How long a pipeline that failed permanently waits before it is tried again with the same
+/// spec (the source may have been fixed meanwhile).
+pub const FAILED_RETRY: Duration = Duration::from_secs(60);
+
+pub struct Supervisor {
+    tasks: Mutex<HashMap<String, Task>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Supervisor {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            tasks: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Makes sure a task runs `cfg`; restarts one that runs something else, or that failed
+    /// more than [`FAILED_RETRY`] ago.
+    pub async fn ensure(&self, key: &str, cfg: PipelineConfig, fingerprint: u64) -> Started {
+        let mut tasks = self.tasks.lock().await;
+        let mut restarted = false;
+        if let Some(task) = tasks.get_mut(key) {
+            reap(task).await;
+            let stale_failure = task
+                .ended
+                .as_ref()
+                .is_some_and(|(_, _, at)| at.elapsed() >= FAILED_RETRY);
+            if task.fingerprint == fingerprint && !stale_failure {
+                return Started::AlreadyRunning;
+            }
+            if let Some(old) = tasks.remove(key) {
+                stop_task(old).await;
+            }
+            restarted = true;
+        }
+        tasks.insert(key.to_string(), self.spawn(cfg, fingerprint));
+        if restarted {
+            Started::Restarted
+        } else {
+            Started::Started
+        }
+    }
+
+    fn spawn(&self, cfg: PipelineConfig, fingerprint: u64) -> Task {
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (snapshot_tx, snapshot) = watch::channel(None);
+        let status_task = tokio::spawn(status::watch_status(
+            cfg.clone(),
+            progress.clone(),
+            snapshot_tx,
+        ));
+        let opts = RunOptions {
+            until_caught_up: false,
+            retry_setup: true,
+            observer: Some(self.metrics.clone()),
+        };
+        let join = tokio::spawn(pipeline::run(cfg, opts, shutdown_rx, progress_tx));
+        Task {
+            fingerprint,
+            shutdown,
+            progress,
+            snapshot,
+            join: Some(join),
+            status_task,
+            ended: None,
+        }
+    }
+
+    /// Stops the pipeline's task, if any, after it flushed and checkpointed.
+    pub async fn stop(&self, key: &str) -> bool {
+        let task = self.tasks.lock().await.remove(key);
+        self.metrics.forget_pipeline(key);
+        match task {
+            Some(t) => {
+                stop_task(t).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub async fn stop_all(&self) {
+        let tasks: Vec<Task> = self.tasks.lock().await.drain().map(|(_, t)| t).collect();
+        for t in tasks {
+            stop_task(t).await;
+        }
+    }
+
+    /// What the task of `key` reports, if one exists.
+    pub async fn observe(&self, key: &str) -> Option<Observed> {
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(key)?;
+        reap(task).await;
+        let progress = task.progress.borrow().clone();
+        let snapshot = task.snapshot.borrow().clone();
+        let ended = task.ended.as_ref().map(|(r, m, _)| (r.clone(), m.clone()));
+        Some(Observed::Task {
+            progress,
+            snapshot,
+            ended,
+        })
+    }
+
+    pub async fn running(&self) -> Vec<String> {
+        self.tasks.lock().await.keys().cloned().collect()
+    }
+}
+
+/// Collects the result of a task that ended by itself.
+async fn reap(task: &mut Task) {
+    if !task.join.as_ref().is_some_and(|j| j.is_finished()) {
+        return;
+    }
+    let Some(join) = task.join.take() else {
+        return;
+    };
+    task.status_task.abort();
+    task.ended = Some(match join.await {
+        Ok(Ok(_)) => ("Stopped".into(), "the pipeline stopped".into(), Instant::now()),
+        Ok(Err(e)) => (e.reason().to_string(), e.to_string(), Instant::now()),
+        Err(e) => (
+            "Crashed".into(),
+            format!("the pipeline task crashed: {e}"),
+            Instant::now(),
+        ),
+    });
+}
+
+async fn stop_task(mut task: Task) {
+    let _ = task.shutdown.send(true);
+    if let Some(mut join) = task.join.take() {
+        if tokio::time::timeout(Duration::from_secs(30), &mut join)
+            .await
+            .is_err()
+        {
+            tracing::warn!("pipeline did not stop within 30s; aborting it (its checkpoint stays as it was)");
+            join.abort();
+        }
+    }
+    task.status_task.abort();
+}

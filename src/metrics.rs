@@ -1,0 +1,143 @@
+//! Prometheus metrics of the operator and its pipelines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pipeline::buffer::Event;
+use crate::pipeline::BatchObserver;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub pipeline: String,
+    pub table: String,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub events: Family<EventLabels, Counter>,
+    pub lag_bytes: Family<PipelineLabels, Gauge>,
+    pub checkpoint_lsn: Family<PipelineLabels, Gauge>,
+    pub batch_write_seconds: Family<PipelineLabels, Histogram>,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("philotes");
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "events",
+            "Change events written to the buffer",
+            events.clone(),
+        );
+        let lag_bytes = Family::<PipelineLabels, Gauge>::default();
+        registry.register(
+            "lag_bytes",
+            "Bytes of WAL between the source's position and the slot's confirmed position",
+            lag_bytes.clone(),
+        );
+        let checkpoint_lsn = Family::<PipelineLabels, Gauge>::default();
+        registry.register(
+            "checkpoint_lsn",
+            "Checkpointed LSN, as a number",
+            checkpoint_lsn.clone(),
+        );
+        let batch_write_seconds =
+            Family::<PipelineLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            });
+        registry.register(
+            "batch_write_seconds",
+            "Time to write one batch and its checkpoint to the buffer",
+            batch_write_seconds.clone(),
+        );
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register("reconciles", "Reconciliations by result", reconciles.clone());
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciliation errors by reason",
+            reconcile_errors.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            events,
+            lag_bytes,
+            checkpoint_lsn,
+            batch_write_seconds,
+            reconciles,
+            reconcile_errors,
+        })
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn forget_pipeline(&self, pipeline: &str) {
+        let labels = PipelineLabels {
+            pipeline: pipeline.to_string(),
+        };
+        self.lag_bytes.remove(&labels);
+        self.checkpoint_lsn.remove(&labels);
+    }
+}
+
+impl BatchObserver for Metrics {
+    fn batch_written(&self, pipeline: &str, events: &[Event], elapsed: Duration) {
+        self.batch_write_seconds
+            .get_or_create(&PipelineLabels {
+                pipeline: pipeline.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+        // Runs of the same table and operation are common: count them in one step.
+        let mut i = 0;
+        while i < events.len() {
+            let first = &events[i].change;
+            let run = events[i..]
+                .iter()
+                .take_while(|e| {
+                    Arc::ptr_eq(&e.change.relation, &first.relation)
+                        && e.change.operation == first.operation
+                })
+                .count();
+            self.events
+                .get_or_create(&EventLabels {
+                    pipeline: pipeline.to_string(),
+                    table: format!("{}.{}", first.relation.schema, first.relation.name),
+                    operation: first.operation.as_str().to_string(),
+                })
+                .inc_by(run as u64);
+            i += run;
+        }
+    }
+}

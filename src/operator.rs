@@ -1,0 +1,131 @@
+//! `philotes controller`: the operator process. Serves health and metrics, campaigns for the
+//! leader lease, and runs the controller only while leading.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::controller::{self, leader};
+use crate::http;
+use crate::metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct OperatorOptions {
+    pub namespace: Option<String>,
+    pub metrics_addr: SocketAddr,
+    pub leader_election: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+}
+
+/// How the process ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Signal received: pipelines flushed, lease released.
+    Signalled,
+    /// Leadership lost: pipelines stopped; the process should exit so it restarts as a
+    /// candidate.
+    LostLeadership,
+}
+
+pub async fn run(opts: OperatorOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+    crate::pipeline::conn::install_crypto_provider();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = http::Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let addr = opts.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, health).await {
+            tracing::error!(error = %e, %addr, "metrics server failed");
+        }
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "philotes".into()),
+            std::process::id()
+        )
+    });
+    let lease = leader::LeaseConfig {
+        namespace: opts.lease_namespace.clone(),
+        name: opts.lease_name.clone(),
+        identity,
+        duration: Duration::from_secs(15),
+        renew: Duration::from_secs(4),
+    };
+    let (leader_tx, mut leader_rx) = watch::channel(!opts.leader_election);
+    if opts.leader_election {
+        tokio::spawn(leader::campaign(client.clone(), lease_clone(&lease), leader_tx));
+        // Standing by is a healthy state: ready as soon as we can reach the API server.
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut stop = stop_rx.clone();
+        tracing::info!(lease = %lease.name, identity = %lease.identity, "waiting for leadership");
+        tokio::select! {
+            r = leader_rx.wait_for(|l| *l) => { r.context("leader election ended")?; }
+            _ = stop.wait_for(|s| *s) => return Ok(Exit::Signalled),
+        }
+        tracing::info!("leading: starting the controller");
+    }
+
+    let lost = Arc::new(AtomicBool::new(false));
+    let trigger = {
+        let mut stop = stop_rx.clone();
+        let mut leader_rx = leader_rx.clone();
+        let lost = lost.clone();
+        async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = leader_rx.wait_for(|l| !*l) => {
+                    tracing::warn!("leadership lost: stopping every pipeline");
+                    lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    controller::run(
+        client.clone(),
+        controller::Options {
+            namespace: opts.namespace.clone(),
+        },
+        metrics,
+        ready,
+        trigger,
+    )
+    .await;
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(Exit::LostLeadership);
+    }
+    if opts.leader_election {
+        leader::release(client, &lease).await;
+    }
+    Ok(Exit::Signalled)
+}
+
+fn lease_clone(l: &leader::LeaseConfig) -> leader::LeaseConfig {
+    leader::LeaseConfig {
+        namespace: l.namespace.clone(),
+        name: l.name.clone(),
+        identity: l.identity.clone(),
+        duration: l.duration,
+        renew: l.renew,
+    }
+}
