@@ -66,17 +66,20 @@ impl Metrics {
             "Checkpointed LSN, as a number",
             checkpoint_lsn.clone(),
         );
-        let batch_write_seconds =
-            Family::<PipelineLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-            });
+        let batch_write_seconds = Family::<PipelineLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
         registry.register(
             "batch_write_seconds",
             "Time to write one batch and its checkpoint to the buffer",
             batch_write_seconds.clone(),
         );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
-        registry.register("reconciles", "Reconciliations by result", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciliations by result",
+            reconciles.clone(),
+        );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "reconcile_errors",

@@ -32,11 +32,24 @@ pub enum Exit {
     LostLeadership,
 }
 
-pub async fn run(opts: OperatorOptions, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<Exit> {
+pub async fn run(
+    opts: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Exit> {
     crate::pipeline::conn::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
         .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    run_with_client(client, opts, shutdown).await
+}
+
+/// As [`run`], with a given client.
+pub async fn run_with_client(
+    client: kube::Client,
+    opts: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Exit> {
+    crate::pipeline::conn::install_crypto_provider();
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     let health = http::Health {
@@ -74,7 +87,11 @@ pub async fn run(opts: OperatorOptions, shutdown: impl std::future::Future<Outpu
     };
     let (leader_tx, mut leader_rx) = watch::channel(!opts.leader_election);
     if opts.leader_election {
-        tokio::spawn(leader::campaign(client.clone(), lease_clone(&lease), leader_tx));
+        tokio::spawn(leader::campaign(
+            client.clone(),
+            lease_clone(&lease),
+            leader_tx,
+        ));
         // Standing by is a healthy state: ready as soon as we can reach the API server.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut stop = stop_rx.clone();

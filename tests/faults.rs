@@ -166,23 +166,31 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
         &src,
         &buf,
         &["t"],
-        "batchSize: 100000\nflushInterval: 1h",
+        "batchSize: 100000\nflushInterval: 1h\nstatusInterval: 100ms",
     ));
     let log = tempfile::NamedTempFile::new().unwrap();
-    let child = spawn_run(file.path(), &[], log.path());
-    eventually("the pipeline to stream", Duration::from_secs(60), || {
-        let source = &source;
-        async move {
-            let active: bool = source
-                .query_one(
-                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 'philotes_test_term'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            active.then_some(())
+    let child = std::process::Command::new(bin())
+        .args(["--log-format", "json", "run", "-f"])
+        .arg(file.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log.path()).unwrap())
+        .spawn()
+        .unwrap();
+    let status_field = |field: &'static str| {
+        let path = log.path().to_path_buf();
+        move || -> Option<String> {
+            let text = std::fs::read_to_string(&path).ok()?;
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v[field].as_str().map(str::to_string))
+                .next_back()
         }
+    };
+    let received = status_field("last_received_lsn");
+    let health = status_field("health");
+    eventually("the pipeline to stream", Duration::from_secs(60), || {
+        let h = health();
+        async move { (h.as_deref() == Some("Healthy")).then_some(()) }
     })
     .await;
     for i in 0..10 {
@@ -195,23 +203,23 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
             .unwrap();
     }
     let target = wal_lsn(&source).await;
-    // Wait until the server has sent it all to the pipeline.
+    // Wait until the pipeline has received it all (it holds it in memory: flushInterval 1h).
     eventually(
-        "the walsender to send everything",
+        "the pipeline to receive everything",
         Duration::from_secs(30),
         || {
-            let source = &source;
-            async move {
-                let sent: Option<String> = source
-                    .query_one("SELECT max(sent_lsn)::text FROM pg_stat_replication", &[])
-                    .await
-                    .ok()?
-                    .get(0);
-                (philotes::pipeline::lsn::parse(&sent?)? >= target).then_some(())
-            }
+            let r = received().and_then(|s| philotes::pipeline::lsn::parse(&s));
+            async move { (r? >= target).then_some(()) }
         },
     )
     .await;
+    let written: i64 = connect(&buf)
+        .await
+        .query_one("SELECT count(*) FROM philotes.cdc_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "nothing written before the signal");
     sigterm(&child);
     let started = Instant::now();
     let mut child = child;

@@ -47,8 +47,13 @@ async fn drop_on_source(p: &CdcPipeline, ctx: &Context) -> Result<source::Droppe
     let secrets = Secrets::fetch(&ctx.client, p, &ns)
         .await
         .map_err(|e| e.to_string())?;
-    let cfg = PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets).map_err(|e| e.to_string())?;
-    let client = cfg.source.connect("source").await.map_err(|e| e.to_string())?;
+    let cfg = PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets)
+        .map_err(|e| e.to_string())?;
+    let client = cfg
+        .source
+        .connect("source")
+        .await
+        .map_err(|e| e.to_string())?;
     source::drop_provisioned(&client, &cfg)
         .await
         .map_err(|e| e.to_string())

@@ -106,17 +106,21 @@ pub async fn run(
     ready.store(true, Ordering::Relaxed);
     controller
         // A changed secret re-reconciles the pipelines that reference it.
-        .watches(secrets, watcher::Config::default(), move |secret: Secret| {
-            let ns = secret.namespace().unwrap_or_default();
-            let name = secret.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                .filter(|p| refs::referenced(p).contains(&name))
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            secrets,
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let ns = secret.namespace().unwrap_or_default();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                    .filter(|p| refs::referenced(p).contains(&name))
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -215,11 +219,15 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     }
                     supervisor::Started::AlreadyRunning => {}
                 }
-                let observed = ctx.supervisor.observe(&key).await.unwrap_or(Observed::Task {
-                    progress: pipeline::Progress::default(),
-                    snapshot: None,
-                    ended: None,
-                });
+                let observed = ctx
+                    .supervisor
+                    .observe(&key)
+                    .await
+                    .unwrap_or(Observed::Task {
+                        progress: pipeline::Progress::default(),
+                        snapshot: None,
+                        ended: None,
+                    });
                 (observed, Some(cfg))
             }
         }

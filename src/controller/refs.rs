@@ -19,7 +19,11 @@ pub struct Secrets {
 impl Secrets {
     /// Fetches every secret the pipeline references. A missing secret is recorded as such
     /// (the error names it when a key is asked for); API errors are returned.
-    pub async fn fetch(client: &Client, p: &CdcPipeline, namespace: &str) -> Result<Secrets, kube::Error> {
+    pub async fn fetch(
+        client: &Client,
+        p: &CdcPipeline,
+        namespace: &str,
+    ) -> Result<Secrets, kube::Error> {
         let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
         let mut data = BTreeMap::new();
         for name in referenced(p) {

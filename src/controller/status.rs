@@ -157,7 +157,11 @@ pub fn ready(status: &CdcPipelineStatus) -> Option<&Condition> {
 mod tests {
     use super::*;
 
-    fn inputs<'a>(o: &'a Observed, prev: Option<&'a CdcPipelineStatus>, now: &'a str) -> Inputs<'a> {
+    fn inputs<'a>(
+        o: &'a Observed,
+        prev: Option<&'a CdcPipelineStatus>,
+        now: &'a str,
+    ) -> Inputs<'a> {
         Inputs {
             generation: Some(3),
             slot: Some("s"),
@@ -198,7 +202,10 @@ mod tests {
         let s2 = compute(&inputs(&retrying, Some(&s), "t2"));
         assert_eq!(s2.phase.as_deref(), Some("Degraded"));
         let c = ready(&s2).unwrap();
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BufferError"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "BufferError")
+        );
         assert_eq!(c.last_transition_time, "t2");
         assert_eq!(s2.events_total, Some(5), "kept until the new session knows");
 
@@ -215,6 +222,9 @@ mod tests {
 
         let s4 = compute(&inputs(&Observed::Suspended, Some(&s3), "t4"));
         assert_eq!(s4.phase.as_deref(), Some("Suspended"));
-        assert_eq!(s4.events_total, s3.events_total, "numbers kept while suspended");
+        assert_eq!(
+            s4.events_total, s3.events_total,
+            "numbers kept while suspended"
+        );
     }
 }

@@ -154,7 +154,11 @@ async fn reap(task: &mut Task) {
     };
     task.status_task.abort();
     task.ended = Some(match join.await {
-        Ok(Ok(_)) => ("Stopped".into(), "the pipeline stopped".into(), Instant::now()),
+        Ok(Ok(_)) => (
+            "Stopped".into(),
+            "the pipeline stopped".into(),
+            Instant::now(),
+        ),
         Ok(Err(e)) => (e.reason().to_string(), e.to_string(), Instant::now()),
         Err(e) => (
             "Crashed".into(),
@@ -171,7 +175,9 @@ async fn stop_task(mut task: Task) {
             .await
             .is_err()
         {
-            tracing::warn!("pipeline did not stop within 30s; aborting it (its checkpoint stays as it was)");
+            tracing::warn!(
+                "pipeline did not stop within 30s; aborting it (its checkpoint stays as it was)"
+            );
             join.abort();
         }
     }

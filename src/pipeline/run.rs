@@ -253,12 +253,13 @@ async fn session(
     loop {
         tokio::select! {
             biased;
-            // 1. Shutdown: take in what the stream already delivered, write it, checkpoint,
-            //    confirm, stop.
+            // 1. Shutdown: take in what the server already sent (until the stream is quiet
+            //    for a moment, at most a few seconds), write it, checkpoint, confirm, stop.
             _ = shutdown.changed() => {
-                stream.stop();
                 let drain = async {
-                    while let Ok(Some(event)) = stream.recv().await {
+                    while let Ok(Ok(Some(event))) =
+                        tokio::time::timeout(Duration::from_millis(200), stream.recv()).await
+                    {
                         st.on_event(event, buffer, &stream, progress).await?;
                     }
                     Ok::<(), Error>(())
@@ -267,6 +268,7 @@ async fn session(
                     result?;
                 }
                 st.flush(buffer, &stream, progress).await?;
+                stream.stop();
                 tracing::info!(pipeline = %cfg.id, checkpoint = %super::lsn::format(st.ckpt.lsn), "stopped");
                 return Ok(Outcome::Stopped);
             }

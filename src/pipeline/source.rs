@@ -342,7 +342,10 @@ pub async fn drop_provisioned(client: &Client, cfg: &PipelineConfig) -> Result<D
         .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false));
     if ours == Some(true) {
         client
-            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&cfg.publication)))
+            .batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&cfg.publication)
+            ))
             .await
             .map_err(|e| err("the publication", e))?;
         dropped.publication = true;

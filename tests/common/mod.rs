@@ -3,6 +3,8 @@
 //! waits that say what they waited for.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,543 @@
+//! `philotes controller` against a real kube-apiserver, run as the `deploy/` ServiceAccount
+//! (so the RBAC is tested for sufficiency), with real PostgreSQL servers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::apiserver::{self, ApiServer};
+use common::*;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use philotes::crd::CdcPipeline;
+use philotes::operator::{Exit, OperatorOptions};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<Exit>>,
+    metrics_port: u16,
+}
+
+impl Operator {
+    /// A controller for one namespace, authenticated as the operator's ServiceAccount.
+    fn start(api: &ApiServer, namespace: &str, lease: Option<&str>) -> Operator {
+        let (tx, rx) = oneshot::channel::<()>();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = OperatorOptions {
+            namespace: Some(namespace.to_string()),
+            metrics_addr: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+            leader_election: lease.is_some(),
+            lease_namespace: "philotes-system".into(),
+            lease_name: lease.unwrap_or("unused").to_string(),
+        };
+        let client = api.operator();
+        let handle = tokio::spawn(async move {
+            philotes::operator::run_with_client(client, opts, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Operator {
+            stop: Some(tx),
+            handle,
+            metrics_port,
+        }
+    }
+
+    async fn stop(mut self) -> Exit {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("operator stops within 60s")
+            .expect("operator task")
+            .expect("operator result")
+    }
+
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+async fn setup(name: &str) -> (&'static ApiServer, Client, Api<CdcPipeline>) {
+    let api = apiserver::shared();
+    let admin = api.admin();
+    apiserver::install(&admin).await;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let _ = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await;
+    let pipelines: Api<CdcPipeline> = Api::namespaced(admin.clone(), name);
+    (api, admin, pipelines)
+}
+
+async fn put_secret(admin: &Client, ns: &str, name: &str, uri: &str) {
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let s: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": {"uri": uri}
+    }))
+    .unwrap();
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply("philotes-tests").force(),
+            &Patch::Apply(&s),
+        )
+        .await
+        .unwrap();
+}
+
+fn pipeline(name: &str, tables: &[&str], extra: serde_json::Value) -> CdcPipeline {
+    let mut spec = json!({
+        "source": {"connectionSecretRef": {"name": format!("{name}-src")}, "tables": tables},
+        "buffer": {"connectionSecretRef": {"name": format!("{name}-buf")}},
+        "flushInterval": "100ms",
+        "statusInterval": "500ms",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Waits until the pipeline's status satisfies `done`; panics with the last status.
+async fn wait_status(
+    api: &Api<CdcPipeline>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&philotes::crd::CdcPipelineStatus) -> bool,
+) -> philotes::crd::CdcPipelineStatus {
+    let mut last = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(p) = api.get(name).await {
+            if let Some(s) = &p.status {
+                if done(s) {
+                    return s.clone();
+                }
+            }
+            last = p.status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}; last status: {last:#?}");
+}
+
+fn ready(s: &philotes::crd::CdcPipelineStatus) -> (String, String) {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+        .unwrap_or_default()
+}
+
+async fn slot_pid(db: &tokio_postgres::Client, slot: &str) -> Option<Option<i32>> {
+    db.query_opt(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_provision_ready_count_suspend_restart_delete() {
+    let ns = "lifecycle";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases("op_life").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    put_secret(&admin, ns, "orders-src", &src).await;
+    put_secret(&admin, ns, "orders-buf", &buf).await;
+    let op = Operator::start(api, ns, None);
+
+    pipelines
+        .create(
+            &PostParams::default(),
+            &pipeline(
+                "orders",
+                &["orders"],
+                json!({"slotDeletionPolicy": "Delete"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let s = wait_status(&pipelines, "orders", "Running and Ready", |s| {
+        s.phase.as_deref() == Some("Running") && ready(s).0 == "True" && s.lag_bytes.is_some()
+    })
+    .await;
+    assert_eq!(s.slot_name.as_deref(), Some("philotes_lifecycle_orders"));
+    assert_eq!(s.publication_name.as_deref(), Some("philotes_orders"));
+    assert_eq!(s.observed_generation, Some(1));
+    assert!(s.wal_status.is_some() && s.current_wal_lsn.is_some());
+    let slot = "philotes_lifecycle_orders";
+    assert!(
+        matches!(slot_pid(&db, slot).await, Some(Some(_))),
+        "slot active"
+    );
+
+    db.batch_execute("INSERT INTO orders SELECT i, 'x' FROM generate_series(1, 10) i")
+        .await
+        .unwrap();
+    wait_status(&pipelines, "orders", "10 events counted", |s| {
+        s.events_total == Some(10) && s.last_checkpoint_time.is_some()
+    })
+    .await;
+    let metrics = op.metrics().await;
+    assert!(
+        metrics.contains(r#"philotes_events_total{pipeline="lifecycle/orders",table="public.orders",operation="INSERT"} 10"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("philotes_batch_write_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("philotes_reconciles_total"), "{metrics}");
+
+    // Suspend: streaming stops, the slot stays.
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    wait_status(&pipelines, "orders", "Suspended", |s| {
+        s.phase.as_deref() == Some("Suspended") && ready(s) == ("False".into(), "Suspended".into())
+    })
+    .await;
+    eventually("the slot to go inactive", Duration::from_secs(30), || {
+        let db = &db;
+        async move { matches!(slot_pid(db, slot).await, Some(None)).then_some(()) }
+    })
+    .await;
+    db.batch_execute("INSERT INTO orders SELECT i, 'y' FROM generate_series(11, 15) i")
+        .await
+        .unwrap();
+
+    // Resume: what was written while suspended arrives.
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": false}})),
+        )
+        .await
+        .unwrap();
+    wait_status(&pipelines, "orders", "15 events after resume", |s| {
+        s.phase.as_deref() == Some("Running") && s.events_total == Some(15)
+    })
+    .await;
+
+    // A spec change restarts the pipeline: a new walsender serves the slot.
+    let pid_before = slot_pid(&db, slot).await.flatten();
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"batchSize": 7}})),
+        )
+        .await
+        .unwrap();
+    wait_status(&pipelines, "orders", "the new generation observed", |s| {
+        s.observed_generation == Some(4) && s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    eventually(
+        "a new walsender after the restart",
+        Duration::from_secs(30),
+        || {
+            let db = &db;
+            async move {
+                let now = slot_pid(db, slot).await.flatten();
+                (now.is_some() && now != pid_before).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Events were published on transitions.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let list = events.list(&Default::default()).await.unwrap();
+    let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+    assert!(reasons.iter().any(|r| r == "Suspended"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "Streaming"), "{reasons:?}");
+
+    // Delete with policy Delete: slot and publication are dropped, the resource goes.
+    pipelines
+        .delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the resource to be gone", Duration::from_secs(60), || {
+        let pipelines = &pipelines;
+        async move {
+            pipelines
+                .get_opt("orders")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(slot_pid(&db, slot).await, None, "slot dropped");
+    let pubs: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_orders'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pubs, 0, "publication dropped");
+    let buffer = connect(&buf).await;
+    assert_eq!(events_count(&buffer, "lifecycle/orders").await, 15);
+    assert_eq!(op.stop().await, Exit::Signalled);
+}
+
+async fn events_count(buffer: &tokio_postgres::Client, pipeline: &str) -> i64 {
+    buffer
+        .query_one(
+            "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_resources_are_reported_and_do_not_stop_the_others() {
+    let ns = "errors";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases("op_err").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let pw = shared().password().to_string();
+    put_secret(&admin, ns, "good-src", &src).await;
+    put_secret(&admin, ns, "good-buf", &buf).await;
+    put_secret(&admin, ns, "badpw-src", &src.replace(&pw, "wrong-password")).await;
+    put_secret(&admin, ns, "badpw-buf", &buf).await;
+    let op = Operator::start(api, ns, None);
+
+    // The schema rejects what it can at apply time.
+    for bad in [
+        json!({"batchSize": 0}),
+        json!({"flushInterval": "soon"}),
+        json!({"slotDeletionPolicy": "Sometimes"}),
+    ] {
+        let err = pipelines
+            .create(
+                &PostParams::default(),
+                &pipeline("rejected", &["t"], bad.clone()),
+            )
+            .await
+            .expect_err("schema rejects");
+        assert!(err.to_string().contains("spec."), "{bad}: {err}");
+    }
+    let mut no_tables = pipeline("rejected", &["t"], json!({}));
+    no_tables.spec.source.tables.clear();
+    assert!(pipelines
+        .create(&PostParams::default(), &no_tables)
+        .await
+        .is_err());
+
+    for p in [
+        pipeline("good", &["t"], json!({})),
+        pipeline("badpw", &["t"], json!({})),
+        pipeline("nosecret", &["t"], json!({})),
+    ] {
+        pipelines.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let s = wait_status(&pipelines, "badpw", "a bad password reported", |s| {
+        ready(s) == ("False".into(), "AuthenticationFailed".into())
+    })
+    .await;
+    let message = &s.conditions[0].message;
+    assert!(message.contains("refused the login"), "{message}");
+    assert!(
+        !message.contains("wrong-password") && !message.contains(&pw),
+        "{message}"
+    );
+    let s = wait_status(&pipelines, "nosecret", "a missing secret reported", |s| {
+        s.phase.as_deref() == Some("Failed") && ready(s).1 == "SecretError"
+    })
+    .await;
+    assert!(s.conditions[0]
+        .message
+        .contains("secret errors/nosecret-src not found"));
+    wait_status(&pipelines, "good", "the good one running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+
+    // Fixing the secret is enough: the secret watch restarts the pipeline.
+    put_secret(&admin, ns, "badpw-src", &src).await;
+    wait_status(&pipelines, "badpw", "running with the new password", |s| {
+        s.phase.as_deref() == Some("Running") && ready(s).0 == "True"
+    })
+    .await;
+
+    // Retain: deletion leaves the slot.
+    pipelines
+        .delete("good", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("good to be gone", Duration::from_secs(60), || {
+        let pipelines = &pipelines;
+        async move {
+            pipelines
+                .get_opt("good")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        slot_pid(&db, "philotes_errors_good").await.is_some(),
+        "slot retained"
+    );
+
+    // Delete policy with the source unreachable: the resource stays and says why, until the
+    // user lets it go.
+    put_secret(
+        &admin,
+        ns,
+        "nosecret-src",
+        "postgres://u:p@127.0.0.1:1/x?sslmode=disable&connect_timeout=1",
+    )
+    .await;
+    put_secret(&admin, ns, "nosecret-buf", &buf).await;
+    pipelines
+        .patch(
+            "nosecret",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"slotDeletionPolicy": "Delete"}})),
+        )
+        .await
+        .unwrap();
+    pipelines
+        .delete("nosecret", &DeleteParams::default())
+        .await
+        .unwrap();
+    let s = wait_status(
+        &pipelines,
+        "nosecret",
+        "deletion blocked, with the reason",
+        |s| ready(s).1 == "CleanupBlocked",
+    )
+    .await;
+    assert!(
+        s.conditions[0].message.contains("philotes.io/skip-cleanup"),
+        "{s:?}"
+    );
+    pipelines
+        .patch(
+            "nosecret",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"philotes.io/skip-cleanup": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("nosecret to be gone", Duration::from_secs(60), || {
+        let pipelines = &pipelines;
+        async move {
+            pipelines
+                .get_opt("nosecret")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_streams_and_a_standby_takes_over() {
+    let ns = "leader";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases("op_leader").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    put_secret(&admin, ns, "p-src", &src).await;
+    put_secret(&admin, ns, "p-buf", &buf).await;
+    pipelines
+        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
+        .await
+        .unwrap();
+    let first = Operator::start(api, ns, Some("leader-test"));
+    wait_status(&pipelines, "p", "running under the first replica", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    let second = Operator::start(api, ns, Some("leader-test"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Exactly one walsender on the slot, and the second replica serves nothing.
+    let walsenders: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'philotes-stream'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(walsenders, 1);
+    assert!(!second
+        .metrics()
+        .await
+        .contains("philotes_batch_write_seconds_count{"));
+
+    // The leader goes away (releasing its lease): the standby takes over and streams.
+    assert_eq!(first.stop().await, Exit::Signalled);
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 3)")
+        .await
+        .unwrap();
+    wait_status(&pipelines, "p", "the standby streaming", |s| {
+        s.events_total == Some(3)
+    })
+    .await;
+    second.stop().await;
+    let _ = admin;
+}
