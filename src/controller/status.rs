@@ -15,7 +15,7 @@ pub enum Observed {
     /// A task runs (or ended with an error).
     Task {
         progress: Progress,
-        snapshot: Option<Snapshot>,
+        snapshot: Option<Box<Snapshot>>,
         /// `(reason, message)` of the error that ended it.
         ended: Option<(String, String)>,
     },

@@ -130,7 +130,7 @@ impl Supervisor {
         let task = tasks.get_mut(key)?;
         reap(task).await;
         let progress = task.progress.borrow().clone();
-        let snapshot = task.snapshot.borrow().clone();
+        let snapshot = task.snapshot.borrow().clone().map(Box::new);
         let ended = task.ended.as_ref().map(|(r, m, _)| (r.clone(), m.clone()));
         Some(Observed::Task {
             progress,

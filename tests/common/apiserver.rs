@@ -138,6 +138,8 @@ impl ApiServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            // Outlives this process by design: nothing here waits for it.
+            .map(drop)
             .expect("watcher");
         let server = ApiServer {
             _dir: dir,
