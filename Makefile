@@ -18,3 +18,4 @@ demo:
 # Regenerate the committed CRD from the Rust types.
 crd:
 	cargo run -q -- crd > crds/cdcpipelines.philotes.io.yaml
+	cp crds/cdcpipelines.philotes.io.yaml deploy/01-crd.yaml

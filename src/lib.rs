@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod operator;
 pub mod pipeline;
 pub mod standalone;
+pub mod verify;

@@ -61,6 +61,14 @@ enum Command {
         #[arg(long, default_value = "philotes-controller")]
         lease_name: String,
     },
+    /// Check the buffer against the source: replay cdc_events and compare every captured
+    /// table row by row. Exits 1 on any difference.
+    Verify {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
     /// Run a demo pipeline end to end on a throwaway local PostgreSQL.
     Demo,
     /// Print the CdcPipeline CustomResourceDefinition.
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
                     .or_else(|| std::env::var("POD_NAMESPACE").ok())
                     .unwrap_or_else(|| "philotes-system".into()),
                 lease_name,
+                identity: None,
             };
             match runtime.block_on(philotes::operator::run(
                 opts,
@@ -126,6 +135,33 @@ fn main() -> ExitCode {
                 Ok(philotes::operator::Exit::LostLeadership) => ExitCode::from(3),
                 Err(e) => {
                     tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Verify { file, pipeline } => {
+            let cfg = match philotes::standalone::load(&file, pipeline.as_deref()) {
+                Ok((_, cfg)) => cfg,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(philotes::verify::verify(&cfg)) {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.ok() {
+                        println!(
+                            "verified: {} events, no lost, duplicated or reordered changes",
+                            report.events()
+                        );
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
                     ExitCode::FAILURE
                 }
             }

@@ -20,6 +20,8 @@ pub struct OperatorOptions {
     pub leader_election: bool,
     pub lease_namespace: String,
     pub lease_name: String,
+    /// Identity in the Lease; default `$POD_NAME`, else hostname and process id.
+    pub identity: Option<String>,
 }
 
 /// How the process ended.
@@ -69,15 +71,19 @@ pub async fn run_with_client(
         let _ = stop_tx.send(true);
     });
 
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
-        format!(
-            "{}-{}",
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "philotes".into()),
-            std::process::id()
-        )
-    });
+    let identity = opts
+        .identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "philotes".into()),
+                std::process::id()
+            )
+        });
     let lease = leader::LeaseConfig {
         namespace: opts.lease_namespace.clone(),
         name: opts.lease_name.clone(),
@@ -86,19 +92,25 @@ pub async fn run_with_client(
         renew: Duration::from_secs(4),
     };
     let (leader_tx, mut leader_rx) = watch::channel(!opts.leader_election);
+    let mut campaign: Option<tokio::task::JoinHandle<()>> = None; // set when campaigning
     if opts.leader_election {
-        tokio::spawn(leader::campaign(
+        campaign = Some(tokio::spawn(leader::campaign(
             client.clone(),
             lease_clone(&lease),
             leader_tx,
-        ));
+        )));
         // Standing by is a healthy state: ready as soon as we can reach the API server.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut stop = stop_rx.clone();
         tracing::info!(lease = %lease.name, identity = %lease.identity, "waiting for leadership");
         tokio::select! {
             r = leader_rx.wait_for(|l| *l) => { r.context("leader election ended")?; }
-            _ = stop.wait_for(|s| *s) => return Ok(Exit::Signalled),
+            _ = stop.wait_for(|s| *s) => {
+                if let Some(c) = campaign {
+                    c.abort();
+                }
+                return Ok(Exit::Signalled);
+            }
         }
         tracing::info!("leading: starting the controller");
     }
@@ -128,6 +140,10 @@ pub async fn run_with_client(
         trigger,
     )
     .await;
+    // Stop campaigning before giving the lease up, or we would take it straight back.
+    if let Some(c) = campaign {
+        c.abort();
+    }
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(Exit::LostLeadership);
     }

@@ -34,4 +34,11 @@ fn committed_crd_matches_the_types() {
         out == committed,
         "crds/cdcpipelines.philotes.io.yaml is stale: run `make crd`"
     );
+    let deployed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/01-crd.yaml"))
+            .expect("deploy/01-crd.yaml");
+    assert!(
+        deployed == committed,
+        "deploy/01-crd.yaml differs from crds/: run `make crd`"
+    );
 }

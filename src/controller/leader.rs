@@ -84,6 +84,7 @@ async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::
                 }
                 _ => true,
             };
+            tracing::debug!(holder = ?spec.holder_identity, ours, expired, "lease observed");
             if !ours && !expired && spec.holder_identity.is_some() {
                 return Ok(false);
             }
@@ -112,9 +113,16 @@ pub async fn release(client: Client, cfg: &LeaseConfig) {
     if let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await {
         if let Some(spec) = lease.spec.as_mut() {
             if spec.holder_identity.as_deref() == Some(cfg.identity.as_str()) {
+                // As client-go releases: no holder, a one-second lease.
                 spec.holder_identity = None;
-                spec.renew_time = None;
-                let _ = api.replace(&cfg.name, &PostParams::default(), &lease).await;
+                spec.lease_duration_seconds = Some(1);
+                spec.renew_time = Some(micro_now());
+                match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+                    Ok(_) => tracing::info!(lease = %cfg.name, "leader lease released"),
+                    Err(e) => {
+                        tracing::warn!(lease = %cfg.name, error = %e, "cannot release the leader lease; a standby takes over when it expires")
+                    }
+                }
             }
         }
     }

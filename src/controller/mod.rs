@@ -47,6 +47,8 @@ pub const SKIP_CLEANUP: &str = "philotes.io/skip-cleanup";
 pub enum ReconcileError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("writing the status: {0}")]
+    Status(kube::Error),
     #[error("{0}")]
     Cleanup(String),
 }
@@ -55,6 +57,7 @@ impl ReconcileError {
     pub fn reason(&self) -> &'static str {
         match self {
             ReconcileError::Kube(_) => "KubeApiError",
+            ReconcileError::Status(_) => "StatusWriteFailed",
             ReconcileError::Cleanup(_) => "CleanupFailed",
         }
     }
@@ -136,6 +139,7 @@ pub async fn run(
 async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = p.namespace().unwrap_or_default();
     let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let p = ensure_finalizer(&api, p).await?;
     let result = finalizer(&api, FINALIZER, p, |event| async {
         match event {
             Finalizer::Apply(p) => apply(&p, &ctx).await,
@@ -159,8 +163,33 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
     })
 }
 
+/// Adds the finalizer with a merge patch guarded by the resourceVersion (a conflict retries).
+/// kube's helper would use a JSON patch testing `/metadata/finalizers` against null, which API
+/// servers before 1.21 refuse when the field is absent.
+async fn ensure_finalizer(
+    api: &Api<CdcPipeline>,
+    p: Arc<CdcPipeline>,
+) -> Result<Arc<CdcPipeline>, ReconcileError> {
+    if p.meta().deletion_timestamp.is_some() || p.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(p);
+    }
+    let mut finalizers = p.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": p.resource_version()}
+    });
+    let updated = api
+        .patch(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(Arc::new(updated))
+}
+
 fn error_policy(p: Arc<CdcPipeline>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
-    tracing::warn!(pipeline = %key(&p), reason = err.reason(), error = %err, "reconcile failed");
+    tracing::warn!(pipeline = %key(&p), reason = err.reason(), error = ?err, "reconcile failed");
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ErrorLabels {
@@ -303,7 +332,8 @@ async fn publish_status(
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
+    .await
+    .map_err(ReconcileError::Status)?;
     if let (true, Some(n)) = (transition, new) {
         let event = KubeEvent {
             type_: if n.status == "True" {

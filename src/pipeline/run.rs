@@ -459,9 +459,13 @@ impl Streamer<'_> {
             last_event: pending.last_event,
             events_total: self.ckpt.events_total + pending.batch.len() as i64,
         };
+        let started = std::time::Instant::now();
         buffer
             .write(&pending.batch, &pending.relations, &next)
             .await?;
+        if let Some(observer) = &self.opts.observer {
+            observer.batch_written(&self.cfg.id, &pending.batch, started.elapsed());
+        }
         self.ckpt = next;
         pending.batch.clear();
         pending.relations.clear();

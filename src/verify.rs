@@ -1,0 +1,292 @@
+//! `philotes verify`: rebuilds each captured table from `cdc_events` (replayed in
+//! `(commit_lsn, seq)` order, unchanged TOAST values carried from earlier images) and compares
+//! it row by row and column by column with the source table.
+//!
+//! Meaningful when the source is quiet and the pipeline caught up (for example after
+//! `philotes run --until-caught-up`), and when the pipeline captured the tables from their
+//! creation (there is no initial snapshot).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::pipeline::config::{quote_ident, PipelineConfig, TableName};
+use crate::pipeline::conn::describe_pg_error;
+use crate::pipeline::error::{Error, Result};
+use crate::pipeline::lsn;
+
+type Row = Map<String, Value>;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableReport {
+    pub table: String,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    pub source_rows: usize,
+    pub replayed_rows: usize,
+    /// Rows on the source that the replay does not have (lost events).
+    pub missing: Vec<String>,
+    /// Rows the replay has that the source does not (duplicated or phantom events).
+    pub extra: Vec<String>,
+    /// Rows whose column values differ.
+    pub different: Vec<String>,
+    /// Events that make no sense in order: an insert of an existing key, an update or delete
+    /// of a missing one.
+    pub out_of_order: Vec<String>,
+}
+
+impl TableReport {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty()
+            && self.extra.is_empty()
+            && self.different.is_empty()
+            && self.out_of_order.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    /// The pipeline's checkpoint is behind the source's WAL position: the comparison may show
+    /// differences that are only not yet captured.
+    pub behind: Option<(String, String)>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.tables.iter().all(TableReport::ok)
+    }
+    pub fn events(&self) -> u64 {
+        self.tables
+            .iter()
+            .map(|t| t.inserts + t.updates + t.deletes + t.truncates)
+            .sum()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some((ckpt, current)) = &self.behind {
+            writeln!(
+                f,
+                "warning: the checkpoint ({ckpt}) is behind the source ({current}); run `philotes run --until-caught-up` first"
+            )?;
+        }
+        for t in &self.tables {
+            let verdict = if t.ok() { "ok" } else { "MISMATCH" };
+            writeln!(
+                f,
+                "{}: {verdict}: {} inserts, {} updates, {} deletes, {} truncates replayed into {} rows; source has {} rows",
+                t.table, t.inserts, t.updates, t.deletes, t.truncates, t.replayed_rows, t.source_rows
+            )?;
+            for (what, keys) in [
+                ("missing (lost)", &t.missing),
+                ("extra (duplicated)", &t.extra),
+                ("different", &t.different),
+                ("out of order", &t.out_of_order),
+            ] {
+                if !keys.is_empty() {
+                    let shown: Vec<&str> = keys.iter().take(10).map(String::as_str).collect();
+                    writeln!(
+                        f,
+                        "  {} rows {what}: {}{}",
+                        keys.len(),
+                        shown.join(", "),
+                        if keys.len() > 10 { ", …" } else { "" }
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key_of(image: &Value, key_columns: &[String]) -> Option<String> {
+    let obj = image.as_object()?;
+    let values: Vec<&Value> = key_columns
+        .iter()
+        .map(|k| obj.get(k).unwrap_or(&Value::Null))
+        .collect();
+    serde_json::to_string(&values).ok()
+}
+
+/// Two values are equal if they are the same JSON, or the same number however written.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+/// Verifies every table of the pipeline.
+pub async fn verify(cfg: &PipelineConfig) -> Result<Report> {
+    let source = cfg.source.connect("source").await?;
+    let buffer = cfg.buffer.connect("buffer").await?;
+    let q = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+    let mut report = Report::default();
+    let schema = quote_ident(&cfg.buffer_schema);
+    let ckpt: Option<String> = buffer
+        .query_opt(
+            &format!("SELECT lsn::text FROM {schema}.cdc_checkpoints WHERE pipeline = $1"),
+            &[&cfg.id],
+        )
+        .await
+        .map_err(q)?
+        .map(|r| r.get(0));
+    let current: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::Stream(describe_pg_error(&e)))?
+        .get(0);
+    let ckpt = ckpt.unwrap_or_else(|| "0/0".into());
+    if lsn::parse(&ckpt).unwrap_or(0) < lsn::parse(&current).unwrap_or(0) {
+        report.behind = Some((ckpt, current));
+    }
+    for table in &cfg.tables {
+        report
+            .tables
+            .push(verify_table(&source, &buffer, cfg, table).await?);
+    }
+    Ok(report)
+}
+
+async fn verify_table(
+    source: &tokio_postgres::Client,
+    buffer: &tokio_postgres::Client,
+    cfg: &PipelineConfig,
+    table: &TableName,
+) -> Result<TableReport> {
+    let mut r = TableReport {
+        table: table.to_string(),
+        ..TableReport::default()
+    };
+    let rows = buffer
+        .query(
+            &format!(
+                "SELECT operation, key_columns, before, after FROM {}.cdc_events
+                 WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 ORDER BY commit_lsn, seq",
+                quote_ident(&cfg.buffer_schema)
+            ),
+            &[&cfg.id, &table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| Error::Buffer(describe_pg_error(&e)))?;
+    let mut replay: BTreeMap<String, Row> = BTreeMap::new();
+    // Rows are matched on the primary key (or replica identity index) when the table has one:
+    // under REPLICA IDENTITY FULL every column is a "key column", including TOASTed ones an
+    // UPDATE may leave out.
+    let mut key_columns = source_key_columns(source, table).await?;
+    if key_columns.is_empty() {
+        key_columns = rows.first().map(|r| r.get(1)).unwrap_or_default();
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let op: &str = row.get(0);
+        let before: Option<Value> = row.get(2);
+        let after: Option<Value> = row.get(3);
+        let after_key = after.as_ref().and_then(|a| key_of(a, &key_columns));
+        let before_key = before.as_ref().and_then(|b| key_of(b, &key_columns));
+        match op {
+            "INSERT" => {
+                r.inserts += 1;
+                let (Some(k), Some(Value::Object(a))) = (after_key, after) else {
+                    continue;
+                };
+                if replay.insert(k.clone(), a).is_some() {
+                    r.out_of_order
+                        .push(format!("event {i}: insert of existing {k}"));
+                }
+            }
+            "UPDATE" => {
+                r.updates += 1;
+                let (Some(new_key), Some(Value::Object(a))) = (after_key, after) else {
+                    continue;
+                };
+                let old_key = before_key.unwrap_or_else(|| new_key.clone());
+                match replay.remove(&old_key) {
+                    Some(mut old) => {
+                        // Absent columns are unchanged TOAST values: keep the old ones.
+                        for (c, v) in a {
+                            old.insert(c, v);
+                        }
+                        replay.insert(new_key, old);
+                    }
+                    None => r
+                        .out_of_order
+                        .push(format!("event {i}: update of missing {old_key}")),
+                }
+            }
+            "DELETE" => {
+                r.deletes += 1;
+                let Some(k) = before_key else { continue };
+                if replay.remove(&k).is_none() {
+                    r.out_of_order
+                        .push(format!("event {i}: delete of missing {k}"));
+                }
+            }
+            "TRUNCATE" => {
+                r.truncates += 1;
+                replay.clear();
+            }
+            _ => {}
+        }
+    }
+    let src_rows = source
+        .query(
+            &format!("SELECT to_jsonb(t) FROM {} t", table.quoted()),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            Error::SourceSetup(format!("cannot read {table}: {}", describe_pg_error(&e)))
+        })?;
+    let mut src: BTreeMap<String, Row> = BTreeMap::new();
+    for row in &src_rows {
+        let v: Value = row.get(0);
+        if let (Some(k), Value::Object(o)) = (key_of(&v, &key_columns), v) {
+            src.insert(k, o);
+        }
+    }
+    r.source_rows = src.len();
+    r.replayed_rows = replay.len();
+    for (k, s) in &src {
+        match replay.get(k) {
+            None => r.missing.push(k.clone()),
+            Some(got) => {
+                let differs = s.len() != got.len()
+                    || s.iter()
+                        .any(|(c, v)| got.get(c).is_none_or(|g| !same(v, g)));
+                if differs {
+                    r.different.push(k.clone());
+                }
+            }
+        }
+    }
+    r.extra = replay
+        .keys()
+        .filter(|k| !src.contains_key(*k))
+        .cloned()
+        .collect();
+    Ok(r)
+}
+
+/// Replica identity columns of a table with no events yet.
+async fn source_key_columns(
+    source: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<Vec<String>> {
+    let rows = source
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+               JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND (i.indisprimary OR i.indisreplident)
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| Error::SourceSetup(describe_pg_error(&e)))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
