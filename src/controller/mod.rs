@@ -368,3 +368,163 @@ fn truncate(s: &str, max: usize) -> String {
 pub fn deletes_slot(p: &CdcPipeline) -> bool {
     p.spec.slot_deletion_policy.unwrap_or_default() == SlotDeletionPolicy::Delete
 }
+
+/// Reconcile corner cases against a mocked API server (the real one is in tests/operator.rs).
+#[cfg(test)]
+mod mock_tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context() -> (Arc<Context>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Metrics::new();
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            supervisor: Supervisor::new(metrics.clone()),
+            metrics,
+            recorder: Recorder::new(client, "philotes-test".into()),
+        });
+        (ctx, handle)
+    }
+
+    fn pipeline(extra: serde_json::Value) -> Arc<CdcPipeline> {
+        let mut doc = json!({
+            "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",
+            "metadata": {"name": "p", "namespace": "ns", "generation": 2, "resourceVersion": "7",
+                         "finalizers": [FINALIZER]},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "src"}, "tables": ["t"]},
+                "buffer": {"connectionSecretRef": {"name": "buf"}},
+            }
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            doc["spec"][k] = v.clone();
+        }
+        Arc::new(serde_json::from_value(doc).unwrap())
+    }
+
+    async fn next(
+        handle: &mut Handle,
+    ) -> (
+        String,
+        String,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    ) {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .expect("a request within 5s")
+            .expect("a request");
+        let method = req.method().to_string();
+        let uri = req.uri().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (method, uri, body, send)
+    }
+
+    fn respond(
+        send: tower_test::mock::SendResponse<Response<Body>>,
+        status: u16,
+        body: serde_json::Value,
+    ) {
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    fn not_found() -> serde_json::Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    }
+
+    /// A missing secret: the status says which, an Event is published, nothing is started.
+    #[tokio::test]
+    async fn missing_secret_fails_with_its_name_and_an_event() {
+        let (ctx, mut handle) = context();
+        let p = pipeline(json!({}));
+        let task = tokio::spawn(reconcile(p.clone(), ctx.clone()));
+        for name in ["src", "buf"] {
+            let (method, uri, _, send) = next(&mut handle).await;
+            assert_eq!(method, "GET");
+            assert!(
+                uri.ends_with(&format!("/namespaces/ns/secrets/{name}")),
+                "{uri}"
+            );
+            respond(send, 404, not_found());
+        }
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert!(
+            uri.contains("/namespaces/ns/cdcpipelines/p/status")
+                && uri.contains("fieldManager=philotes"),
+            "{uri}"
+        );
+        let status = &body["status"];
+        assert_eq!(status["phase"], "Failed");
+        assert_eq!(status["observedGeneration"], 2);
+        assert_eq!(status["conditions"][0]["reason"], "SecretError");
+        assert!(status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("secret ns/src not found"));
+        respond(send, 200, serde_json::to_value(&*p).unwrap());
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "POST");
+        assert!(
+            uri.contains("/apis/events.k8s.io/v1/namespaces/ns/events"),
+            "{uri}"
+        );
+        assert_eq!(body["reason"], "SecretError");
+        assert_eq!(body["type"], "Warning");
+        respond(send, 201, body);
+        let action = task.await.unwrap().unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
+    }
+
+    /// Suspended: no secret is read, the status says Suspended.
+    #[tokio::test]
+    async fn suspended_reads_nothing_and_reports_suspended() {
+        let (ctx, mut handle) = context();
+        let p = pipeline(json!({"suspend": true, "statusInterval": "2s"}));
+        let task = tokio::spawn(reconcile(p.clone(), ctx.clone()));
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH", "{uri}");
+        assert_eq!(body["status"]["phase"], "Suspended");
+        respond(send, 200, serde_json::to_value(&*p).unwrap());
+        let (_, _, event, send) = next(&mut handle).await;
+        assert_eq!(event["reason"], "Suspended");
+        respond(send, 201, event);
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Action::requeue(Duration::from_secs(2))
+        );
+    }
+
+    /// Deletion with Retain never touches the source: the finalizer is simply removed.
+    #[tokio::test]
+    async fn deleting_with_retain_only_removes_the_finalizer() {
+        let (ctx, mut handle) = context();
+        let mut p = (*pipeline(json!({}))).clone();
+        p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+        let (method, _uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        let ops = body.as_array().expect("a JSON patch");
+        assert!(
+            ops.iter()
+                .any(|o| o["op"] == "remove" && o["path"] == "/metadata/finalizers/0"),
+            "{body}"
+        );
+        respond(send, 200, serde_json::to_value(&p).unwrap());
+        task.await.unwrap().unwrap();
+    }
+}
