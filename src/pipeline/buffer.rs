@@ -229,6 +229,17 @@ async fn migrate(client: &Client, cfg: &PipelineConfig) -> Result<()> {
     let schema = quote_ident(name);
     let fail = |what: &str, e: tokio_postgres::Error| {
         let msg = describe_pg_error(&e);
+        // Read-only or shutting down: a passing state of the buffer, retried.
+        if matches!(
+            e.code().map(|c| c.code()),
+            Some("25006") | Some("57P01") | Some("57P03")
+        ) || e.is_closed()
+        {
+            return Error::Buffer(format!(
+                "cannot {what} schema {name} in the buffer database {}: {msg}",
+                cfg.buffer
+            ));
+        }
         let hint = if e.code().map(|c| c.code()) == Some("42501") {
             "; grant the buffer user CREATE on the database (or create the schema for it)"
         } else {
@@ -256,6 +267,17 @@ async fn migrate(client: &Client, cfg: &PipelineConfig) -> Result<()> {
             .await
             .map_err(|e| fail("inspect", e))?;
         let (objects, ours, exists): (i64, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if ours {
+            let applied: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {schema}.philotes_migrations"), &[])
+                .await
+                .map_err(|e| fail("read migrations of", e))?
+                .get(0);
+            if applied as usize == MIGRATIONS.len() {
+                // Up to date: nothing to create (which also works on a read-only buffer).
+                return Ok(());
+            }
+        }
         if exists && objects > 0 && !ours {
             return Err(Error::BufferSetup(format!(
                 "schema {name} in the buffer database {} already holds {objects} tables or other objects that Philotes did not create; \

@@ -466,6 +466,9 @@ impl Streamer<'_> {
         if let Some(observer) = &self.opts.observer {
             observer.batch_written(&self.cfg.id, &pending.batch, started.elapsed());
         }
+        // The window between the buffer commit and the acknowledgement to the source, which
+        // the reliability tests crash in on purpose.
+        failpoint("after-buffer-commit");
         self.ckpt = next;
         pending.batch.clear();
         pending.relations.clear();
@@ -491,6 +494,17 @@ struct Pending {
     last_event: Option<(u64, i32)>,
     /// When the oldest unwritten event (or checkpoint advance) must be written.
     deadline: Option<Instant>,
+}
+
+/// Test hook: `PHILOTES_FAILPOINT=<name>` makes the process abort (like `kill -9`: nothing
+/// flushed, nothing acknowledged) when it reaches the named point.
+fn failpoint(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("PHILOTES_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
 }
 
 fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
