@@ -62,6 +62,18 @@ async fn spec_and_secret_errors_name_the_field() {
     );
     expect(&out, &["spec.flushInterval", "is not a duration", "1m30s"]);
 
+    let (_, out) = run_bad(
+        &base.replace("  buffer:", "  statusInterval: 100000h\n  buffer:"),
+        pw,
+    );
+    expect(&out, &["spec.statusInterval must be between 10ms and 24h"]);
+
+    let (_, out) = run_bad(
+        &base.replace("  buffer:", "  bufferSize: 99999999999\n  buffer:"),
+        pw,
+    );
+    expect(&out, &["spec.bufferSize"]);
+
     let (_, out) = run_bad(&base.replace("  buffer:", "  batchSize: -1\n  buffer:"), pw);
     expect(&out, &["spec.batchSize", "-1"]);
 

@@ -46,7 +46,7 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     };
 
     let mut rng = Rng::seeded();
-    let kills = 12;
+    let kills = 20;
     let streamed = || {
         std::fs::read_to_string(log.path())
             .unwrap_or_default()
@@ -83,6 +83,10 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(code, 0, "final catch-up failed: {out}");
     let buffer = connect(&buf).await;
     verify_workload(&source, &buffer, "test/kill", counts).await;
+    let report = philotes::verify::verify(&config(&std::fs::read_to_string(file.path()).unwrap()))
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report}");
     eprintln!("survived {kills} kills; verified {counts:?}");
 }
 
@@ -314,6 +318,8 @@ async fn source_restarts_and_killed_connections_lose_nothing() {
     r.checkpointed(lsn).await;
     r.stop().await.unwrap();
     verify_workload(&client, &connect(&buf).await, "test/restart", w.counts).await;
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
 }
 
 /// Guarantee 4: while the buffer is down the reader stops reading (the slot goes inactive, no
@@ -336,6 +342,21 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
     r.streaming().await;
     let mut w = Workload::new();
     for _ in 0..100 {
+        w.step(&source).await;
+    }
+    let lsn = wal_lsn(&source).await;
+    r.checkpointed(lsn).await;
+
+    // The buffer connection killed under the pipeline: it reconnects.
+    connect(&buf)
+        .await
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = 'outage_buf' AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    for _ in 0..50 {
         w.step(&source).await;
     }
     let lsn = wal_lsn(&source).await;
@@ -391,4 +412,6 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
     r.checkpointed(end).await;
     r.stop().await.unwrap();
     verify_workload(&source, &connect(&buf).await, "test/outage", w.counts).await;
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
 }
