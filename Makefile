@@ -1,5 +1,5 @@
 # One place for developer commands; CI (.ci/run) calls the same targets.
-.PHONY: test lint unit demo crd
+.PHONY: test lint unit demo crd fuzz
 
 # The whole test suite: formatting, lints, unit and integration tests (real PostgreSQL).
 test: lint
@@ -19,3 +19,8 @@ demo:
 crd:
 	cargo run -q -- crd > crds/cdcpipelines.philotes.io.yaml
 	cp crds/cdcpipelines.philotes.io.yaml deploy/01-crd.yaml
+
+# Grow the fuzz corpus (cargo install cargo-fuzz; runs on stable via RUSTC_BOOTSTRAP, no sanitizer).
+fuzz:
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode -s none -- -max_total_time=60
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run manifest -s none -- -max_total_time=60
