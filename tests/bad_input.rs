@@ -284,6 +284,36 @@ async fn a_second_process_on_the_same_pipeline_waits_and_says_why() {
     )
     .await;
     assert!(!said.contains("streaming"), "{said}");
-    kill9(&mut second);
+    // The waiting process takes over when the first dies, and nothing is lost or doubled.
+    let source = connect(&src).await;
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
     kill9(&mut first);
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    eventually(
+        "the second process to stream",
+        std::time::Duration::from_secs(60),
+        || {
+            let p = log2.path().to_path_buf();
+            async move {
+                std::fs::read_to_string(p)
+                    .ok()?
+                    .contains("streaming")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    kill9(&mut second);
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    let cfg = config(&std::fs::read_to_string(file.path()).unwrap());
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.tables[0].inserts, 200);
 }

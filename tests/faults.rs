@@ -46,7 +46,11 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     };
 
     let mut rng = Rng::seeded();
-    let kills = 20;
+    // PHILOTES_SOAK_KILLS runs a longer soak (CI runs 20).
+    let kills: usize = std::env::var("PHILOTES_SOAK_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let streamed = || {
         std::fs::read_to_string(log.path())
             .unwrap_or_default()

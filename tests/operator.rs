@@ -416,6 +416,63 @@ async fn bad_resources_are_reported_and_do_not_stop_the_others() {
     })
     .await;
 
+    // No password in any Event or status field.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let everything = format!(
+        "{:?}{:?}",
+        events.list(&Default::default()).await.unwrap().items,
+        pipelines.list(&Default::default()).await.unwrap().items
+    );
+    assert!(
+        everything.contains("AuthenticationFailed"),
+        "events and status were read"
+    );
+    for secret in [pw.as_str(), "wrong-password"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked into events or status"
+        );
+    }
+
+    // A pipeline whose buffer turns read-only goes Degraded with the reason within a couple of
+    // status intervals, and back to Running when it is fixed.
+    let buf_db = buf
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let pg_admin = connect(&shared().uri("postgres")).await;
+    pg_admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {buf_db} SET default_transaction_read_only = on;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{buf_db}';"
+        ))
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO t VALUES (1000)")
+        .await
+        .unwrap();
+    let s = wait_status(&pipelines, "good", "Degraded on a read-only buffer", |s| {
+        s.phase.as_deref() == Some("Degraded")
+            && ready(s).0 == "False"
+            && s.conditions[0].message.contains("read-only")
+    })
+    .await;
+    assert_eq!(ready(&s).1, "BufferError");
+    pg_admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {buf_db} RESET default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    wait_status(&pipelines, "good", "Running again", |s| {
+        s.phase.as_deref() == Some("Running") && ready(s).0 == "True"
+    })
+    .await;
+
     // Fixing the secret is enough: the secret watch restarts the pipeline.
     put_secret(&admin, ns, "badpw-src", &src).await;
     wait_status(&pipelines, "badpw", "running with the new password", |s| {
