@@ -1,5 +1,5 @@
 # One place for developer commands; CI (.ci/run) calls the same targets.
-.PHONY: test lint unit demo crd fuzz
+.PHONY: test lint unit demo crd deploy fuzz
 
 # The whole test suite: formatting, lints, unit and integration tests (real PostgreSQL).
 test: lint
@@ -15,10 +15,15 @@ unit:
 demo:
 	cargo run --release -- demo
 
-# Regenerate the committed CRD from the Rust types.
+# Regenerate deploy/02-philotes.yaml: the chart rendered with default values (pip install helm-python-sdk).
+deploy:
+	python3 scripts/helm.py template charts/philotes > deploy/02-philotes.yaml
+
+# Regenerate the committed CRD (crds/, and its copies in deploy/ and the chart) from the Rust types.
 crd:
 	cargo run -q -- crd > crds/cdcpipelines.philotes.io.yaml
 	cp crds/cdcpipelines.philotes.io.yaml deploy/01-crd.yaml
+	cp crds/cdcpipelines.philotes.io.yaml charts/philotes/crds/cdcpipelines.philotes.io.yaml
 
 # Grow the fuzz corpus (cargo install cargo-fuzz; runs on stable via RUSTC_BOOTSTRAP, no sanitizer).
 fuzz:

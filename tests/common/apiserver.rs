@@ -269,9 +269,9 @@ pub async fn apply_file(client: &Client, path: &Path) {
             "ServiceAccount" => apply_namespaced::<ServiceAccount>(client, value).await,
             "Role" => apply_namespaced::<Role>(client, value).await,
             "RoleBinding" => apply_namespaced::<RoleBinding>(client, value).await,
-            // The Deployment needs a kubelet to mean anything; the tests run the controller
-            // in-process under the same identity instead.
-            "Deployment" => {}
+            // The Deployment needs a kubelet to mean anything (its Service with it); the
+            // tests run the controller in-process under the same identity instead.
+            "Deployment" | "Service" => {}
             other => panic!("apply_file: unexpected kind {other}"),
         }
     }
