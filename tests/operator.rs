@@ -614,3 +614,51 @@ async fn only_the_leader_streams_and_a_standby_takes_over() {
     second.stop().await;
     let _ = admin;
 }
+
+/// A replica that loses its lease (here: another holder writes itself in) stops its pipelines
+/// and exits so it restarts as a candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_lease_stops_the_pipelines() {
+    let ns = "lose";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases("op_lose").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    put_secret(&admin, ns, "p-src", &src).await;
+    put_secret(&admin, ns, "p-buf", &buf).await;
+    pipelines
+        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
+        .await
+        .unwrap();
+    let op = Operator::start(api, ns, Some("lose-test"));
+    wait_status(&pipelines, "p", "running", |s| s.phase.as_deref() == Some("Running")).await;
+    assert!(matches!(slot_pid(&db, "philotes_lose_p").await, Some(Some(_))));
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), "philotes-system");
+    let mut lease = leases.get("lose-test").await.unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("someone-else".into());
+    spec.lease_duration_seconds = Some(600);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    leases
+        .replace("lose-test", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+
+    let exit = tokio::time::timeout(Duration::from_secs(60), op.handle)
+        .await
+        .expect("the replica exits after losing the lease")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, Exit::LostLeadership);
+    eventually("the slot to be released", Duration::from_secs(30), || {
+        let db = &db;
+        async move { matches!(slot_pid(db, "philotes_lose_p").await, Some(None)).then_some(()) }
+    })
+    .await;
+}

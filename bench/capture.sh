@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Capture throughput of philotes side by side with PostgreSQL's own tools, in one run on one
+# machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all four)
+# Environment: BENCH_ROWS (row changes per workload, default 1000000), BENCH_ROUNDS (3),
+#              BENCH_OUT (results directory, default bench/out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROWS=${BENCH_ROWS:-1000000}
+ROUNDS=${BENCH_ROUNDS:-3}
+OUT=${BENCH_OUT:-$ROOT/bench/out}
+WORKLOADS=("$@"); [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(insert mixed bigtx wide)
+mkdir -p "$OUT"
+BIN=$(pg_config --bindir)
+[ -x "$BIN/postgres" ] || { echo "PostgreSQL server binaries not found (pg_config --bindir)" >&2; exit 1; }
+
+echo "==> building philotes (release)"
+cargo build --release -q
+PHILOTES=$ROOT/target/release/philotes
+
+WORK=$(mktemp -d /tmp/philotes-bench-XXXXXX)
+AS=""; if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; AS="runuser -u postgres --"; fi
+SRC_PORT=55433; BUF_PORT=55432
+cleanup() {
+  for d in src buf; do [ -d "$WORK/$d" ] && $AS "$BIN/pg_ctl" -D "$WORK/$d" -m immediate stop >/dev/null 2>&1 || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+start_pg() { # dir port
+  $AS "$BIN/initdb" -D "$WORK/$1" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+  cat >> "$WORK/$1/postgresql.conf" <<CONF
+port = $2
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
+max_worker_processes = 16
+max_logical_replication_workers = 8
+shared_buffers = 512MB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+fsync = off
+full_page_writes = off
+logical_decoding_work_mem = 256MB
+wal_retrieve_retry_interval = 100ms
+CONF
+  $AS "$BIN/pg_ctl" -D "$WORK/$1" -l "$WORK/$1.log" -w start >/dev/null
+}
+echo "==> starting source (:$SRC_PORT) and buffer (:$BUF_PORT) with identical settings"
+start_pg src $SRC_PORT
+start_pg buf $BUF_PORT
+SRC="host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres"
+BUF="host=127.0.0.1 port=$BUF_PORT user=postgres dbname=postgres"
+psrc() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SRC" "$@"; }
+pbuf() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 "$BUF" "$@"; }
+now() { date +%s.%N; }
+
+TABLE_DDL="CREATE TABLE t (id bigint PRIMARY KEY, a int, n numeric, s1 text, s2 text, ts timestamptz)"
+WIDE_DDL="CREATE TABLE t (id bigint PRIMARY KEY, a int, big text, doc jsonb)"
+
+prepare() { # workload: tables on both sides, rows that exist before the slots
+  psrc -c "DROP TABLE IF EXISTS t; DROP PUBLICATION IF EXISTS bench"
+  pbuf -c "DROP TABLE IF EXISTS t; DROP SCHEMA IF EXISTS philotes CASCADE"
+  case $1 in
+    wide) psrc -c "$WIDE_DDL"; pbuf -c "$WIDE_DDL";;
+    *) psrc -c "$TABLE_DDL"; pbuf -c "$TABLE_DDL";;
+  esac
+  # Rows that exist before the slots, on both sides (the native subscriber updates them).
+  local seed=""
+  case $1 in
+    bigtx) seed="INSERT INTO t SELECT i, i, i * 1.5, md5(i::text), 'x', '2026-01-01' FROM generate_series(1, $ROWS) i";;
+    mixed) seed="INSERT INTO t SELECT i, i, i * 1.5, md5(i::text), 'x', '2026-01-01' FROM generate_series(1, 100000) i";;
+  esac
+  if [ -n "$seed" ]; then psrc -c "$seed"; pbuf -c "$seed"; fi
+  psrc -c "ALTER TABLE t SET (autovacuum_enabled = off); CREATE PUBLICATION bench FOR TABLE t; CHECKPOINT"
+}
+
+workload() {
+  case $1 in
+    insert) # 1,000 transactions of 1,000 inserts (scaled with BENCH_ROWS)
+      local per=1000 n=$((ROWS / 1000))
+      psrc -c "CREATE OR REPLACE PROCEDURE w() LANGUAGE plpgsql AS \$\$ BEGIN
+        FOR k IN 0..$((n - 1)) LOOP
+          INSERT INTO t SELECT i, i % 1000, i * 1.25, md5(i::text), 'row ' || i, now()
+            FROM generate_series(k * $per + 1, (k + 1) * $per) i;
+          COMMIT;
+        END LOOP; END \$\$"; psrc -c "CALL w()";;
+    mixed) # small OLTP transactions: 5 inserts, 3 updates, 2 deletes each
+      psrc -c "CREATE OR REPLACE PROCEDURE w() LANGUAGE plpgsql AS \$\$ DECLARE base bigint := 1000000; BEGIN
+        FOR k IN 0..$((ROWS / 10 - 1)) LOOP
+          INSERT INTO t SELECT base + k * 5 + j, j, j * 2.5, md5(j::text), 'm', now() FROM generate_series(1, 5) j;
+          UPDATE t SET a = a + 1, s2 = 'u' WHERE id IN (k * 3 % 100000 + 1, k * 3 % 100000 + 2, k * 3 % 100000 + 3);
+          DELETE FROM t WHERE id IN (base + k * 5 + 1, base + k * 5 + 2);
+          COMMIT;
+        END LOOP; END \$\$"; psrc -c "CALL w()";;
+    bigtx) # one transaction of ROWS updates
+      psrc -c "UPDATE t SET a = a + 1, s2 = 'big'";;
+    wide) # rows with a ~20 KB TOASTed text and a jsonb document, then updates that keep the TOAST
+      local wide=$((ROWS / 50)) upd=$((ROWS - ROWS / 50))
+      psrc -c "CREATE OR REPLACE PROCEDURE w() LANGUAGE plpgsql AS \$\$ BEGIN
+        FOR k IN 0..$((wide / 100 - 1)) LOOP
+          INSERT INTO t SELECT i, 0, (SELECT string_agg(md5((i * 1000 + g)::text), '') FROM generate_series(1, 640) g),
+                 jsonb_build_object('id', i, 'tags', jsonb_build_array('a', 'b', i), 'nested', jsonb_build_object('x', i * 1.5))
+            FROM generate_series(k * 100 + 1, (k + 1) * 100) i;
+          COMMIT;
+        END LOOP;
+        FOR k IN 0..$((upd / 1000 - 1)) LOOP
+          UPDATE t SET a = a + 1 WHERE id IN (SELECT (k * 1000 + g) % $wide + 1 FROM generate_series(0, 999) g);
+          COMMIT;
+        END LOOP; END \$\$"; psrc -c "CALL w()";;
+  esac
+}
+
+expected_changes() { # row changes the workload made = what each contender must receive
+  psrc -At -c "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_user_tables WHERE relname = 't'"
+}
+
+run_recvlogical() {
+  "$BIN/pg_recvlogical" -d "$SRC" --slot=recv --start -o proto_version=1 -o publication_names=bench \
+    -E "$TARGET" -f /dev/null --no-loop
+}
+
+run_native() {
+  pbuf -c "CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres' PUBLICATION bench WITH (create_slot = false, slot_name = 'native', copy_data = false)"
+  until [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'native'")" = t ]; do sleep 0.05; done
+}
+
+run_philotes() {
+  cat > "$WORK/pipeline.yaml" <<YAML
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {name: bench, namespace: bench}
+spec:
+  source: {connectionSecretRef: {name: src}, tables: [public.t], publication: bench, slot: philotes}
+  buffer: {connectionSecretRef: {name: buf}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: src, namespace: bench}
+stringData: {uri: "postgres://postgres@127.0.0.1:$SRC_PORT/postgres?sslmode=disable"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: buf, namespace: bench}
+stringData: {uri: "postgres://postgres@127.0.0.1:$BUF_PORT/postgres?sslmode=disable"}
+YAML
+  "$PHILOTES" run -f "$WORK/pipeline.yaml" --until-caught-up 2>"$WORK/philotes.log" &
+  local pid=$! peak=0 kib
+  while kill -0 $pid 2>/dev/null; do
+    kib=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+    [ -n "$kib" ] && [ "$kib" -gt "$peak" ] && peak=$kib
+    sleep 0.05
+  done
+  wait $pid || { cat "$WORK/philotes.log" >&2; return 1; }
+  echo "$peak" > "$WORK/peak"
+}
+
+check() { # contender: did it receive the whole workload?
+  case $1 in
+    recvlogical) [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'recv'")" = t ];;
+    native) [ "$(pbuf -At -c "SELECT count(*) FROM t")" = "$(psrc -At -c "SELECT count(*) FROM t")" ];;
+    philotes) [ "$(pbuf -At -c "SELECT count(*) FROM philotes.cdc_events")" = "$EXPECTED" ];;
+  esac
+}
+
+RESULTS=$OUT/results.tsv
+echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib" > "$RESULTS"
+CONTENDERS=(recvlogical native philotes)
+for wl in "${WORKLOADS[@]}"; do
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "==> $wl, round $round/$ROUNDS: preparing"
+    prepare "$wl"
+    # One slot per contender, created before the workload: all drain exactly the same WAL.
+    for s in recv native philotes; do psrc -c "SELECT pg_create_logical_replication_slot('$s', 'pgoutput')" >/dev/null; done
+    echo "    workload"
+    psrc -c "SELECT pg_stat_reset()" >/dev/null
+    workload "$wl"
+    sleep 1 # let the statistics collector catch up
+    EXPECTED=$(expected_changes)
+    TARGET=$(psrc -At -c "SELECT pg_current_wal_lsn()")
+    # Alternate the order between rounds.
+    order=("${CONTENDERS[@]:$(( (round - 1) % 3 ))}" "${CONTENDERS[@]:0:$(( (round - 1) % 3 ))}")
+    for c in "${order[@]}"; do
+      psrc -c "CHECKPOINT" >/dev/null; pbuf -c "CHECKPOINT" >/dev/null
+      t0=$(now); "run_$c"; t1=$(now)
+      secs=$(python3 -c "print($t1 - $t0)")
+      check "$c" || { echo "$c did not receive the whole $wl workload" >&2; exit 1; }
+      peak=""; [ "$c" = philotes ] && peak=$(cat "$WORK/peak")
+      printf '%s\t%s\t%s\t%.3f\t%s\t%s\n' "$wl" "$round" "$c" "$secs" "$EXPECTED" "$peak" | tee -a "$RESULTS"
+    done
+    pbuf -c "DROP SUBSCRIPTION sub" >/dev/null
+    for s in recv philotes; do psrc -c "SELECT pg_drop_replication_slot('$s')" >/dev/null; done
+  done
+done
+python3 bench/report.py "$RESULTS" > "$OUT/summary.md"
+cat "$OUT/summary.md"
