@@ -633,8 +633,14 @@ async fn losing_the_lease_stops_the_pipelines() {
         .await
         .unwrap();
     let op = Operator::start(api, ns, Some("lose-test"));
-    wait_status(&pipelines, "p", "running", |s| s.phase.as_deref() == Some("Running")).await;
-    assert!(matches!(slot_pid(&db, "philotes_lose_p").await, Some(Some(_))));
+    wait_status(&pipelines, "p", "running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    assert!(matches!(
+        slot_pid(&db, "philotes_lose_p").await,
+        Some(Some(_))
+    ));
 
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(admin.clone(), "philotes-system");
