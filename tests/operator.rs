@@ -560,11 +560,17 @@ async fn bad_resources_are_reported_and_do_not_stop_the_others() {
     op.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_leader_streams_and_a_standby_takes_over() {
-    let ns = "leader";
+/// Namespace `ns` with pipeline `p` capturing table `t` of database `op_<ns>_src`.
+async fn one_pipeline(
+    ns: &str,
+) -> (
+    &'static ApiServer,
+    Client,
+    Api<CdcPipeline>,
+    tokio_postgres::Client,
+) {
     let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases("op_leader").await;
+    let (src, buf) = databases(&format!("op_{ns}")).await;
     let db = connect(&src).await;
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
@@ -575,6 +581,13 @@ async fn only_the_leader_streams_and_a_standby_takes_over() {
         .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
         .await
         .unwrap();
+    (api, admin, pipelines, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_streams_and_a_standby_takes_over() {
+    let ns = "leader";
+    let (api, admin, pipelines, db) = one_pipeline(ns).await;
     let first = Operator::start(api, ns, Some("leader-test"));
     wait_status(&pipelines, "p", "running under the first replica", |s| {
         s.phase.as_deref() == Some("Running")
@@ -620,18 +633,7 @@ async fn only_the_leader_streams_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_lease_stops_the_pipelines() {
     let ns = "lose";
-    let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases("op_lose").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    put_secret(&admin, ns, "p-src", &src).await;
-    put_secret(&admin, ns, "p-buf", &buf).await;
-    pipelines
-        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
-        .await
-        .unwrap();
+    let (api, admin, pipelines, db) = one_pipeline(ns).await;
     let op = Operator::start(api, ns, Some("lose-test"));
     wait_status(&pipelines, "p", "running", |s| {
         s.phase.as_deref() == Some("Running")
