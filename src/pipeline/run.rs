@@ -216,7 +216,7 @@ async fn session(
         &cfg.slot,
         &cfg.publication,
         ckpt.lsn,
-        cfg.buffer_size,
+        cfg.buffer_size.min(MAX_QUEUED_MESSAGES),
         Duration::from_secs(1),
     );
     let mut stream = ReplicationClient::connect(repl_cfg)
@@ -242,6 +242,7 @@ async fn session(
         tx: None,
         pending: Pending {
             batch: Vec::with_capacity(cfg.batch_size),
+            batch_bytes: 0,
             relations: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
@@ -377,6 +378,8 @@ impl Streamer<'_> {
                         continue;
                     }
                     self.pending.last_event = Some(position);
+                    self.pending.batch_bytes += change.before.as_ref().map_or(0, String::len)
+                        + change.after.as_ref().map_or(0, String::len);
                     self.pending.batch.push(Event {
                         commit_lsn: open.commit_lsn,
                         seq: position.1,
@@ -386,7 +389,9 @@ impl Streamer<'_> {
                         change,
                     });
                     self.arm_deadline();
-                    if self.pending.batch.len() >= self.cfg.batch_size {
+                    if self.pending.batch.len() >= self.cfg.batch_size
+                        || self.pending.batch_bytes >= MAX_BATCH_BYTES
+                    {
                         self.flush(buffer, stream, progress).await?;
                     }
                 }
@@ -471,6 +476,7 @@ impl Streamer<'_> {
         failpoint("after-buffer-commit");
         self.ckpt = next;
         pending.batch.clear();
+        pending.batch_bytes = 0;
         pending.relations.clear();
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
         let ckpt = self.ckpt;
@@ -484,9 +490,20 @@ impl Streamer<'_> {
     }
 }
 
+/// Messages queued between the stream and the loop, at most, whatever `bufferSize` says: the
+/// queue counts messages, not bytes, and a message is a whole row (20 KB rows would make the
+/// default 10,000 hold 200 MB).
+const MAX_QUEUED_MESSAGES: usize = 1000;
+
+/// A batch is written early once its row images reach this size, so wide rows do not make a
+/// `batchSize` batch large in memory.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
 /// What is received but not yet durable.
 struct Pending {
     batch: Vec<Event>,
+    /// Bytes of the row images in `batch`.
+    batch_bytes: usize,
     relations: Vec<RelationRecord>,
     /// The LSN the next checkpoint may claim (see the LSN rules above).
     safe_lsn: u64,
