@@ -213,10 +213,23 @@ async fn rendered_chart_and_examples_apply_to_a_real_api_server() {
             )
             .await;
     }
-    let discovery = Discovery::new(admin.clone())
-        .run()
-        .await
-        .expect("discovery");
+    // A freshly established CRD shows up in discovery a moment later: wait for it.
+    let cdcp = GroupVersionKind::gvk("philotes.io", "v1alpha1", "CdcPipeline");
+    let started = std::time::Instant::now();
+    let discovery = loop {
+        let d = Discovery::new(admin.clone())
+            .run()
+            .await
+            .expect("discovery");
+        if d.resolve_gvk(&cdcp).is_some() {
+            break d;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "CdcPipeline not in discovery after 30s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let mut checked = 0;
     for values in [
         json!({}),

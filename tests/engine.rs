@@ -521,6 +521,7 @@ async fn status_is_printed_every_interval_as_text_and_json() {
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log.path()).unwrap())
         .spawn()
+        .map(Proc)
         .unwrap();
     let line = eventually(
         "a healthy status line with 42 events",

@@ -183,6 +183,7 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log.path()).unwrap())
         .spawn()
+        .map(Proc)
         .unwrap();
     let status_field = |field: &'static str| {
         let path = log.path().to_path_buf();

@@ -413,6 +413,7 @@ async fn passwords_with_special_characters_work_and_never_leak() {
                 .unwrap(),
         )
         .spawn()
+        .map(Proc)
         .unwrap();
     let streaming = tokio::time::timeout(Duration::from_secs(60), async {
         while !std::fs::read_to_string(log.path())

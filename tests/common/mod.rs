@@ -280,8 +280,32 @@ pub fn manifest_file(manifest: &str) -> tempfile::NamedTempFile {
     f
 }
 
-/// Starts `philotes run -f <file> <args>` with its output captured to files in `dir`.
-pub fn spawn_run(file: &std::path::Path, args: &[&str], log: &std::path::Path) -> Child {
+/// A `philotes` child process that is killed when dropped, so a failing test does not leave
+/// it running.
+pub struct Proc(pub Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `philotes run -f <file> <args>` with its output appended to `log`.
+pub fn spawn_run(file: &std::path::Path, args: &[&str], log: &std::path::Path) -> Proc {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -297,6 +321,7 @@ pub fn spawn_run(file: &std::path::Path, args: &[&str], log: &std::path::Path) -
         .stdout(out)
         .stderr(err)
         .spawn()
+        .map(Proc)
         .expect("spawn philotes")
 }
 
