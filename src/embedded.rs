@@ -90,7 +90,7 @@ pub fn find_bindir() -> Result<PathBuf> {
 }
 
 fn is_root() -> bool {
-    // SAFETY-free: `id -u` avoids a libc dependency for one call.
+    // `id -u` spares a libc dependency for one call.
     Command::new("id")
         .arg("-u")
         .output()

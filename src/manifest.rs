@@ -27,7 +27,9 @@ impl Manifest {
         let mut manifest = Manifest::default();
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let n = i + 1;
-            let value = serde_yaml::Value::deserialize_from(doc, origin, n)?;
+            let value: serde_yaml::Value = serde::Deserialize::deserialize(doc).map_err(|e| {
+                Error::InvalidSpec(format!("{origin}: document {n} is not valid YAML: {e}"))
+            })?;
             if value.is_null() {
                 continue;
             }
@@ -151,18 +153,6 @@ impl SecretSource for Manifest {
                 "secret {namespace}/{name} has no key `{key}` (it has: {}); add it or set connectionSecretRef.key",
                 secret.keys().cloned().collect::<Vec<_>>().join(", ")
             ))
-        })
-    }
-}
-
-trait FromDocument: Sized {
-    fn deserialize_from(doc: serde_yaml::Deserializer<'_>, origin: &str, n: usize) -> Result<Self>;
-}
-
-impl FromDocument for serde_yaml::Value {
-    fn deserialize_from(doc: serde_yaml::Deserializer<'_>, origin: &str, n: usize) -> Result<Self> {
-        serde::Deserialize::deserialize(doc).map_err(|e: serde_yaml::Error| {
-            Error::InvalidSpec(format!("{origin}: document {n} is not valid YAML: {e}"))
         })
     }
 }

@@ -423,7 +423,12 @@ impl Streamer<'_> {
         stream: &ReplicationClient,
         progress: &watch::Sender<Progress>,
     ) -> Result<()> {
-        progress.send_modify(|p| p.received_lsn = p.received_lsn.max(lsn));
+        // Readers poll the received position; waking every watcher on each commit would put
+        // a notification on the hot path for nothing.
+        progress.send_if_modified(|p| {
+            p.received_lsn = p.received_lsn.max(lsn);
+            false
+        });
         if lsn <= self.pending.safe_lsn {
             return Ok(());
         }

@@ -1,7 +1,7 @@
 //! The pipeline's status as the operator reports it: positions, lag, slot health, and a
 //! verdict with a reason. [`assess`] is pure; [`watch_status`] refreshes it on a timer.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -159,7 +159,7 @@ pub fn assess(
 /// holds the stream up.
 pub async fn watch_status(
     cfg: PipelineConfig,
-    mut progress: watch::Receiver<Progress>,
+    progress: watch::Receiver<Progress>,
     out: watch::Sender<Option<Snapshot>>,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
@@ -167,14 +167,10 @@ pub async fn watch_status(
     let mut tick = tokio::time::interval(cfg.status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = progress.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                continue;
-            }
+        tick.tick().await;
+        // The pipeline is gone once its progress sender is dropped.
+        if progress.has_changed().is_err() {
+            return;
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = tokio::time::timeout(Duration::from_secs(10), cfg.source.connect("source"))
@@ -202,11 +198,6 @@ pub async fn watch_status(
             return;
         }
     }
-}
-
-/// Seconds since `t`, for people.
-pub fn age(t: SystemTime) -> Duration {
-    SystemTime::now().duration_since(t).unwrap_or_default()
 }
 
 #[cfg(test)]
