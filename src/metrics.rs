@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::pipeline::buffer::Event;
+use crate::pipeline::buffer::Count;
 use crate::pipeline::BatchObserver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,7 +71,7 @@ impl Metrics {
         });
         registry.register(
             "batch_write_seconds",
-            "Time to write one batch and its checkpoint to the buffer",
+            "Time to commit one batch and its checkpoint in the buffer, from the commit request (its rows stream in as they are decoded)",
             batch_write_seconds.clone(),
         );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
@@ -116,31 +116,20 @@ impl Metrics {
 }
 
 impl BatchObserver for Metrics {
-    fn batch_written(&self, pipeline: &str, events: &[Event], elapsed: Duration) {
+    fn batch_written(&self, pipeline: &str, counts: &[Count], elapsed: Duration) {
         self.batch_write_seconds
             .get_or_create(&PipelineLabels {
                 pipeline: pipeline.to_string(),
             })
             .observe(elapsed.as_secs_f64());
-        // Runs of the same table and operation are common: count them in one step.
-        let mut i = 0;
-        while i < events.len() {
-            let first = &events[i].change;
-            let run = events[i..]
-                .iter()
-                .take_while(|e| {
-                    Arc::ptr_eq(&e.change.relation, &first.relation)
-                        && e.change.operation == first.operation
-                })
-                .count();
+        for c in counts {
             self.events
                 .get_or_create(&EventLabels {
                     pipeline: pipeline.to_string(),
-                    table: format!("{}.{}", first.relation.schema, first.relation.name),
-                    operation: first.operation.as_str().to_string(),
+                    table: format!("{}.{}", c.relation.schema, c.relation.name),
+                    operation: c.operation.as_str().to_string(),
                 })
-                .inc_by(run as u64);
-            i += run;
+                .inc_by(c.events);
         }
     }
 }

@@ -1,17 +1,27 @@
 //! The buffer database: migrations, the pipeline's writer lock, and the one write the loop
 //! makes — a batch of events, the table definitions they need and the new checkpoint, all in
 //! one transaction.
+//!
+//! The write runs in a task of its own ([`Writer`]) so the loop decodes the next changes while
+//! the buffer server stores the previous ones: rows are encoded in COPY's binary format as
+//! they are decoded ([`RowEncoder`]) and streamed into an open `COPY`; a commit request ends
+//! the transaction with the table definitions and the checkpoint, and the writer reports it
+//! back once committed. Only then does the loop confirm the checkpoint to the source.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
-use tokio_postgres::Client;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, GenericClient};
 
 use super::config::{quote_ident, PipelineConfig};
 use super::conn::describe_pg_error;
-use super::decode::{write_json_string, Change, Relation};
+use super::decode::{write_json_string, Change, Operation, Relation};
 use super::error::{Error, Result};
 use super::lsn;
 
@@ -22,16 +32,15 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
     include_str!("../../migrations/0001_init.sql"),
 )];
 
-/// A change with its place in the source's commit order.
-#[derive(Debug, Clone)]
-pub struct Event {
+/// Where a change sits in the source's commit order.
+#[derive(Debug, Clone, Copy)]
+pub struct Position {
     pub commit_lsn: u64,
     pub seq: i32,
     pub lsn: u64,
     pub xid: u32,
     /// Microseconds since 2000-01-01 UTC, as PostgreSQL sends it.
     pub commit_time: i64,
-    pub change: Change,
 }
 
 /// A table definition that applies from `(commit_lsn, seq)` on.
@@ -97,7 +106,7 @@ impl Buffer {
             pipeline: cfg.id.clone(),
             copy_events: format!(
                 "COPY {schema}.cdc_events (pipeline, commit_lsn, seq, lsn, xid, commit_time, schema_name, \
-                 table_name, operation, key_columns, before, after) FROM STDIN"
+                 table_name, operation, key_columns, before, after) FROM STDIN (FORMAT binary)"
             ),
             insert_relation: format!(
                 "INSERT INTO {schema}.cdc_relations (pipeline, commit_lsn, seq, relation_id, schema_name, \
@@ -138,78 +147,241 @@ impl Buffer {
         }))
     }
 
-    /// Writes events, table definitions and the checkpoint in one transaction. Nothing is
-    /// visible, and the checkpoint does not move, unless all of it commits.
-    pub async fn write(
+    /// Records the checkpoint alone (nothing else to write).
+    pub async fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
+        upsert_checkpoint(
+            &self.client,
+            &self.upsert_checkpoint,
+            &self.pipeline,
+            checkpoint,
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Error::Buffer(describe_pg_error(&e)))
+    }
+
+    /// The writer task: runs the requests in order, one buffer transaction per commit
+    /// request, until the loop drops its end. A transaction the loop did not ask to commit
+    /// is rolled back (the COPY is aborted), and the buffer is handed back either way.
+    async fn serve(
+        mut self,
+        mut ops: mpsc::Receiver<WriteOp>,
+        done: mpsc::UnboundedSender<Committed>,
+    ) -> (Buffer, Result<()>) {
+        let result = self.serve_requests(&mut ops, &done).await;
+        (self, result)
+    }
+
+    async fn serve_requests(
         &mut self,
-        events: &[Event],
-        relations: &[RelationRecord],
-        checkpoint: &Checkpoint,
+        ops: &mut mpsc::Receiver<WriteOp>,
+        done: &mpsc::UnboundedSender<Committed>,
     ) -> Result<()> {
         let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
-        let tx = self.client.transaction().await.map_err(err)?;
-        for r in relations {
-            let rel = &r.relation;
-            let mut columns = String::from("[");
-            for (i, c) in rel.columns.iter().enumerate() {
-                if i > 0 {
-                    columns.push(',');
+        while let Some(mut op) = ops.recv().await {
+            let tx = self.client.transaction().await.map_err(err)?;
+            let mut copy = None;
+            loop {
+                match op {
+                    WriteOp::Rows(rows) => {
+                        let sink = match copy.as_mut() {
+                            Some(sink) => sink,
+                            None => {
+                                let mut sink = Box::pin(
+                                    tx.copy_in::<_, Bytes>(&self.copy_events)
+                                        .await
+                                        .map_err(err)?,
+                                );
+                                sink.feed(Bytes::from_static(COPY_HEADER))
+                                    .await
+                                    .map_err(err)?;
+                                copy.insert(sink)
+                            }
+                        };
+                        sink.send(rows).await.map_err(err)?;
+                    }
+                    WriteOp::Commit(commit) => {
+                        let started = Instant::now();
+                        if let Some(mut sink) = copy.take() {
+                            sink.feed(Bytes::from_static(&COPY_TRAILER))
+                                .await
+                                .map_err(err)?;
+                            sink.as_mut().finish().await.map_err(err)?;
+                        }
+                        for r in &commit.relations {
+                            insert_relation(&tx, &self.insert_relation, &self.pipeline, r)
+                                .await
+                                .map_err(err)?;
+                        }
+                        upsert_checkpoint(
+                            &tx,
+                            &self.upsert_checkpoint,
+                            &self.pipeline,
+                            &commit.checkpoint,
+                        )
+                        .await
+                        .map_err(err)?;
+                        tx.commit().await.map_err(err)?;
+                        // The loop may be gone (it stopped on an error): the commit stands,
+                        // and the next session reads the checkpoint from the buffer.
+                        let _ = done.send(Committed {
+                            checkpoint: commit.checkpoint,
+                            counts: commit.counts,
+                            elapsed: started.elapsed(),
+                        });
+                        break;
+                    }
                 }
-                columns.push_str("{\"name\":");
-                write_json_string(&mut columns, &c.name);
-                let _ = write!(
-                    columns,
-                    ",\"type_oid\":{},\"type_modifier\":{},\"key\":{}}}",
-                    c.type_oid, c.type_modifier, c.key
-                );
+                match ops.recv().await {
+                    Some(next) => op = next,
+                    // The loop stopped mid-transaction: dropping the COPY and the transaction
+                    // aborts both.
+                    None => return Ok(()),
+                }
             }
-            columns.push(']');
-            let identity = match rel.replica_identity {
-                'n' => "nothing",
-                'f' => "full",
-                'i' => "index",
-                _ => "default",
-            };
-            tx.execute(
-                &self.insert_relation,
-                &[
-                    &self.pipeline,
-                    &lsn::format(r.commit_lsn),
-                    &r.seq,
-                    &rel.id,
-                    &rel.schema,
-                    &rel.name,
-                    &identity,
-                    &columns,
-                ],
-            )
+        }
+        Ok(())
+    }
+}
+
+/// Requests to the [`Writer`], in order.
+pub enum WriteOp {
+    /// `cdc_events` rows from a [`RowEncoder`], for the transaction being written.
+    Rows(Bytes),
+    /// Ends the transaction: the table definitions, the checkpoint, COMMIT.
+    Commit(Commit),
+}
+
+pub struct Commit {
+    pub relations: Vec<RelationRecord>,
+    pub checkpoint: Checkpoint,
+    pub counts: Vec<Count>,
+}
+
+/// How many events of one table and operation a transaction wrote (runs, in order).
+#[derive(Debug, Clone)]
+pub struct Count {
+    pub relation: Arc<Relation>,
+    pub operation: Operation,
+    pub events: u64,
+}
+
+/// A buffer transaction that committed, reported in commit order.
+pub struct Committed {
+    pub checkpoint: Checkpoint,
+    pub counts: Vec<Count>,
+    /// From the commit request to the commit.
+    pub elapsed: Duration,
+}
+
+/// Requests queued for the writer at most (each at most a few hundred KB of rows).
+const QUEUED_REQUESTS: usize = 8;
+
+/// The loop's end of the writer task.
+pub struct Writer {
+    ops: mpsc::Sender<WriteOp>,
+    committed: mpsc::UnboundedReceiver<Committed>,
+    task: JoinHandle<(Buffer, Result<()>)>,
+}
+
+impl Writer {
+    pub fn spawn(buffer: Buffer) -> Writer {
+        let (ops, requests) = mpsc::channel(QUEUED_REQUESTS);
+        let (done, committed) = mpsc::unbounded_channel();
+        Writer {
+            ops,
+            committed,
+            task: tokio::spawn(buffer.serve(requests, done)),
+        }
+    }
+
+    /// Queues a request, waiting while the queue is full. Fails when the writer stopped;
+    /// [`Writer::close`] then says why.
+    pub async fn send(&self, op: WriteOp) -> Result<()> {
+        self.ops
+            .send(op)
             .await
-            .map_err(err)?;
+            .map_err(|_| Error::Buffer("the buffer writer stopped".into()))
+    }
+
+    /// The next committed transaction; `None` once the writer stopped.
+    pub async fn committed(&mut self) -> Option<Committed> {
+        self.committed.recv().await
+    }
+
+    /// Lets the writer finish what is queued (an unfinished transaction is rolled back) and
+    /// hands the buffer back, with the writer's error if it failed.
+    pub async fn close(self) -> (Option<Buffer>, Result<()>) {
+        drop(self.ops);
+        match self.task.await {
+            Ok((buffer, result)) => (Some(buffer), result),
+            Err(e) => (
+                None,
+                Err(Error::Buffer(format!("the buffer writer failed: {e}"))),
+            ),
         }
-        if !events.is_empty() {
-            let sink = tx.copy_in(&self.copy_events).await.map_err(err)?;
-            futures_util::pin_mut!(sink);
-            let mut chunk = String::with_capacity(64 * 1024);
-            for e in events {
-                encode_copy_row(&mut chunk, &self.pipeline, e);
-                if chunk.len() >= 256 * 1024 {
-                    let data = Bytes::from(std::mem::take(&mut chunk));
-                    sink.send(data).await.map_err(err)?;
-                }
-            }
-            if !chunk.is_empty() {
-                sink.send(Bytes::from(chunk)).await.map_err(err)?;
-            }
-            sink.finish().await.map_err(err)?;
+    }
+}
+
+async fn insert_relation(
+    client: &impl GenericClient,
+    statement: &str,
+    pipeline: &str,
+    r: &RelationRecord,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let rel = &r.relation;
+    let mut columns = String::from("[");
+    for (i, c) in rel.columns.iter().enumerate() {
+        if i > 0 {
+            columns.push(',');
         }
-        let (last_commit, last_seq) = match checkpoint.last_event {
-            Some((c, s)) => (Some(lsn::format(c)), Some(s)),
-            None => (None, None),
-        };
-        tx.execute(
-            &self.upsert_checkpoint,
+        columns.push_str("{\"name\":");
+        write_json_string(&mut columns, &c.name);
+        let _ = write!(
+            columns,
+            ",\"type_oid\":{},\"type_modifier\":{},\"key\":{}}}",
+            c.type_oid, c.type_modifier, c.key
+        );
+    }
+    columns.push(']');
+    let identity = match rel.replica_identity {
+        'n' => "nothing",
+        'f' => "full",
+        'i' => "index",
+        _ => "default",
+    };
+    client
+        .execute(
+            statement,
             &[
-                &self.pipeline,
+                &pipeline,
+                &lsn::format(r.commit_lsn),
+                &r.seq,
+                &rel.id,
+                &rel.schema,
+                &rel.name,
+                &identity,
+                &columns,
+            ],
+        )
+        .await
+}
+
+async fn upsert_checkpoint(
+    client: &impl GenericClient,
+    statement: &str,
+    pipeline: &str,
+    checkpoint: &Checkpoint,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let (last_commit, last_seq) = match checkpoint.last_event {
+        Some((c, s)) => (Some(lsn::format(c)), Some(s)),
+        None => (None, None),
+    };
+    client
+        .execute(
+            statement,
+            &[
+                &pipeline,
                 &lsn::format(checkpoint.lsn),
                 &last_commit,
                 &last_seq,
@@ -217,9 +389,6 @@ impl Buffer {
             ],
         )
         .await
-        .map_err(err)?;
-        tx.commit().await.map_err(err)
-    }
 }
 
 /// Creates the schema if needed, refuses one that holds objects Philotes did not create, and
@@ -328,82 +497,149 @@ async fn migrate(client: &Client, cfg: &PipelineConfig) -> Result<()> {
     result
 }
 
-/// Appends one row in COPY text format.
-fn encode_copy_row(out: &mut String, pipeline: &str, e: &Event) {
-    let rel = &e.change.relation;
-    copy_text(out, pipeline);
-    let _ = write!(
-        out,
-        "\t{}\t{}\t{}\t{}\t",
-        lsn::format(e.commit_lsn),
-        e.seq,
-        lsn::format(e.lsn),
-        e.xid
-    );
-    write_timestamp(out, e.commit_time);
-    out.push('\t');
-    copy_text(out, &rel.schema);
-    out.push('\t');
-    copy_text(out, &rel.name);
-    out.push('\t');
-    out.push_str(e.change.operation.as_str());
-    out.push('\t');
-    // text[] literal, then COPY-escaped: {"a","b \"c\""}
-    let mut array = String::from("{");
-    for (i, k) in rel.key_columns().enumerate() {
-        if i > 0 {
-            array.push(',');
-        }
-        array.push('"');
-        for ch in k.chars() {
-            if ch == '"' || ch == '\\' {
-                array.push('\\');
-            }
-            array.push(ch);
-        }
-        array.push('"');
-    }
-    array.push('}');
-    copy_text(out, &array);
-    for image in [&e.change.before, &e.change.after] {
-        out.push('\t');
-        match image {
-            Some(json) => copy_text(out, json),
-            None => out.push_str("\\N"),
-        }
-    }
-    out.push('\n');
+/// The start of a binary COPY stream: signature, flags, header extension length.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The end of a binary COPY stream: a tuple with -1 fields.
+const COPY_TRAILER: [u8; 2] = (-1i16).to_be_bytes();
+/// `cdc_events` has 12 columns.
+const EVENT_FIELDS: i16 = 12;
+const TEXT_OID: i32 = 25;
+/// jsonb's binary input: a version byte, then the JSON text.
+const JSONB_VERSION: u8 = 1;
+
+/// Encodes `cdc_events` rows in COPY's binary format: no escaping on our side and no text
+/// parsing of LSNs, timestamps and arrays on the buffer server's (only the JSON images are
+/// parsed, into jsonb). The fields that repeat for every row of a table are encoded once.
+pub struct RowEncoder {
+    /// The pipeline column, encoded.
+    pipeline: Vec<u8>,
+    /// Per relation id: the definition the encoding was made for, and its fields.
+    tables: HashMap<u32, (Arc<Relation>, TableFields)>,
+    out: BytesMut,
 }
 
-/// COPY text escaping: backslash, tab, newline and carriage return.
-fn copy_text(out: &mut String, s: &str) {
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let esc = match b {
-            b'\\' => "\\\\",
-            b'\t' => "\\t",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        out.push_str(esc);
-        start = i + 1;
+impl RowEncoder {
+    pub fn new(pipeline: &str) -> RowEncoder {
+        let mut field = Vec::with_capacity(4 + pipeline.len());
+        put_field(&mut field, pipeline.as_bytes());
+        RowEncoder {
+            pipeline: field,
+            tables: HashMap::new(),
+            out: BytesMut::with_capacity(ROWS_CHUNK + ROWS_CHUNK / 4),
+        }
     }
-    out.push_str(&s[start..]);
+
+    /// Appends one row.
+    pub fn push(&mut self, at: &Position, change: &Change) {
+        let rel = &change.relation;
+        let table = match self.tables.get(&rel.id) {
+            Some((known, fields)) if Arc::ptr_eq(known, rel) => fields,
+            _ => {
+                let fields = TableFields::new(rel);
+                &self
+                    .tables
+                    .entry(rel.id)
+                    .insert_entry((rel.clone(), fields))
+                    .into_mut()
+                    .1
+            }
+        };
+        let out = &mut self.out;
+        let images = [&change.before, &change.after];
+        out.reserve(
+            96 + self.pipeline.len()
+                + table.names.len()
+                + table.keys.len()
+                + images
+                    .iter()
+                    .map(|i| i.as_ref().map_or(0, |j| j.len() + 5))
+                    .sum::<usize>(),
+        );
+        out.put_i16(EVENT_FIELDS);
+        out.put_slice(&self.pipeline);
+        out.put_i32(8);
+        out.put_u64(at.commit_lsn);
+        out.put_i32(4);
+        out.put_i32(at.seq);
+        out.put_i32(8);
+        out.put_u64(at.lsn);
+        out.put_i32(8);
+        out.put_i64(i64::from(at.xid));
+        out.put_i32(8);
+        out.put_i64(at.commit_time);
+        out.put_slice(&table.names);
+        put_field(out, change.operation.as_str().as_bytes());
+        out.put_slice(&table.keys);
+        for image in images {
+            match image {
+                Some(json) => {
+                    out.put_i32((json.len() + 1) as i32);
+                    out.put_u8(JSONB_VERSION);
+                    out.put_slice(json.as_bytes());
+                }
+                None => out.put_i32(-1),
+            }
+        }
+    }
+
+    /// Bytes encoded and not yet taken.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// The rows encoded since the last call.
+    pub fn take(&mut self) -> Bytes {
+        let rows = self.out.split().freeze();
+        self.out.reserve(ROWS_CHUNK + ROWS_CHUNK / 4);
+        rows
+    }
+}
+
+/// Rows are handed to the writer in chunks of about this size.
+pub const ROWS_CHUNK: usize = 128 * 1024;
+
+fn put_field(out: &mut impl BufMut, value: &[u8]) {
+    out.put_i32(value.len() as i32);
+    out.put_slice(value);
+}
+
+/// The fields of a table's rows that only depend on the table, encoded once.
+struct TableFields {
+    /// schema_name and table_name.
+    names: Vec<u8>,
+    /// key_columns: a one-dimensional text[] (or an empty array) in binary array format.
+    keys: Vec<u8>,
+}
+
+impl TableFields {
+    fn new(rel: &Relation) -> TableFields {
+        let mut names = Vec::new();
+        put_field(&mut names, rel.schema.as_bytes());
+        put_field(&mut names, rel.name.as_bytes());
+        let keys: Vec<&str> = rel.key_columns().collect();
+        let mut array = Vec::new();
+        array.put_i32(if keys.is_empty() { 0 } else { 1 });
+        array.put_i32(0); // no nulls
+        array.put_i32(TEXT_OID);
+        if !keys.is_empty() {
+            array.put_i32(keys.len() as i32);
+            array.put_i32(1); // lower bound
+            for k in keys {
+                put_field(&mut array, k.as_bytes());
+            }
+        }
+        let mut field = Vec::with_capacity(4 + array.len());
+        put_field(&mut field, &array);
+        TableFields { names, keys: field }
+    }
 }
 
 /// PostgreSQL epoch (2000-01-01) in Unix microseconds.
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
-
-fn write_timestamp(out: &mut String, pg_micros: i64) {
-    match chrono::DateTime::from_timestamp_micros(pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS)) {
-        Some(t) => {
-            let _ = write!(out, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
-        }
-        None => out.push_str("epoch"),
-    }
-}
 
 /// Converts PostgreSQL's timestamp (µs since 2000-01-01) to RFC 3339.
 pub fn pg_time_to_rfc3339(pg_micros: i64) -> String {
@@ -415,40 +651,60 @@ pub fn pg_time_to_rfc3339(pg_micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::decode::{Column, Operation};
+    use crate::pipeline::decode::Column;
 
     #[test]
-    fn copy_rows_escape_everything_copy_cares_about() {
+    fn rows_are_encoded_in_binary_copy_format() {
         let rel = Arc::new(Relation {
             id: 1,
-            schema: "we\tird".into(),
-            name: "t\\n".into(),
+            schema: "s".into(),
+            name: "t".into(),
             replica_identity: 'd',
             columns: vec![Column {
-                name: "i\"d".into(),
+                name: "id".into(),
                 type_oid: 23,
                 type_modifier: -1,
                 key: true,
             }],
         });
-        let e = Event {
+        let at = Position {
             commit_lsn: 0x1_0000_0010,
             seq: 3,
             lsn: 0x1_0000_0008,
             xid: 77,
-            commit_time: 0,
-            change: Change {
-                relation: rel,
-                operation: Operation::Insert,
-                before: None,
-                after: Some("{\"a\":\"x\\ny\"}".into()),
-            },
+            commit_time: -1,
         };
-        let mut out = String::new();
-        encode_copy_row(&mut out, "ns/p", &e);
-        assert_eq!(
-            out,
-            "ns/p\t1/10\t3\t1/8\t77\t2000-01-01 00:00:00.000000+00\twe\\tird\tt\\\\n\tINSERT\t{\"i\\\\\"d\"}\t\\N\t{\"a\":\"x\\\\ny\"}\n"
-        );
+        let change = Change {
+            relation: rel,
+            operation: Operation::Insert,
+            before: None,
+            after: Some("{}".into()),
+        };
+        let mut enc = RowEncoder::new("p");
+        enc.push(&at, &change);
+        let mut want: Vec<u8> = vec![0, 12];
+        let field = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend((b.len() as i32).to_be_bytes());
+            out.extend(b);
+        };
+        field(&mut want, b"p");
+        field(&mut want, &0x1_0000_0010u64.to_be_bytes());
+        field(&mut want, &3i32.to_be_bytes());
+        field(&mut want, &0x1_0000_0008u64.to_be_bytes());
+        field(&mut want, &77i64.to_be_bytes());
+        field(&mut want, &(-1i64).to_be_bytes());
+        field(&mut want, b"s");
+        field(&mut want, b"t");
+        field(&mut want, b"INSERT");
+        let mut array = Vec::new();
+        for n in [1i32, 0, 25, 1, 1, 2] {
+            array.extend(n.to_be_bytes());
+        }
+        array.extend(b"id");
+        field(&mut want, &array);
+        want.extend((-1i32).to_be_bytes());
+        field(&mut want, b"\x01{}");
+        assert_eq!(enc.take().as_ref(), want.as_slice());
+        assert!(enc.is_empty());
     }
 }

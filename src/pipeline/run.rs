@@ -24,15 +24,20 @@ use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
-use super::buffer::{Buffer, Checkpoint, Event, RelationRecord};
+use super::buffer::{
+    Buffer, Checkpoint, Commit, Committed, Count, Position, RelationRecord, RowEncoder, WriteOp,
+    Writer, ROWS_CHUNK,
+};
 use super::config::PipelineConfig;
-use super::decode::{Decoded, Decoder, Relation};
+use super::decode::{Change, Decoded, Decoder, Relation};
 use super::error::{Error, Result};
 use super::source;
 
 /// Told about every batch the buffer committed (the operator's metrics).
 pub trait BatchObserver: Send + Sync {
-    fn batch_written(&self, pipeline: &str, events: &[Event], elapsed: Duration);
+    /// `counts`: events per table and operation, in runs; `elapsed`: from the commit request
+    /// to the commit.
+    fn batch_written(&self, pipeline: &str, counts: &[Count], elapsed: Duration);
 }
 
 /// How the standalone runner or the operator wants a pipeline run.
@@ -183,7 +188,7 @@ async fn session(
     if buffer_slot.as_ref().is_none_or(|b| b.is_closed()) {
         *buffer_slot = Some(Buffer::open(cfg).await?);
     }
-    let Some(buffer) = buffer_slot.as_mut() else {
+    let Some(buffer) = buffer_slot.as_ref() else {
         return Err(Error::Buffer("buffer connection missing".into()));
     };
 
@@ -208,7 +213,7 @@ async fn session(
     });
     if opts.until_caught_up && ckpt.lsn >= target {
         // Nothing committed since the slot's position: record where we are and stop.
-        buffer.write(&[], &[], &ckpt).await?;
+        buffer.save_checkpoint(&ckpt).await?;
         return Ok(Outcome::CaughtUp);
     }
 
@@ -233,6 +238,9 @@ async fn session(
         p.state = State::Streaming;
     });
 
+    let Some(buffer) = buffer_slot.take() else {
+        return Err(Error::Buffer("buffer connection missing".into()));
+    };
     let mut st = Streamer {
         cfg,
         opts,
@@ -240,56 +248,30 @@ async fn session(
         decoder: Decoder::new(),
         written_relations: HashMap::new(),
         tx: None,
+        encoder: RowEncoder::new(&cfg.id),
         pending: Pending {
-            batch: Vec::with_capacity(cfg.batch_size),
-            batch_bytes: 0,
+            events: 0,
+            image_bytes: 0,
+            counts: Vec::new(),
             relations: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
             deadline: None,
         },
+        submitted: ckpt,
         ckpt,
+        writer: Writer::spawn(buffer),
+        progress,
     };
-
-    loop {
-        tokio::select! {
-            biased;
-            // 1. Shutdown: take in what the server already sent (until the stream is quiet
-            //    for a moment, at most a few seconds), write it, checkpoint, confirm, stop.
-            _ = shutdown.changed() => {
-                let drain = async {
-                    while let Ok(Ok(Some(event))) =
-                        tokio::time::timeout(Duration::from_millis(200), stream.recv()).await
-                    {
-                        st.on_event(event, buffer, &stream, progress).await?;
-                    }
-                    Ok::<(), Error>(())
-                };
-                if let Ok(result) = tokio::time::timeout(Duration::from_secs(5), drain).await {
-                    result?;
-                }
-                st.flush(buffer, &stream, progress).await?;
-                stream.stop();
-                tracing::info!(pipeline = %cfg.id, checkpoint = %super::lsn::format(st.ckpt.lsn), "stopped");
-                return Ok(Outcome::Stopped);
-            }
-            // 2. Flush deadline: no received event waits longer than flushInterval.
-            _ = sleep_until(st.pending.deadline.unwrap_or_else(Instant::now)), if st.pending.deadline.is_some() => {
-                st.flush(buffer, &stream, progress).await?;
-            }
-            // 3. The stream (keepalive replies are sent by the client itself).
-            event = stream.recv() => {
-                match event {
-                    Ok(Some(event)) => st.on_event(event, buffer, &stream, progress).await?,
-                    Ok(None) => return Err(Error::Stream("the source ended the replication stream".into())),
-                    Err(e) => return Err(stream_error(cfg, e)),
-                }
-            }
-        }
-        if st.caught_up() {
-            stream.stop();
-            return Ok(Outcome::CaughtUp);
-        }
+    let result = st.stream(&mut stream, shutdown).await;
+    // Whatever happened, the writer finishes what it was asked to commit (an unfinished
+    // transaction is rolled back) before the next session reads the checkpoint.
+    let (buffer, closed) = st.writer.close().await;
+    *buffer_slot = buffer;
+    match (result, closed) {
+        // The loop only saw that the writer stopped; the writer knows why.
+        (Err(Error::Buffer(_)), Err(e)) | (Ok(_), Err(e)) => Err(e),
+        (result, _) => result,
     }
 }
 
@@ -303,12 +285,71 @@ struct Streamer<'a> {
     /// Table definitions recorded in this session, to record only changes.
     written_relations: HashMap<u32, Arc<Relation>>,
     tx: Option<OpenTx>,
+    /// Rows of the batch, encoded and not yet handed to the writer.
+    encoder: RowEncoder,
     pending: Pending,
-    /// What the buffer holds durably.
+    /// What the last commit request to the writer claims.
+    submitted: Checkpoint,
+    /// What the buffer holds durably: the last commit the writer reported.
     ckpt: Checkpoint,
+    writer: Writer,
+    progress: &'a watch::Sender<Progress>,
 }
 
 impl Streamer<'_> {
+    async fn stream(
+        &mut self,
+        stream: &mut ReplicationClient,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome> {
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown: take in what the server already sent (until the stream is quiet
+                //    for a moment, at most a few seconds), write it, checkpoint, confirm, stop.
+                _ = shutdown.changed() => {
+                    let drain = async {
+                        while let Ok(Ok(Some(event))) =
+                            tokio::time::timeout(Duration::from_millis(200), stream.recv()).await
+                        {
+                            self.on_event(event).await?;
+                        }
+                        Ok::<(), Error>(())
+                    };
+                    if let Ok(result) = tokio::time::timeout(Duration::from_secs(5), drain).await {
+                        result?;
+                    }
+                    self.flush().await?;
+                    self.wait_durable(stream).await?;
+                    stream.stop();
+                    tracing::info!(pipeline = %self.cfg.id, checkpoint = %super::lsn::format(self.ckpt.lsn), "stopped");
+                    return Ok(Outcome::Stopped);
+                }
+                // 2. The writer committed a batch: now it may be confirmed.
+                committed = self.writer.committed() => match committed {
+                    Some(c) => self.on_committed(c, stream),
+                    None => return Err(Error::Buffer("the buffer writer stopped".into())),
+                },
+                // 3. Flush deadline: no received event waits longer than flushInterval.
+                _ = sleep_until(self.pending.deadline.unwrap_or_else(Instant::now)), if self.pending.deadline.is_some() => {
+                    self.flush().await?;
+                }
+                // 4. The stream (keepalive replies are sent by the client itself).
+                event = stream.recv() => {
+                    match event {
+                        Ok(Some(event)) => self.on_event(event).await?,
+                        Ok(None) => return Err(Error::Stream("the source ended the replication stream".into())),
+                        Err(e) => return Err(stream_error(self.cfg, e)),
+                    }
+                }
+            }
+            if self.caught_up() {
+                stream.stop();
+                return Ok(Outcome::CaughtUp);
+            }
+        }
+    }
+
     fn caught_up(&self) -> bool {
         self.opts.until_caught_up && self.tx.is_none() && self.ckpt.lsn >= self.target
     }
@@ -320,13 +361,7 @@ impl Streamer<'_> {
             .get_or_insert_with(|| Instant::now() + interval);
     }
 
-    async fn on_event(
-        &mut self,
-        event: ReplicationEvent,
-        buffer: &mut Buffer,
-        stream: &ReplicationClient,
-        progress: &watch::Sender<Progress>,
-    ) -> Result<()> {
+    async fn on_event(&mut self, event: ReplicationEvent) -> Result<()> {
         match event {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -371,40 +406,42 @@ impl Streamer<'_> {
                     let Some(open) = self.tx.as_mut() else {
                         break;
                     };
-                    let position = (open.commit_lsn, open.seq);
+                    let at = Position {
+                        commit_lsn: open.commit_lsn,
+                        seq: open.seq,
+                        lsn: wal_start.0,
+                        xid: open.xid,
+                        commit_time: open.commit_time,
+                    };
                     open.seq += 1;
                     // Already in the buffer from before a restart: skip, so it lands once.
+                    let position = (at.commit_lsn, at.seq);
                     if self.pending.last_event.is_some_and(|last| position <= last) {
                         continue;
                     }
                     self.pending.last_event = Some(position);
-                    self.pending.batch_bytes += change.before.as_ref().map_or(0, String::len)
-                        + change.after.as_ref().map_or(0, String::len);
-                    self.pending.batch.push(Event {
-                        commit_lsn: open.commit_lsn,
-                        seq: position.1,
-                        lsn: wal_start.0,
-                        xid: open.xid,
-                        commit_time: open.commit_time,
-                        change,
-                    });
+                    self.pending.add(&change);
+                    self.encoder.push(&at, &change);
                     self.arm_deadline();
-                    if self.pending.batch.len() >= self.cfg.batch_size
-                        || self.pending.batch_bytes >= MAX_BATCH_BYTES
+                    if self.encoder.len() >= ROWS_CHUNK {
+                        self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
+                    }
+                    if self.pending.events >= self.cfg.batch_size
+                        || self.pending.image_bytes >= MAX_BATCH_BYTES
                     {
-                        self.flush(buffer, stream, progress).await?;
+                        self.flush().await?;
                     }
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.tx = None;
-                self.advance(end_lsn.0, buffer, stream, progress).await?;
+                self.advance(end_lsn.0).await?;
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // With no transaction open, everything before wal_end has been sent: the slot
                 // may follow it, so idle tables do not make the source keep WAL.
                 if self.tx.is_none() {
-                    self.advance(wal_end.0, buffer, stream, progress).await?;
+                    self.advance(wal_end.0).await?;
                 }
             }
             ReplicationEvent::Message { .. } => {}
@@ -416,16 +453,10 @@ impl Streamer<'_> {
     }
 
     /// Moves the position the next checkpoint may claim (no transaction is open).
-    async fn advance(
-        &mut self,
-        lsn: u64,
-        buffer: &mut Buffer,
-        stream: &ReplicationClient,
-        progress: &watch::Sender<Progress>,
-    ) -> Result<()> {
+    async fn advance(&mut self, lsn: u64) -> Result<()> {
         // Readers poll the received position; waking every watcher on each commit would put
         // a notification on the hot path for nothing.
-        progress.send_if_modified(|p| {
+        self.progress.send_if_modified(|p| {
             p.received_lsn = p.received_lsn.max(lsn);
             false
         });
@@ -434,32 +465,28 @@ impl Streamer<'_> {
         }
         self.pending.safe_lsn = lsn;
         if self.opts.until_caught_up && lsn >= self.target {
-            self.flush(buffer, stream, progress).await
+            self.flush().await
         } else {
             self.arm_deadline();
             Ok(())
         }
     }
 
-    /// Writes the batch, the definitions and the checkpoint in one buffer transaction; then,
-    /// and only then, confirms the checkpoint to the source.
-    async fn flush(
-        &mut self,
-        buffer: &mut Buffer,
-        stream: &ReplicationClient,
-        progress: &watch::Sender<Progress>,
-    ) -> Result<()> {
+    /// Hands the batch to the writer and asks it to commit the batch, the definitions and
+    /// the checkpoint in one buffer transaction. The checkpoint is confirmed to the source
+    /// when the writer reports the commit ([`Streamer::on_committed`]).
+    async fn flush(&mut self) -> Result<()> {
         let pending = &mut self.pending;
         pending.deadline = None;
-        if pending.batch.is_empty()
+        if pending.events == 0
             && pending.relations.is_empty()
-            && pending.safe_lsn <= self.ckpt.lsn
+            && pending.safe_lsn <= self.submitted.lsn
         {
             return Ok(());
         }
         // The invariant of the LSN rules: the checkpoint never moves back, and never claims a
         // transaction that is still arriving.
-        debug_assert!(pending.safe_lsn >= self.ckpt.lsn);
+        debug_assert!(pending.safe_lsn >= self.submitted.lsn);
         debug_assert!(self
             .tx
             .as_ref()
@@ -467,30 +494,51 @@ impl Streamer<'_> {
         let next = Checkpoint {
             lsn: pending.safe_lsn,
             last_event: pending.last_event,
-            events_total: self.ckpt.events_total + pending.batch.len() as i64,
+            events_total: self.submitted.events_total + pending.events as i64,
         };
-        let started = std::time::Instant::now();
-        buffer
-            .write(&pending.batch, &pending.relations, &next)
-            .await?;
+        if !self.encoder.is_empty() {
+            self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
+        }
+        let commit = Commit {
+            relations: std::mem::take(&mut pending.relations),
+            checkpoint: next,
+            counts: std::mem::take(&mut pending.counts),
+        };
+        pending.events = 0;
+        pending.image_bytes = 0;
+        self.writer.send(WriteOp::Commit(commit)).await?;
+        self.submitted = next;
+        Ok(())
+    }
+
+    /// A buffer transaction committed: its checkpoint is durable, so it may be confirmed.
+    fn on_committed(&mut self, committed: Committed, stream: &ReplicationClient) {
         if let Some(observer) = &self.opts.observer {
-            observer.batch_written(&self.cfg.id, &pending.batch, started.elapsed());
+            observer.batch_written(&self.cfg.id, &committed.counts, committed.elapsed);
         }
         // The window between the buffer commit and the acknowledgement to the source, which
         // the reliability tests crash in on purpose.
         failpoint("after-buffer-commit");
-        self.ckpt = next;
-        pending.batch.clear();
-        pending.batch_bytes = 0;
-        pending.relations.clear();
+        debug_assert!(committed.checkpoint.lsn >= self.ckpt.lsn);
+        self.ckpt = committed.checkpoint;
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
         let ckpt = self.ckpt;
-        progress.send_modify(|p| {
+        self.progress.send_modify(|p| {
             p.checkpoint_lsn = ckpt.lsn;
             p.events_total = ckpt.events_total;
             p.last_checkpoint_time = Some(SystemTime::now());
             p.last_error = None;
         });
+    }
+
+    /// Waits until everything handed to the writer is committed (and confirmed).
+    async fn wait_durable(&mut self, stream: &ReplicationClient) -> Result<()> {
+        while self.ckpt != self.submitted {
+            match self.writer.committed().await {
+                Some(c) => self.on_committed(c, stream),
+                None => return Err(Error::Buffer("the buffer writer stopped".into())),
+            }
+        }
         Ok(())
     }
 }
@@ -504,18 +552,42 @@ const MAX_QUEUED_MESSAGES: usize = 1000;
 /// `batchSize` batch large in memory.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
-/// What is received but not yet durable.
+/// What is received but not yet handed to the writer in a commit request.
 struct Pending {
-    batch: Vec<Event>,
-    /// Bytes of the row images in `batch`.
-    batch_bytes: usize,
+    /// Events in the batch.
+    events: usize,
+    /// Bytes of their row images.
+    image_bytes: usize,
+    /// Events per table and operation, for the metrics.
+    counts: Vec<Count>,
     relations: Vec<RelationRecord>,
     /// The LSN the next checkpoint may claim (see the LSN rules above).
     safe_lsn: u64,
-    /// The last event accepted: written, or in `batch`.
+    /// The last event accepted: written, or in the batch.
     last_event: Option<(u64, i32)>,
     /// When the oldest unwritten event (or checkpoint advance) must be written.
     deadline: Option<Instant>,
+}
+
+impl Pending {
+    fn add(&mut self, change: &Change) {
+        self.events += 1;
+        self.image_bytes += change.before.as_ref().map_or(0, String::len)
+            + change.after.as_ref().map_or(0, String::len);
+        match self.counts.last_mut() {
+            Some(c)
+                if Arc::ptr_eq(&c.relation, &change.relation)
+                    && c.operation == change.operation =>
+            {
+                c.events += 1
+            }
+            _ => self.counts.push(Count {
+                relation: change.relation.clone(),
+                operation: change.operation,
+                events: 1,
+            }),
+        }
+    }
 }
 
 /// Test hook: `PHILOTES_FAILPOINT=<name>` makes the process abort (like `kill -9`: nothing
