@@ -92,7 +92,18 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One pipeline needs one thread: the stream reader, the loop and the buffer writer then
+    // hand work to each other without waking threads on other cores. The operator runs
+    // many pipelines and uses every core.
+    let runtime = match &cli.command {
+        Command::Run { .. } | Command::Demo | Command::Verify { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
