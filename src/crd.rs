@@ -12,7 +12,7 @@ pub const GROUP: &str = "philotes.io";
 /// API version of `CdcPipeline`.
 pub const VERSION: &str = "v1alpha1";
 
-pub const DEFAULT_BATCH_SIZE: u32 = 1000;
+pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
 pub const DEFAULT_BUFFER_SIZE: u32 = 10_000;
 pub const DEFAULT_FLUSH_INTERVAL: &str = "5s";
 pub const DEFAULT_STATUS_INTERVAL: &str = "10s";
@@ -45,7 +45,9 @@ pub struct CdcPipelineSpec {
     pub source: SourceSpec,
     /// The PostgreSQL database the change events are written to.
     pub buffer: BufferSpec,
-    /// Maximum number of events written to the buffer in one transaction. Default 1000.
+    /// Maximum number of events written to the buffer in one transaction (rows stream to the
+    /// buffer as they arrive; this sets how often they are committed and checkpointed).
+    /// Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub batch_size: Option<u32>,

@@ -350,7 +350,7 @@ mod tests {
         assert_eq!(c.slot, "philotes_shop_orders");
         assert_eq!(c.publication, "philotes_orders");
         assert_eq!(c.buffer_schema, "philotes");
-        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.batch_size, 10_000);
         assert_eq!(c.buffer_size, 10_000);
         assert_eq!(c.flush_interval, Duration::from_secs(5));
         assert_eq!(c.status_interval, Duration::from_secs(10));
