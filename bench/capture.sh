@@ -56,6 +56,11 @@ BUF="host=127.0.0.1 port=$BUF_PORT user=postgres dbname=postgres"
 psrc() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 "$SRC" "$@"; }
 pbuf() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 "$BUF" "$@"; }
 now() { date +%s.%N; }
+# The client's CPU time and peak RSS (GNU time: user s, system s, max RSS KiB).
+TIME="/usr/bin/time -f %U\t%S\t%M -o $WORK/client"
+[ -x /usr/bin/time ] || { echo "GNU time is needed (/usr/bin/time; Debian package time)" >&2; exit 1; }
+# CPU seconds each server has used so far (see bench/cpu.py).
+server_cpu() { python3 "$ROOT/bench/cpu.py" "$WORK/src" "$WORK/buf"; }
 
 TABLE_DDL="CREATE TABLE t (id bigint PRIMARY KEY, a int, n numeric, s1 text, s2 text, ts timestamptz)"
 WIDE_DDL="CREATE TABLE t (id bigint PRIMARY KEY, a int, big text, doc jsonb)"
@@ -118,7 +123,7 @@ expected_changes() { # row changes the workload made = what each contender must 
 }
 
 run_recvlogical() {
-  "$BIN/pg_recvlogical" -d "$SRC" --slot=recv --start -o proto_version=1 -o publication_names=bench \
+  $TIME "$BIN/pg_recvlogical" -d "$SRC" --slot=recv --start -o proto_version=1 -o publication_names=bench \
     -E "$TARGET" -f /dev/null --no-loop
 }
 
@@ -146,15 +151,8 @@ kind: Secret
 metadata: {name: buf, namespace: bench}
 stringData: {uri: "postgres://postgres@127.0.0.1:$BUF_PORT/postgres?sslmode=disable"}
 YAML
-  "$PHILOTES" run -f "$WORK/pipeline.yaml" --until-caught-up 2>"$WORK/philotes.log" &
-  local pid=$! peak=0 kib
-  while kill -0 $pid 2>/dev/null; do
-    kib=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
-    [ -n "$kib" ] && [ "$kib" -gt "$peak" ] && peak=$kib
-    sleep 0.05
-  done
-  wait $pid || { cat "$WORK/philotes.log" >&2; return 1; }
-  echo "$peak" > "$WORK/peak"
+  $TIME "$PHILOTES" run -f "$WORK/pipeline.yaml" --until-caught-up 2>"$WORK/philotes.log" \
+    || { cat "$WORK/philotes.log" >&2; return 1; }
 }
 
 check() { # contender: did it receive the whole workload?
@@ -166,7 +164,7 @@ check() { # contender: did it receive the whole workload?
 }
 
 RESULTS=$OUT/results.tsv
-echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib" > "$RESULTS"
+echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib\tsource_cpu_s\tbuffer_cpu_s\tclient_cpu_s" > "$RESULTS"
 CONTENDERS=(recvlogical native philotes)
 for wl in "${WORKLOADS[@]}"; do
   for round in $(seq 1 "$ROUNDS"); do
@@ -184,11 +182,19 @@ for wl in "${WORKLOADS[@]}"; do
     order=("${CONTENDERS[@]:$(( (round - 1) % 3 ))}" "${CONTENDERS[@]:0:$(( (round - 1) % 3 ))}")
     for c in "${order[@]}"; do
       psrc -c "CHECKPOINT" >/dev/null; pbuf -c "CHECKPOINT" >/dev/null
+      rm -f "$WORK/client"
+      read -r src0 buf0 < <(server_cpu)
       t0=$(now); "run_$c"; t1=$(now)
-      secs=$(python3 -c "print($t1 - $t0)")
+      read -r src1 buf1 < <(server_cpu)
       check "$c" || { echo "$c did not receive the whole $wl workload" >&2; exit 1; }
-      peak=""; [ "$c" = philotes ] && peak=$(cat "$WORK/peak")
-      printf '%s\t%s\t%s\t%.3f\t%s\t%s\n' "$wl" "$round" "$c" "$secs" "$EXPECTED" "$peak" | tee -a "$RESULTS"
+      # Native logical replication has no client process: its apply worker is in the buffer server.
+      client="0 0 "; [ -f "$WORK/client" ] && client=$(tail -1 "$WORK/client")
+      python3 - "$wl" "$round" "$c" "$t0" "$t1" "$EXPECTED" "$src0" "$src1" "$buf0" "$buf1" $client <<'PY' | tee -a "$RESULTS"
+import sys
+wl, rnd, c, t0, t1, n, s0, s1, b0, b1, cu, cs = sys.argv[1:13]
+rss = sys.argv[13] if len(sys.argv) > 13 and c == "philotes" else ""
+print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}")
+PY
     done
     pbuf -c "DROP SUBSCRIPTION sub" >/dev/null
     for s in recv philotes; do psrc -c "SELECT pg_drop_replication_slot('$s')" >/dev/null; done
