@@ -13,7 +13,7 @@ fn demo_runs_end_to_end() {
         "starting a throwaway PostgreSQL",
         "caught up: 11 events written",
         "UPDATE   customers",
-        "DELETE   orders     {\"id\": 5}",
+        "DELETE   orders     {\"id\":5}",
         "==> done",
     ] {
         assert!(out.contains(phrase), "missing {phrase:?} in:\n{out}");

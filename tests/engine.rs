@@ -71,7 +71,7 @@ async fn values_round_trip_for_every_type() {
         // SQL NULL and a JSON null document both read as JSON null.
         let (lhs, rhs) = if ty == "json" || ty == "jsonb" {
             (
-                format!("e.after->'{col}'"),
+                format!("(e.after->'{col}')::jsonb"),
                 format!("coalesce(t.{col}::jsonb, 'null')"),
             )
         } else {
@@ -82,7 +82,7 @@ async fn values_round_trip_for_every_type() {
                 &format!(
                     "SELECT count(*) FROM t JOIN philotes.cdc_events e
                        ON e.pipeline = 'test/types' AND e.table_name = 't' AND (e.after->>'id')::int = t.id
-                     WHERE NOT (e.after ? '{col}') OR {lhs} IS DISTINCT FROM {rhs}"
+                     WHERE NOT (e.after::jsonb ? '{col}') OR {lhs} IS DISTINCT FROM {rhs}"
                 ),
                 &[],
             )
@@ -94,8 +94,8 @@ async fn values_round_trip_for_every_type() {
     // The JSON types a consumer sees.
     let row = db
         .query_one(
-            "SELECT jsonb_typeof(after->'c_int8'), jsonb_typeof(after->'c_numeric'), jsonb_typeof(after->'c_bool'),
-                    jsonb_typeof(after->'c_jsonb'), jsonb_typeof(after->'c_timestamptz'), after->>'c_bytea',
+            "SELECT json_typeof(after->'c_int8'), json_typeof(after->'c_numeric'), json_typeof(after->'c_bool'),
+                    json_typeof(after->'c_jsonb'), json_typeof(after->'c_timestamptz'), after->>'c_bytea',
                     after->>'c_int8', after->>'c_numeric'
              FROM philotes.cdc_events WHERE pipeline = 'test/types' AND (after->>'id')::int = 1",
             &[],
@@ -119,7 +119,7 @@ async fn values_round_trip_for_every_type() {
     );
     let specials = db
         .query_one(
-            "SELECT jsonb_typeof(after->'c_float4'), after->>'c_float4', jsonb_typeof(after->'c_int2'), jsonb_typeof(after->'c_jsonb')
+            "SELECT json_typeof(after->'c_float4'), after->>'c_float4', json_typeof(after->'c_int2'), json_typeof(after->'c_jsonb')
              FROM philotes.cdc_events WHERE pipeline = 'test/types' AND (after->>'id')::int = 2",
             &[],
         )
@@ -131,7 +131,7 @@ async fn values_round_trip_for_every_type() {
     assert_eq!(specials.get::<_, String>(3), "string");
     let nulls = db
         .query_one(
-            "SELECT jsonb_typeof(after->'c_int2'), jsonb_typeof(after->'c_jsonb') FROM philotes.cdc_events
+            "SELECT json_typeof(after->'c_int2'), json_typeof(after->'c_jsonb') FROM philotes.cdc_events
              WHERE pipeline = 'test/types' AND (after->>'id')::int = 3",
             &[],
         )
@@ -143,6 +143,20 @@ async fn values_round_trip_for_every_type() {
         "null",
         "jsonb 'null' stays JSON null"
     );
+    // Images keep the columns in table order (json, not jsonb, which would sort the keys).
+    let keys: Vec<String> = db
+        .query(
+            "SELECT json_object_keys(after) FROM philotes.cdc_events
+             WHERE pipeline = 'test/types' AND (after->>'id')::int = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
+    assert_eq!(keys, names);
 }
 
 /// INSERT/UPDATE/DELETE images, unchanged TOAST values, and REPLICA IDENTITY FULL vs DEFAULT.
@@ -571,4 +585,65 @@ async fn status_is_printed_every_interval_as_text_and_json() {
     .await;
     assert!(text.contains("42 events"), "{text}");
     kill9(&mut child);
+}
+
+/// A buffer written by an older Philotes (schema version 1, jsonb images) is migrated in
+/// place: what it holds is kept, and new events land next to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_buffer_is_migrated_and_kept() {
+    let uri = fresh_db(shared(), "migrate").await;
+    let db = connect(&uri).await;
+    db.batch_execute(&format!(
+        "CREATE SCHEMA philotes;
+         SET search_path TO philotes;
+         {}
+         CREATE TABLE philotes_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO philotes_migrations (version, name) VALUES (1, '0001_init.sql');
+         INSERT INTO cdc_events VALUES ('old/pipeline', '0/10', 0, '0/8', 5, '2026-01-01', 'public', 'old', 'INSERT', '{{id}}',
+                                        NULL, '{{\"id\": 1, \"v\": \"kept\"}}');
+         RESET search_path;
+         CREATE TABLE t (id int PRIMARY KEY, v text);",
+        include_str!("../migrations/0001_init.sql")
+    ))
+    .await
+    .unwrap();
+    let cfg = config(&manifest("migrate", &uri, &uri, &["t"], FAST));
+    catch_up(&cfg).await;
+    db.execute("INSERT INTO t VALUES (2, 'new')", &[])
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+
+    let versions: Vec<i32> = db
+        .query(
+            "SELECT version FROM philotes.philotes_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    let types: Vec<String> = db
+        .query(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 'philotes.cdc_events'::regclass AND attname IN ('before', 'after') ORDER BY attname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["json", "json"]);
+    let old = events(&db, "philotes", "old/pipeline").await;
+    assert_eq!(old.len(), 1);
+    assert_eq!(
+        old[0].after,
+        Some(serde_json::json!({"id": 1, "v": "kept"}))
+    );
+    let new = events(&db, "philotes", "test/migrate").await;
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].after, Some(serde_json::json!({"id": 2, "v": "new"})));
 }

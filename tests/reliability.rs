@@ -309,7 +309,7 @@ async fn hostile_names_and_values_are_captured_faithfully() {
         let quoted = format!("\"{}\"", col.replace('"', "\"\""));
         let (lhs, rhs) = match ty.as_str() {
             "jsonb" => (
-                format!("e.after->'{key}'"),
+                format!("(e.after->'{key}')::jsonb"),
                 format!("coalesce(t.{quoted}, 'null')"),
             ),
             // xml has no equality operator.
@@ -354,10 +354,10 @@ async fn verify_detects_lost_altered_and_duplicated_events() {
     buffer
         .batch_execute(
             "DELETE FROM philotes.cdc_events WHERE pipeline = 'test/tamper' AND operation = 'INSERT' AND after->>'id' = '3';
-             UPDATE philotes.cdc_events SET after = jsonb_set(after, '{v}', '\"tampered\"') WHERE after->>'id' = '7';
+             UPDATE philotes.cdc_events SET after = jsonb_set(after::jsonb, '{v}', '\"tampered\"') WHERE after->>'id' = '7';
              INSERT INTO philotes.cdc_events
                SELECT pipeline, commit_lsn, seq + 1000, lsn, xid, commit_time, schema_name, table_name, operation, key_columns, before,
-                      jsonb_set(after, '{id}', '99')
+                      jsonb_set(after::jsonb, '{id}', '99')
                FROM philotes.cdc_events WHERE after->>'id' = '9' AND operation = 'INSERT';",
         )
         .await
@@ -495,7 +495,7 @@ async fn very_deep_json_is_captured() {
     catch_up(&cfg).await;
     let same: bool = db
         .query_one(
-            "SELECT e.after->'doc' = d.doc AND e.after->'txt' = d.txt::jsonb
+            "SELECT (e.after->'doc')::jsonb = d.doc AND (e.after->'txt')::text = d.txt::text
              FROM d JOIN philotes.cdc_events e ON e.pipeline = 'test/deepjson' AND e.operation = 'INSERT'",
             &[],
         )

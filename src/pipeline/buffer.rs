@@ -26,11 +26,18 @@ use super::error::{Error, Result};
 use super::lsn;
 
 /// Migrations in order, embedded from `migrations/`.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_init.sql",
-    include_str!("../../migrations/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_init.sql",
+        include_str!("../../migrations/0001_init.sql"),
+    ),
+    (
+        2,
+        "0002_json_images.sql",
+        include_str!("../../migrations/0002_json_images.sql"),
+    ),
+];
 
 /// Where a change sits in the source's commit order.
 #[derive(Debug, Clone, Copy)]
@@ -504,12 +511,10 @@ const COPY_TRAILER: [u8; 2] = (-1i16).to_be_bytes();
 /// `cdc_events` has 12 columns.
 const EVENT_FIELDS: i16 = 12;
 const TEXT_OID: i32 = 25;
-/// jsonb's binary input: a version byte, then the JSON text.
-const JSONB_VERSION: u8 = 1;
 
 /// Encodes `cdc_events` rows in COPY's binary format: no escaping on our side and no text
-/// parsing of LSNs, timestamps and arrays on the buffer server's (only the JSON images are
-/// parsed, into jsonb). The fields that repeat for every row of a table are encoded once.
+/// parsing of LSNs, timestamps and arrays on the buffer server's (which only validates the
+/// JSON images). The fields that repeat for every row of a table are encoded once.
 pub struct RowEncoder {
     /// The pipeline column, encoded.
     pipeline: Vec<u8>,
@@ -573,9 +578,8 @@ impl RowEncoder {
         for image in images {
             match image {
                 Some(json) => {
-                    out.put_i32((json.len() + 1) as i32);
-                    out.put_u8(JSONB_VERSION);
-                    out.put_slice(json.as_bytes());
+                    // json's binary input is its text.
+                    put_field(out, json.as_bytes());
                 }
                 None => out.put_i32(-1),
             }
@@ -703,7 +707,7 @@ mod tests {
         array.extend(b"id");
         field(&mut want, &array);
         want.extend((-1i32).to_be_bytes());
-        field(&mut want, b"\x01{}");
+        field(&mut want, b"{}");
         assert_eq!(enc.take().as_ref(), want.as_slice());
         assert!(enc.is_empty());
     }

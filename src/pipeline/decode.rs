@@ -402,8 +402,8 @@ pub fn write_value(out: &mut String, type_oid: u32, text: &str) {
         }
         oid::BOOL => out.push_str(if text == "t" { "true" } else { "false" }),
         oid::JSONB => out.push_str(text),
-        // json keeps its text verbatim, and jsonb (the buffer's column type) cannot hold a
-        // \u0000 escape: such a document is kept as a string instead of failing the write.
+        // json keeps its text verbatim. A \u0000 escape would make the whole image fail a
+        // consumer's cast to jsonb (and `->>`): such a document is kept as a string.
         oid::JSON if !text.contains("\\u0000") => out.push_str(text),
         _ => write_json_string(out, text),
     }
