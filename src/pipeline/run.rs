@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
@@ -334,12 +335,16 @@ impl Streamer<'_> {
                 _ = sleep_until(self.pending.deadline.unwrap_or_else(Instant::now)), if self.pending.deadline.is_some() => {
                     self.flush().await?;
                 }
-                // 4. The stream (keepalive replies are sent by the client itself).
+                // 4. The stream (keepalive replies are sent by the client itself), then what
+                //    else is already queued, up to a bound, without going round the select
+                //    for every message.
                 event = stream.recv() => {
-                    match event {
-                        Ok(Some(event)) => self.on_event(event).await?,
-                        Ok(None) => return Err(Error::Stream("the source ended the replication stream".into())),
-                        Err(e) => return Err(stream_error(self.cfg, e)),
+                    self.on_received(event).await?;
+                    for _ in 0..DRAIN_QUEUED {
+                        let Some(event) = stream.recv().now_or_never() else {
+                            break;
+                        };
+                        self.on_received(event).await?;
                     }
                 }
             }
@@ -347,6 +352,19 @@ impl Streamer<'_> {
                 stream.stop();
                 return Ok(Outcome::CaughtUp);
             }
+        }
+    }
+
+    async fn on_received(
+        &mut self,
+        event: std::result::Result<Option<ReplicationEvent>, PgWireError>,
+    ) -> Result<()> {
+        match event {
+            Ok(Some(event)) => self.on_event(event).await,
+            Ok(None) => Err(Error::Stream(
+                "the source ended the replication stream".into(),
+            )),
+            Err(e) => Err(stream_error(self.cfg, e)),
         }
     }
 
@@ -542,6 +560,10 @@ impl Streamer<'_> {
         Ok(())
     }
 }
+
+/// Queued messages taken in one go after a received one, before shutdown, commits and the
+/// flush deadline are looked at again.
+const DRAIN_QUEUED: usize = 256;
 
 /// Messages queued between the stream and the loop, at most, whatever `bufferSize` says: the
 /// queue counts messages, not bytes, and a message is a whole row (20 KB rows would make the
