@@ -144,17 +144,12 @@ async fn values_round_trip_for_every_type() {
         "jsonb 'null' stays JSON null"
     );
     // Images keep the columns in table order (json, not jsonb, which would sort the keys).
-    let keys: Vec<String> = db
-        .query(
-            "SELECT json_object_keys(after) FROM philotes.cdc_events
-             WHERE pipeline = 'test/types' AND (after->>'id')::int = 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let keys: Vec<String> = column(
+        &db,
+        "SELECT json_object_keys(after) FROM philotes.cdc_events
+         WHERE pipeline = 'test/types' AND (after->>'id')::int = 1",
+    )
+    .await;
     let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
     assert_eq!(keys, names);
 }
@@ -614,28 +609,18 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
         .unwrap();
     catch_up(&cfg).await;
 
-    let versions: Vec<i32> = db
-        .query(
-            "SELECT version FROM philotes.philotes_migrations ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions: Vec<i32> = column(
+        &db,
+        "SELECT version FROM philotes.philotes_migrations ORDER BY version",
+    )
+    .await;
     assert_eq!(versions, [1, 2]);
-    let types: Vec<String> = db
-        .query(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-             WHERE attrelid = 'philotes.cdc_events'::regclass AND attname IN ('before', 'after') ORDER BY attname",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types: Vec<String> = column(
+        &db,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = 'philotes.cdc_events'::regclass AND attname IN ('before', 'after') ORDER BY attname",
+    )
+    .await;
     assert_eq!(types, ["json", "json"]);
     let old = events(&db, "philotes", "old/pipeline").await;
     assert_eq!(old.len(), 1);

@@ -238,6 +238,17 @@ pub struct EventRow {
     pub after: Option<serde_json::Value>,
 }
 
+/// The first column of every row `sql` returns.
+pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql: &str) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Every event of `pipeline` in `schema`, in commit order.
 pub async fn events(buffer: &Client, schema: &str, pipeline: &str) -> Vec<EventRow> {
     buffer
