@@ -4,17 +4,21 @@
 //!
 //! - **received**: the highest position the stream has reported (a commit's end, or a
 //!   keepalive's WAL end). Nothing follows from it.
-//! - **written**: events sit in `batch` until a buffer transaction commits them. `safe_lsn` is
-//!   the position a checkpoint may claim once the batch is written: the end of the last commit
-//!   received, or a keepalive's WAL end when no transaction is open (nothing before it is
-//!   missing). It never moves while a transaction is open, so a checkpoint never claims a
-//!   transaction whose changes are only partly written.
+//! - **submitted**: events stream to the buffer writer as they are decoded, into a buffer
+//!   transaction that is not committed yet. `safe_lsn` is the position a checkpoint may claim
+//!   once the events before it are committed: the end of the last commit received, or a
+//!   keepalive's WAL end when no transaction is open (nothing before it is missing). It never
+//!   moves while a transaction is open, so a checkpoint never claims a transaction whose
+//!   changes are only partly written. A commit request hands the writer the checkpoint
+//!   `submitted` (then equal to `safe_lsn`) to commit with the events.
 //! - **checkpointed**: `ckpt.lsn`, committed in the buffer in the same transaction as the
-//!   events it covers. Together with `ckpt.last_event` (the last event written, possibly part
-//!   of an unfinished transaction) it is the whole durable state: a restart streams from
-//!   `ckpt.lsn` and skips events at or before `ckpt.last_event`.
-//! - **confirmed to the source**: only ever `ckpt.lsn`, and only after the buffer transaction
-//!   that wrote it committed. Invariant: confirmed ≤ checkpointed ≤ safe_lsn ≤ received.
+//!   events it covers, and known here once the writer reports that commit. Together with
+//!   `ckpt.last_event` (the last event written, possibly part of an unfinished transaction) it
+//!   is the whole durable state: a restart streams from `ckpt.lsn` and skips events at or
+//!   before `ckpt.last_event`.
+//! - **confirmed to the source**: only ever `ckpt.lsn`, and only after the writer reported the
+//!   buffer transaction that wrote it committed. Invariant: confirmed ≤ checkpointed ≤
+//!   submitted ≤ safe_lsn ≤ received.
 
 use std::collections::HashMap;
 use std::sync::Arc;
