@@ -642,16 +642,6 @@ impl TableFields {
     }
 }
 
-/// PostgreSQL epoch (2000-01-01) in Unix microseconds.
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
-
-/// Converts PostgreSQL's timestamp (µs since 2000-01-01) to RFC 3339.
-pub fn pg_time_to_rfc3339(pg_micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS))
-        .map(|t| t.to_rfc3339())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
