@@ -403,7 +403,7 @@ impl Streamer<'_> {
                 let Some(open) = self.tx.as_mut() else {
                     return Err(Error::Decode("change outside a transaction".into()));
                 };
-                let changes = match self.decoder.decode(&data)? {
+                let change = match self.decoder.decode(&data)? {
                     Decoded::Relation(rel) => {
                         let position = (open.commit_lsn, open.seq);
                         let known = self
@@ -420,40 +420,16 @@ impl Streamer<'_> {
                         }
                         return Ok(());
                     }
-                    Decoded::Change(c) => vec![c],
-                    Decoded::Truncate(cs) => cs,
+                    Decoded::Change(c) => c,
+                    Decoded::Truncate(cs) => {
+                        for c in cs {
+                            self.on_change(c, wal_start.0).await?;
+                        }
+                        return Ok(());
+                    }
                     Decoded::Nothing => return Ok(()),
                 };
-                for change in changes {
-                    let Some(open) = self.tx.as_mut() else {
-                        break;
-                    };
-                    let at = Position {
-                        commit_lsn: open.commit_lsn,
-                        seq: open.seq,
-                        lsn: wal_start.0,
-                        xid: open.xid,
-                        commit_time: open.commit_time,
-                    };
-                    open.seq += 1;
-                    // Already in the buffer from before a restart: skip, so it lands once.
-                    let position = (at.commit_lsn, at.seq);
-                    if self.pending.last_event.is_some_and(|last| position <= last) {
-                        continue;
-                    }
-                    self.pending.last_event = Some(position);
-                    self.pending.add(&change);
-                    self.encoder.push(&at, &change);
-                    self.arm_deadline();
-                    if self.encoder.len() >= ROWS_CHUNK {
-                        self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
-                    }
-                    if self.pending.events >= self.cfg.batch_size
-                        || self.pending.image_bytes >= MAX_BATCH_BYTES
-                    {
-                        self.flush().await?;
-                    }
-                }
+                self.on_change(change, wal_start.0).await?;
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.tx = None;
@@ -470,6 +446,39 @@ impl Streamer<'_> {
             ReplicationEvent::StoppedAt { .. } => {
                 return Err(Error::Stream("the stream stopped unexpectedly".into()));
             }
+        }
+        Ok(())
+    }
+
+    /// One change of the open transaction: skipped if the buffer has it already, else encoded
+    /// for the writer.
+    async fn on_change(&mut self, change: Change, lsn: u64) -> Result<()> {
+        let Some(open) = self.tx.as_mut() else {
+            return Err(Error::Decode("change outside a transaction".into()));
+        };
+        let at = Position {
+            commit_lsn: open.commit_lsn,
+            seq: open.seq,
+            lsn,
+            xid: open.xid,
+            commit_time: open.commit_time,
+        };
+        open.seq += 1;
+        // Already in the buffer from before a restart: skip, so it lands once.
+        let position = (at.commit_lsn, at.seq);
+        if self.pending.last_event.is_some_and(|last| position <= last) {
+            return Ok(());
+        }
+        self.pending.last_event = Some(position);
+        self.pending.add(&change);
+        self.encoder.push(&at, &change);
+        self.arm_deadline();
+        if self.encoder.len() >= ROWS_CHUNK {
+            self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
+        }
+        if self.pending.events >= self.cfg.batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES
+        {
+            self.flush().await?;
         }
         Ok(())
     }
