@@ -284,11 +284,21 @@ pub struct Committed {
 /// Requests queued for the writer at most (each at most a few hundred KB of rows).
 const QUEUED_REQUESTS: usize = 8;
 
-/// The loop's end of the writer task.
+/// The loop's end of the writer task. Dropped without [`Writer::close`] (the pipeline's task
+/// was aborted), it aborts the writer too, so a writer stuck on an unresponsive buffer does
+/// not outlive its pipeline.
 pub struct Writer {
     ops: mpsc::Sender<WriteOp>,
     committed: mpsc::UnboundedReceiver<Committed>,
-    task: JoinHandle<(Buffer, Result<()>)>,
+    task: Option<JoinHandle<(Buffer, Result<()>)>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 impl Writer {
@@ -298,7 +308,7 @@ impl Writer {
         Writer {
             ops,
             committed,
-            task: tokio::spawn(buffer.serve(requests, done)),
+            task: Some(tokio::spawn(buffer.serve(requests, done))),
         }
     }
 
@@ -318,9 +328,13 @@ impl Writer {
 
     /// Lets the writer finish what is queued (an unfinished transaction is rolled back) and
     /// hands the buffer back, with the writer's error if it failed.
-    pub async fn close(self) -> (Option<Buffer>, Result<()>) {
-        drop(self.ops);
-        match self.task.await {
+    pub async fn close(mut self) -> (Option<Buffer>, Result<()>) {
+        let Some(task) = self.task.take() else {
+            return (None, Err(Error::Buffer("the buffer writer is gone".into())));
+        };
+        // The writer sees the end of its queue once this side is dropped.
+        drop(self);
+        match task.await {
             Ok((buffer, result)) => (Some(buffer), result),
             Err(e) => (
                 None,
