@@ -27,9 +27,8 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::crd::{CdcPipeline, CdcPipelineStatus, SlotDeletionPolicy};
-use crate::duration;
 use crate::metrics::{ErrorLabels, Metrics, PipelineLabels, ReconcileLabels};
-use crate::pipeline::{self, PipelineConfig};
+use crate::pipeline::{self, config, PipelineConfig};
 
 use self::refs::Secrets;
 use self::status::{Inputs, Observed};
@@ -204,20 +203,12 @@ pub fn key(p: &CdcPipeline) -> String {
     format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())
 }
 
-fn status_interval(p: &CdcPipeline) -> Duration {
-    p.spec
-        .status_interval
-        .as_deref()
-        .and_then(|s| duration::parse(s).ok())
-        .filter(|d| *d >= Duration::from_millis(10))
-        .unwrap_or(Duration::from_secs(10))
-}
-
 /// Read refs → validate → start/stop → status.
 async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError> {
     let key = key(p);
     let ns = p.namespace().unwrap_or_default();
-    let every = status_interval(p);
+    // An unusable interval is reported in the status (Invalid); refresh at the default then.
+    let every = config::status_interval(&p.spec).unwrap_or(Duration::from_secs(10));
 
     let (observed, cfg) = if p.spec.suspend.unwrap_or(false) {
         if ctx.supervisor.stop(&key).await {

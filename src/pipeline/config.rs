@@ -193,27 +193,10 @@ impl PipelineConfig {
             spec.buffer_size,
             crd::DEFAULT_BUFFER_SIZE,
         )?;
-        let interval = |field: &str, v: &Option<String>, default: &str| -> Result<Duration> {
-            let d =
-                duration::parse(v.as_deref().unwrap_or(default)).map_err(|e| invalid(field, e))?;
-            if d < Duration::from_millis(10) || d > Duration::from_secs(24 * 3600) {
-                return Err(invalid(
-                    field,
-                    format!("must be between 10ms and 24h (got {})", duration::format(d)),
-                ));
-            }
-            Ok(d)
-        };
-        let flush_interval = interval(
-            "spec.flushInterval",
-            &spec.flush_interval,
-            crd::DEFAULT_FLUSH_INTERVAL,
-        )?;
-        let status_interval = interval(
-            "spec.statusInterval",
-            &spec.status_interval,
-            crd::DEFAULT_STATUS_INTERVAL,
-        )?;
+        let flush_interval = interval(&spec.flush_interval, crd::DEFAULT_FLUSH_INTERVAL)
+            .map_err(|why| invalid("spec.flushInterval", why))?;
+        let status_interval =
+            status_interval(spec).map_err(|why| invalid("spec.statusInterval", why))?;
         let source = conn_from_secret(
             namespace,
             &spec.source.connection_secret_ref,
@@ -302,6 +285,24 @@ pub fn derive_name(raw: &str) -> String {
         h = h.wrapping_mul(0x01000193);
     }
     format!("{}_{h:08x}", &clean[..54])
+}
+
+/// A duration field: `default` when unset, and between 10ms and 24h. The error says what is
+/// wrong with the value.
+fn interval(value: &Option<String>, default: &str) -> std::result::Result<Duration, String> {
+    let d = duration::parse(value.as_deref().unwrap_or(default))?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(24 * 3600) {
+        return Err(format!(
+            "must be between 10ms and 24h (got {})",
+            duration::format(d)
+        ));
+    }
+    Ok(d)
+}
+
+/// `spec.statusInterval`, or its default when unset.
+pub fn status_interval(spec: &CdcPipelineSpec) -> std::result::Result<Duration, String> {
+    interval(&spec.status_interval, crd::DEFAULT_STATUS_INTERVAL)
 }
 
 #[cfg(test)]
