@@ -157,15 +157,13 @@ async fn values_round_trip_for_every_type() {
 /// INSERT/UPDATE/DELETE images, unchanged TOAST values, and REPLICA IDENTITY FULL vs DEFAULT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toast_and_replica_identity() {
-    let (src, buf) = databases("toast").await;
-    let db = connect(&src).await;
-    db.batch_execute(
+    let (src, buf, db) = databases_with(
+        "toast",
         "CREATE TABLE dflt (id int PRIMARY KEY, n int, big text);
          CREATE TABLE full_id (id int PRIMARY KEY, n int, big text);
          ALTER TABLE full_id REPLICA IDENTITY FULL;",
     )
-    .await
-    .unwrap();
+    .await;
     let cfg = config(&manifest(
         "toast",
         &src,
@@ -250,13 +248,11 @@ async fn toast_and_replica_identity() {
 /// and later events carry the new column.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_and_alter_table_mid_stream() {
-    let (src, buf) = databases("ddl").await;
-    let db = connect(&src).await;
-    db.batch_execute(
+    let (src, buf, db) = databases_with(
+        "ddl",
         "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY);",
     )
-    .await
-    .unwrap();
+    .await;
     let cfg = config(&manifest("ddl", &src, &buf, &["a", "b"], FAST));
     let mut r = start(cfg.clone(), RunOptions::default());
     r.streaming().await;
@@ -353,12 +349,8 @@ async fn truncate_and_alter_table_mid_stream() {
 /// rolled-back work never lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_transactions_land_in_commit_order() {
-    let (src, buf) = databases("order").await;
-    let setup = connect(&src).await;
-    setup
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, who text)")
-        .await
-        .unwrap();
+    let (src, buf, setup) =
+        databases_with("order", "CREATE TABLE t (id int PRIMARY KEY, who text)").await;
     let cfg = config(&manifest("order", &src, &buf, &["t"], FAST));
     let mut r = start(cfg.clone(), RunOptions::default());
     r.streaming().await;
@@ -402,11 +394,11 @@ async fn interleaved_transactions_land_in_commit_order() {
 /// slot's confirmed position still advance, so the source does not retain WAL for us.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tables_do_not_hold_back_the_slot() {
-    let (src, buf) = databases("idle").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id int)")
-        .await
-        .unwrap();
+    let (src, buf, db) = databases_with(
+        "idle",
+        "CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE other (id int)",
+    )
+    .await;
     let cfg = config(&manifest("idle", &src, &buf, &["captured"], FAST));
     let mut r = start(cfg.clone(), RunOptions::default());
     r.streaming().await;
@@ -443,11 +435,7 @@ async fn idle_tables_do_not_hold_back_the_slot() {
 /// publication and slot being adopted on the second start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_checkpoint_exactly_once() {
-    let (src, buf) = databases("resume").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (src, buf, db) = databases_with("resume", "CREATE TABLE t (id int PRIMARY KEY)").await;
     // Small batches: a transaction is written in several buffer transactions.
     let cfg = config(&manifest(
         "resume",
@@ -505,11 +493,7 @@ async fn restart_resumes_from_checkpoint_exactly_once() {
 /// fields with --log-format json, with positions, lag, slot WAL status, events and a verdict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_printed_every_interval_as_text_and_json() {
-    let (src, buf) = databases("status").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (src, buf, db) = databases_with("status", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let file = manifest_file(&manifest(
         "status",
         &src,

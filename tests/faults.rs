@@ -16,9 +16,7 @@ use philotes::pipeline::{RunOptions, State};
 /// change is in the buffer exactly once, in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let (src, buf) = databases("kill").await;
-    let source = connect(&src).await;
-    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let (src, buf, source) = databases_with("kill", WORKLOAD_TABLE).await;
     let file = manifest_file(&manifest(
         "kill",
         &src,
@@ -97,12 +95,8 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 /// Guarantee 2: one transaction far larger than bufferSize streams through in bounded memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_transaction_streams_in_bounded_memory() {
-    let (src, buf) = databases("big").await;
-    let source = connect(&src).await;
-    source
-        .batch_execute("CREATE TABLE big (id int PRIMARY KEY, payload text)")
-        .await
-        .unwrap();
+    let (src, buf, source) =
+        databases_with("big", "CREATE TABLE big (id int PRIMARY KEY, payload text)").await;
     let file = manifest_file(&manifest(
         "big",
         &src,
@@ -162,12 +156,7 @@ async fn large_transaction_streams_in_bounded_memory() {
 /// Guarantee 5: SIGTERM writes and checkpoints what was received, then exits 0 promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
-    let (src, buf) = databases("term").await;
-    let source = connect(&src).await;
-    source
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (src, buf, source) = databases_with("term", "CREATE TABLE t (id int PRIMARY KEY)").await;
     // Nothing would be written for an hour but for the shutdown.
     let file = manifest_file(&manifest(
         "term",

@@ -181,11 +181,11 @@ async fn slot_pid(db: &tokio_postgres::Client, slot: &str) -> Option<Option<i32>
 async fn lifecycle_provision_ready_count_suspend_restart_delete() {
     let ns = "lifecycle";
     let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases("op_life").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let (src, buf, db) = databases_with(
+        "op_life",
+        "CREATE TABLE orders (id int PRIMARY KEY, v text)",
+    )
+    .await;
     put_secret(&admin, ns, "orders-src", &src).await;
     put_secret(&admin, ns, "orders-buf", &buf).await;
     let op = Operator::start(api, ns, None);
@@ -350,11 +350,7 @@ async fn events_count(buffer: &tokio_postgres::Client, pipeline: &str) -> i64 {
 async fn bad_resources_are_reported_and_do_not_stop_the_others() {
     let ns = "errors";
     let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases("op_err").await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let (src, buf, db) = databases_with("op_err", "CREATE TABLE t (id int PRIMARY KEY)").await;
     let pw = shared().password().to_string();
     put_secret(&admin, ns, "good-src", &src).await;
     put_secret(&admin, ns, "good-buf", &buf).await;

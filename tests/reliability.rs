@@ -21,9 +21,7 @@ async fn verified(cfg: &philotes::pipeline::PipelineConfig) -> verify::Report {
 /// receives those changes again and must not write them twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_buffer_commit_and_acknowledgement() {
-    let (src, buf) = databases("failpoint").await;
-    let source = connect(&src).await;
-    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let (src, buf, source) = databases_with("failpoint", WORKLOAD_TABLE).await;
     let text = manifest(
         "failpoint",
         &src,
@@ -86,12 +84,8 @@ async fn crash_between_buffer_commit_and_acknowledgement() {
 /// A transaction far larger than bufferSize, killed while it is being written, then resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_in_the_middle_of_a_transaction_larger_than_the_buffer() {
-    let (src, buf) = databases("bigkill").await;
-    let source = connect(&src).await;
-    source
-        .batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let (src, buf, source) =
+        databases_with("bigkill", "CREATE TABLE big (id int PRIMARY KEY, v text)").await;
     let text = manifest(
         "bigkill",
         &src,
@@ -172,9 +166,7 @@ async fn kill_in_the_middle_of_a_transaction_larger_than_the_buffer() {
 /// A read-only buffer: a clear error, the stream not read meanwhile, nothing lost once fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_buffer_backpressure_then_recovery() {
-    let (src, buf) = databases("readonly").await;
-    let source = connect(&src).await;
-    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let (src, buf, source) = databases_with("readonly", WORKLOAD_TABLE).await;
     let cfg = config(&manifest(
         "readonly",
         &src,
@@ -334,9 +326,7 @@ async fn hostile_names_and_values_are_captured_faithfully() {
 /// `philotes verify` finds a lost event, an altered value and a duplicated row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_detects_lost_altered_and_duplicated_events() {
-    let (src, buf) = databases("tamper").await;
-    let source = connect(&src).await;
-    source.batch_execute(WORKLOAD_TABLE).await.unwrap();
+    let (src, buf, source) = databases_with("tamper", WORKLOAD_TABLE).await;
     let text = manifest("tamper", &src, &buf, &["w"], "flushInterval: 50ms");
     let file = manifest_file(&text);
     let cfg = config(&text);

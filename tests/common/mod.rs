@@ -549,6 +549,17 @@ pub async fn verify_workload(source: &Client, buffer: &Client, pipeline: &str, e
     }
 }
 
+/// [`databases`], with `ddl` run on the source; also returns a connection to the source.
+pub async fn databases_with(name: &str, ddl: &str) -> (String, String, Client) {
+    let (src, buf) = databases(name).await;
+    let source = connect(&src).await;
+    source
+        .batch_execute(ddl)
+        .await
+        .unwrap_or_else(|e| panic!("{ddl}: {e}"));
+    (src, buf, source)
+}
+
 /// Fresh source and buffer databases `<name>_src` and `<name>_buf` on the shared server.
 pub async fn databases(name: &str) -> (String, String) {
     let cluster = shared();
