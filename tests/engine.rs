@@ -54,17 +54,7 @@ async fn values_round_trip_for_every_type() {
     r.checkpointed(lsn).await;
     r.stop().await.unwrap();
 
-    let columns: Vec<(String, String)> = db
-        .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
-             WHERE attrelid = 't'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let columns = table_columns(&db, "t").await;
     assert_eq!(columns.len(), 26);
     for (col, ty) in &columns {
         // Documents are embedded, so compare them as jsonb (json has no equality operator);

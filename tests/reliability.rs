@@ -279,20 +279,7 @@ async fn hostile_names_and_values_are_captured_faithfully() {
         (2, 1, 1)
     );
     // Column by column, the cast of the text back gives the source value.
-    let columns: Vec<(String, String)> = db
-        .query(
-            &format!(
-                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
-                 WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
-                table.replace('\'', "''")
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let columns = table_columns(&db, table).await;
     for (col, ty) in columns {
         if col == "quote\"d" {
             continue; // changed by the UPDATE after the INSERT compared here

@@ -238,6 +238,21 @@ pub struct EventRow {
     pub after: Option<serde_json::Value>,
 }
 
+/// `(name, type)` of every column of `table` (a name as SQL would take it), in order.
+pub async fn table_columns(client: &Client, table: &str) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("columns of {table}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// The first column of every row `sql` returns.
 pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql: &str) -> Vec<T> {
     client
