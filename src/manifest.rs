@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Secret;
 
 use crate::crd::CdcPipeline;
-use crate::pipeline::config::SecretSource;
+use crate::pipeline::config::{secret_value, secret_values, SecretSource, SecretValues};
 use crate::pipeline::error::{Error, Result};
 
 /// The documents of a manifest that Philotes uses.
@@ -14,7 +14,7 @@ use crate::pipeline::error::{Error, Result};
 pub struct Manifest {
     pub pipelines: Vec<CdcPipeline>,
     /// `(namespace, name)` → key → value.
-    secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
+    secrets: BTreeMap<(String, String), SecretValues>,
     /// Documents of other kinds, skipped, as `kind name` for a warning.
     pub skipped: Vec<String>,
 }
@@ -63,18 +63,7 @@ impl Manifest {
                         .namespace
                         .clone()
                         .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-                    let mut data = BTreeMap::new();
-                    for (k, v) in s.data.unwrap_or_default() {
-                        let v = String::from_utf8(v.0).map_err(|_| {
-                            Error::Secret(format!(
-                                "{origin}: secret {ns}/{name} key `{k}` is not UTF-8 text"
-                            ))
-                        })?;
-                        data.insert(k, v);
-                    }
-                    // As the API server does: stringData wins over data.
-                    data.extend(s.string_data.unwrap_or_default());
-                    manifest.secrets.insert((ns, name), data);
+                    manifest.secrets.insert((ns, name), secret_values(s));
                 }
                 (_, "CdcPipeline") => {
                     return Err(Error::InvalidSpec(format!(
@@ -134,7 +123,7 @@ impl Manifest {
         self.secrets
             .entry((namespace.to_string(), name.to_string()))
             .or_default()
-            .insert(key.to_string(), value);
+            .insert(key.to_string(), Some(value));
     }
 }
 
@@ -148,12 +137,7 @@ impl SecretSource for Manifest {
                     "secret {namespace}/{name} not found; add a v1 Secret document named {name} in namespace {namespace} to the manifest"
                 ))
             })?;
-        secret.get(key).cloned().ok_or_else(|| {
-            Error::Secret(format!(
-                "secret {namespace}/{name} has no key `{key}` (it has: {}); add it or set connectionSecretRef.key",
-                secret.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        secret_value(secret, namespace, name, key)
     }
 }
 

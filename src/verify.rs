@@ -296,7 +296,8 @@ async fn verify_table(
     Ok(r)
 }
 
-/// Replica identity columns of a table with no events yet.
+/// The source table's primary key (or replica identity index) columns, in index order;
+/// empty when it has neither (REPLICA IDENTITY FULL).
 async fn source_key_columns(
     source: &tokio_postgres::Client,
     table: &TableName,

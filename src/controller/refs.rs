@@ -7,13 +7,13 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
 use crate::crd::CdcPipeline;
-use crate::pipeline::config::SecretSource;
+use crate::pipeline::config::{secret_value, secret_values, SecretSource, SecretValues};
 use crate::pipeline::error::{Error, Result};
 
 /// The referenced secrets' data, fetched once per reconcile.
 #[derive(Default)]
 pub struct Secrets {
-    data: BTreeMap<String, Option<BTreeMap<String, String>>>,
+    data: BTreeMap<String, Option<SecretValues>>,
 }
 
 impl Secrets {
@@ -30,17 +30,7 @@ impl Secrets {
             if data.contains_key(&name) {
                 continue;
             }
-            let secret = api.get_opt(&name).await?;
-            let values = secret.map(|s| {
-                let mut values: BTreeMap<String, String> = s
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-                    .collect();
-                values.extend(s.string_data.unwrap_or_default());
-                values
-            });
+            let values = api.get_opt(&name).await?.map(secret_values);
             data.insert(name, values);
         }
         Ok(Secrets { data })
@@ -63,12 +53,7 @@ pub fn referenced(p: &CdcPipeline) -> Vec<String> {
 impl SecretSource for Secrets {
     fn get(&self, namespace: &str, name: &str, key: &str) -> Result<String> {
         match self.data.get(name) {
-            Some(Some(values)) => values.get(key).cloned().ok_or_else(|| {
-                Error::Secret(format!(
-                    "secret {namespace}/{name} has no key `{key}` (it has: {}); add it or set connectionSecretRef.key",
-                    values.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            }),
+            Some(Some(values)) => secret_value(values, namespace, name, key),
             _ => Err(Error::Secret(format!(
                 "secret {namespace}/{name} not found; create it in namespace {namespace}"
             ))),

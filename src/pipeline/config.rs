@@ -1,8 +1,11 @@
 //! A `CdcPipeline` spec with its defaults applied, its secrets resolved and every field
 //! checked. Nothing here touches the network, so every rule has a plain unit test.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
 
 use crate::crd::{self, CdcPipelineSpec, SecretKeyRef};
 use crate::duration;
@@ -125,6 +128,46 @@ pub trait SecretSource {
     /// The decoded value of `key` in secret `namespace/name`, or an error saying which of
     /// the two is missing.
     fn get(&self, namespace: &str, name: &str, key: &str) -> Result<String>;
+}
+
+/// A Secret's values as a pipeline reads them: `data` decoded as UTF-8 text (`None` for a
+/// value that is not text), then `stringData` over it, as the API server does.
+pub type SecretValues = BTreeMap<String, Option<String>>;
+
+pub fn secret_values(secret: Secret) -> SecretValues {
+    let mut values: SecretValues = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).ok()))
+        .collect();
+    values.extend(
+        secret
+            .string_data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, Some(v))),
+    );
+    values
+}
+
+/// `key` of secret `namespace/name`, from its values; the errors say what to do.
+pub fn secret_value(
+    values: &SecretValues,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<String> {
+    match values.get(key) {
+        Some(Some(v)) => Ok(v.clone()),
+        Some(None) => Err(Error::Secret(format!(
+            "secret {namespace}/{name} key `{key}` is not UTF-8 text; store the connection URI as text"
+        ))),
+        None => Err(Error::Secret(format!(
+            "secret {namespace}/{name} has no key `{key}` (it has: {}); add it or set connectionSecretRef.key",
+            values.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 impl PipelineConfig {
@@ -426,5 +469,40 @@ mod tests {
             "philotes_my_ns_orders_v2"
         );
         assert!(check_replication_name("Bad-Name").is_err());
+    }
+
+    #[test]
+    fn secret_values_take_string_data_over_data_and_refuse_binary() {
+        use k8s_openapi::ByteString;
+        let secret = Secret {
+            data: Some(BTreeMap::from([
+                ("uri".to_string(), ByteString(b"postgres://old".to_vec())),
+                ("cert".to_string(), ByteString(vec![0xff, 0xfe])),
+            ])),
+            string_data: Some(BTreeMap::from([(
+                "uri".to_string(),
+                "postgres://new".to_string(),
+            )])),
+            ..Secret::default()
+        };
+        let values = secret_values(secret);
+        assert_eq!(
+            secret_value(&values, "ns", "s", "uri").unwrap(),
+            "postgres://new"
+        );
+        let binary = secret_value(&values, "ns", "s", "cert")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            binary.contains("secret ns/s key `cert` is not UTF-8 text"),
+            "{binary}"
+        );
+        let missing = secret_value(&values, "ns", "s", "url")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("has no key `url` (it has: cert, uri)"),
+            "{missing}"
+        );
     }
 }
