@@ -6,10 +6,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{CdcPipeline, CdcPipelineStatus, Condition};
+use crate::crd::{CdcPipeline, CdcPipelineStatus};
 use crate::pipeline::{source, PipelineConfig};
 
 use super::refs::Secrets;
+use super::status::{now, ready_condition};
 use super::{deletes_slot, key, publish_status, Context, ReconcileError, SKIP_CLEANUP};
 
 pub async fn cleanup(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -60,21 +61,16 @@ async fn drop_on_source(p: &CdcPipeline, ctx: &Context) -> Result<source::Droppe
 }
 
 fn set_blocked(status: &mut CdcPipelineStatus, message: &str, generation: Option<i64>) {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let keep = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == "False")
-        .map(|c| c.last_transition_time.clone());
+    let condition = ready_condition(
+        Some(status),
+        false,
+        "CleanupBlocked".into(),
+        message.to_string(),
+        generation,
+        &now(),
+    );
     status.phase = Some("Failed".into());
-    status.conditions = vec![Condition {
-        type_: "Ready".into(),
-        status: "False".into(),
-        reason: "CleanupBlocked".into(),
-        message: message.to_string(),
-        last_transition_time: keep.unwrap_or(now),
-        observed_generation: generation,
-    }];
+    status.conditions = vec![condition];
 }
 
 async fn note(ctx: &Context, p: &CdcPipeline, type_: EventType, reason: &str, message: String) {

@@ -253,7 +253,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         }
     };
 
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let now = status::now();
     let previous = p.status.as_ref();
     let (slot, publication) = match &cfg {
         Some(c) => (Some(c.slot.as_str()), Some(c.publication.as_str())),

@@ -129,23 +129,45 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
             status.safe_wal_size_bytes = s.safe_wal_size_bytes;
         }
     }
-    let ready_status = if ready { "True" } else { "False" };
-    let previous = i
-        .previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == "Ready"));
-    let last_transition_time = match previous {
-        Some(c) if c.status == ready_status => c.last_transition_time.clone(),
-        _ => i.now.to_string(),
+    status.conditions = vec![ready_condition(
+        i.previous,
+        ready,
+        reason,
+        message,
+        i.generation,
+        i.now,
+    )];
+    status
+}
+
+/// The `Ready` condition; its transition time is the previous one's while the status (True
+/// or False) stays the same, else `now`.
+pub fn ready_condition(
+    previous: Option<&CdcPipelineStatus>,
+    ready_now: bool,
+    reason: String,
+    message: String,
+    generation: Option<i64>,
+    now: &str,
+) -> Condition {
+    let status = if ready_now { "True" } else { "False" };
+    let last_transition_time = match previous.and_then(ready) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now.to_string(),
     };
-    status.conditions = vec![Condition {
+    Condition {
         type_: "Ready".into(),
-        status: ready_status.into(),
+        status: status.into(),
         reason,
         message,
         last_transition_time,
-        observed_generation: i.generation,
-    }];
-    status
+        observed_generation: generation,
+    }
+}
+
+/// The current time as conditions record it.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The `Ready` condition of a status.
