@@ -38,6 +38,7 @@ pub async fn run(
     opts: OperatorOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Exit> {
+    // Before the Kubernetes client: its TLS needs the process's crypto provider.
     crate::pipeline::conn::install_crypto_provider();
     let client = kube::Client::try_default()
         .await
@@ -96,7 +97,7 @@ pub async fn run_with_client(
     if opts.leader_election {
         campaign = Some(tokio::spawn(leader::campaign(
             client.clone(),
-            lease_clone(&lease),
+            lease.clone(),
             leader_tx,
         )));
         // Standing by is a healthy state: ready as soon as we can reach the API server.
@@ -151,14 +152,4 @@ pub async fn run_with_client(
         leader::release(client, &lease).await;
     }
     Ok(Exit::Signalled)
-}
-
-fn lease_clone(l: &leader::LeaseConfig) -> leader::LeaseConfig {
-    leader::LeaseConfig {
-        namespace: l.namespace.clone(),
-        name: l.name.clone(),
-        identity: l.identity.clone(),
-        duration: l.duration,
-        renew: l.renew,
-    }
 }

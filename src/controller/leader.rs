@@ -11,6 +11,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+#[derive(Clone, Debug)]
 pub struct LeaseConfig {
     pub namespace: String,
     pub name: String,
