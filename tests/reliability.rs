@@ -199,6 +199,29 @@ async fn read_only_buffer_backpressure_then_recovery() {
         },
     )
     .await;
+    // Backpressure: while nothing can be written, nothing is confirmed and the stream is not
+    // read (between attempts the slot is inactive) rather than buffered in memory.
+    let slot = "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = 'philotes_test_readonly'";
+    let inactive = || async {
+        let row = source.query_one(slot, &[]).await.unwrap();
+        (!row.get::<_, bool>(1)).then(|| row.get::<_, String>(0))
+    };
+    let confirmed = eventually("the slot to go inactive", Duration::from_secs(30), inactive).await;
+    // More changes and at least one more attempt later, still nothing confirmed.
+    for _ in 0..20 {
+        w.step(&source).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = eventually(
+        "the slot to go inactive again",
+        Duration::from_secs(30),
+        inactive,
+    )
+    .await;
+    assert_eq!(
+        still, confirmed,
+        "nothing confirmed while the buffer is read-only"
+    );
     admin
         .batch_execute("ALTER DATABASE readonly_buf RESET default_transaction_read_only")
         .await
