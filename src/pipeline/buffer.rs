@@ -312,11 +312,12 @@ impl Writer {
         }
     }
 
-    /// Queues a request, waiting while the queue is full. Fails when the writer stopped;
-    /// [`Writer::close`] then says why.
-    pub async fn send(&self, op: WriteOp) -> Result<()> {
+    /// Waits for room for `n` requests in the queue. Cancel-safe: nothing is taken from the
+    /// caller until the permits are used, so a caller cancelled here still holds everything
+    /// it meant to send.
+    pub async fn reserve(&self, n: usize) -> Result<mpsc::PermitIterator<'_, WriteOp>> {
         self.ops
-            .send(op)
+            .reserve_many(n)
             .await
             .map_err(|_| Error::Buffer("the buffer writer stopped".into()))
     }

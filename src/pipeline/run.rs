@@ -19,6 +19,21 @@
 //! - **confirmed to the source**: only ever `ckpt.lsn`, and only after the writer reported the
 //!   buffer transaction that wrote it committed. Invariant: confirmed ≤ checkpointed ≤
 //!   submitted ≤ safe_lsn ≤ received.
+//!
+//! # Cancellation rule
+//!
+//! Any await on the data path may be where the loop stops: a `select!` branch not taken, a
+//! `timeout`, the task aborted by its supervisor, the process killed. So at every await the
+//! in-memory state claims only what is already handed over: `pending.last_event` and the
+//! pending counts cover exactly the rows in the encoder and in requests already queued to the
+//! writer. Requests are queued with a permit reserved first ([`Writer::reserve`]), and rows are
+//! taken from the encoder only once the permit is held, so a wait for room that is cancelled
+//! leaves everything where it was. The branches of the loop's `select!` wait only on
+//! cancel-safe receivers (the shutdown watch, the writer's and the stream's channels, a
+//! timer); the work a branch starts runs to completion. Nothing on the data path is wrapped in
+//! a `timeout`. If the task is aborted, all of this state is dropped with it: the buffer holds
+//! the durable state (its uncommitted transaction is rolled back when the writer dies with the
+//! task), and the next session starts from the checkpoint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -310,23 +325,13 @@ impl Streamer<'_> {
         loop {
             tokio::select! {
                 biased;
-                // 1. Shutdown: take in what the server already sent (until the stream is quiet
-                //    for a moment, at most a few seconds), write it, checkpoint, confirm, stop.
+                // 1. Shutdown: write what was received, checkpoint it, confirm it, stop.
+                //    What the server sent and the loop has not taken yet is left alone: no
+                //    state claims it, and the next session receives it again.
                 _ = shutdown.changed() => {
-                    let drain = async {
-                        while let Ok(Ok(Some(event))) =
-                            tokio::time::timeout(Duration::from_millis(200), stream.recv()).await
-                        {
-                            self.on_event(event).await?;
-                        }
-                        Ok::<(), Error>(())
-                    };
-                    if let Ok(result) = tokio::time::timeout(Duration::from_secs(5), drain).await {
-                        result?;
-                    }
                     self.flush().await?;
                     self.wait_durable(stream).await?;
-                    stream.stop();
+                    self.confirm_and_stop(stream).await;
                     tracing::info!(pipeline = %self.cfg.id, checkpoint = %super::lsn::format(self.ckpt.lsn), "stopped");
                     return Ok(Outcome::Stopped);
                 }
@@ -353,7 +358,7 @@ impl Streamer<'_> {
                 }
             }
             if self.caught_up() {
-                stream.stop();
+                self.confirm_and_stop(stream).await;
                 return Ok(Outcome::CaughtUp);
             }
         }
@@ -474,7 +479,10 @@ impl Streamer<'_> {
         self.encoder.push(&at, &change);
         self.arm_deadline();
         if self.encoder.len() >= ROWS_CHUNK {
-            self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
+            // Room first, then the rows: cancelled while waiting, the encoder still holds them.
+            if let Some(permit) = self.writer.reserve(1).await?.next() {
+                permit.send(WriteOp::Rows(self.encoder.take()));
+            }
         }
         if self.pending.events >= self.cfg.batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES
         {
@@ -507,14 +515,18 @@ impl Streamer<'_> {
     /// the checkpoint in one buffer transaction. The checkpoint is confirmed to the source
     /// when the writer reports the commit ([`Streamer::on_committed`]).
     async fn flush(&mut self) -> Result<()> {
-        let pending = &mut self.pending;
-        pending.deadline = None;
-        if pending.events == 0
-            && pending.relations.is_empty()
-            && pending.safe_lsn <= self.submitted.lsn
+        if self.pending.events == 0
+            && self.pending.relations.is_empty()
+            && self.pending.safe_lsn <= self.submitted.lsn
         {
+            self.pending.deadline = None;
             return Ok(());
         }
+        // Room for both requests before anything is taken from the batch: cancelled while
+        // waiting, the batch is as it was (see the cancellation rule above).
+        let mut permits = self.writer.reserve(2).await?;
+        let pending = &mut self.pending;
+        pending.deadline = None;
         // The invariant of the LSN rules: the checkpoint never moves back, and never claims a
         // transaction that is still arriving.
         debug_assert!(pending.safe_lsn >= self.submitted.lsn);
@@ -527,9 +539,6 @@ impl Streamer<'_> {
             last_event: pending.last_event,
             events_total: self.submitted.events_total + pending.events as i64,
         };
-        if !self.encoder.is_empty() {
-            self.writer.send(WriteOp::Rows(self.encoder.take())).await?;
-        }
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
             checkpoint: next,
@@ -537,7 +546,13 @@ impl Streamer<'_> {
         };
         pending.events = 0;
         pending.image_bytes = 0;
-        self.writer.send(WriteOp::Commit(commit)).await?;
+        let (Some(rows), Some(end)) = (permits.next(), permits.next()) else {
+            return Err(Error::Buffer("the buffer writer stopped".into()));
+        };
+        if !self.encoder.is_empty() {
+            rows.send(WriteOp::Rows(self.encoder.take()));
+        }
+        end.send(WriteOp::Commit(commit));
         self.submitted = next;
         Ok(())
     }
@@ -562,6 +577,25 @@ impl Streamer<'_> {
         });
     }
 
+    /// Ends the stream once the source has been told the checkpoint: the client sends it
+    /// within its status interval, and stopping first would drop it, leaving the slot behind
+    /// what the buffer holds. Bounded: a source that cannot be told is told by the next
+    /// session. The stream's remaining messages are read and dropped, since no state claims
+    /// them.
+    async fn confirm_and_stop(&mut self, stream: &mut ReplicationClient) {
+        let metrics = stream.metrics();
+        let told = Instant::now() + CONFIRM_WAIT;
+        while metrics.last_applied_lsn().0 < self.ckpt.lsn && Instant::now() < told {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stream.stop();
+        // Cancelling this wait loses nothing: every message still queued is unclaimed.
+        let _ = tokio::time::timeout(CONFIRM_WAIT, async {
+            while let Ok(Some(_)) = stream.recv().await {}
+        })
+        .await;
+    }
+
     /// Waits until everything handed to the writer is committed (and confirmed).
     async fn wait_durable(&mut self, stream: &ReplicationClient) -> Result<()> {
         while self.ckpt != self.submitted {
@@ -573,6 +607,10 @@ impl Streamer<'_> {
         Ok(())
     }
 }
+
+/// How long a stop waits for the source to be told the final checkpoint (the stream's status
+/// interval is 1 s), and then for the stream to end.
+const CONFIRM_WAIT: Duration = Duration::from_secs(3);
 
 /// Queued messages taken in one go after a received one, before shutdown, commits and the
 /// flush deadline are looked at again.
