@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod proxy;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -351,19 +352,37 @@ pub fn spawn_run(file: &std::path::Path, args: &[&str], log: &std::path::Path) -
         .expect("spawn philotes")
 }
 
-/// Runs `philotes <args>` to completion: (exit code, stdout + stderr).
+/// Runs `philotes <args>` to completion: (exit code, stdout + stderr). Bounded: a run that
+/// has not exited after 120 s is killed and the test fails with its output.
 pub fn run_cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(bin())
+    let out = tempfile::NamedTempFile::new().expect("output file");
+    // One file description for both, so they share the offset and interleave.
+    let stdout = out.reopen().expect("output file");
+    let stderr = stdout.try_clone().expect("output file");
+    let mut child = Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map(Proc)
         .expect("run philotes");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for philotes") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            kill9(&mut child);
+            panic!(
+                "philotes {args:?} still running after 120s; output:\n{}",
+                std::fs::read_to_string(out.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = String::from_utf8_lossy(&std::fs::read(out.path()).unwrap_or_default()).into_owned();
+    (status.code().unwrap_or(-1), text)
 }
 
 /// Peak resident memory of a running process, in KiB (`VmHWM`).
