@@ -16,6 +16,7 @@ pub const DEFAULT_BATCH_SIZE: u32 = 10_000;
 pub const DEFAULT_BUFFER_SIZE: u32 = 10_000;
 pub const DEFAULT_FLUSH_INTERVAL: &str = "5s";
 pub const DEFAULT_STATUS_INTERVAL: &str = "10s";
+pub const DEFAULT_STREAM_TIMEOUT: &str = "60s";
 pub const DEFAULT_BUFFER_SCHEMA: &str = "philotes";
 pub const DEFAULT_SECRET_KEY: &str = "uri";
 
@@ -68,10 +69,29 @@ pub struct CdcPipelineSpec {
     /// Stop streaming, keeping the slot (the source retains WAL meanwhile). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
+    /// What happens to a change that cannot be stored as an event: `Fail` (default) stops the
+    /// pipeline after writing everything before it; `DeadLetter` sets it aside in
+    /// `cdc_dead_letters` and goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poison_events: Option<PoisonEventPolicy>,
     /// What deleting the resource does on the source: `Retain` (default) leaves the slot and
-    /// publication; `Delete` drops the slot and a publication Philotes created.
+    /// publication; `Delete` drops the slot, a publication Philotes created, and the
+    /// pipeline's checkpoint (its events stay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_deletion_policy: Option<SlotDeletionPolicy>,
+}
+
+/// What happens to a change the buffer cannot store as an event (a text value that is not
+/// UTF-8, from a `SQL_ASCII` source).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PoisonEventPolicy {
+    /// Write and checkpoint every change before it, then stop with `Failed` (reason
+    /// `PoisonEvent`) naming the table, column and LSN. Nothing is skipped.
+    #[default]
+    Fail,
+    /// Set it aside in `cdc_dead_letters` (the message as received, with the reason), in the
+    /// same buffer transaction as the events around it, and go on.
+    DeadLetter,
 }
 
 /// What deleting a `CdcPipeline` does to its replication slot and publication.
@@ -98,14 +118,24 @@ pub struct SourceSpec {
     pub tables: Vec<String>,
     /// Publication to stream from. Created `FOR TABLE` the listed tables if missing;
     /// adopted if it exists and publishes exactly those tables. Default: derived from
-    /// the resource name (`philotes_<name>`).
+    /// namespace and name like the slot. Cannot be changed once the pipeline has a
+    /// checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publication: Option<String>,
     /// Logical replication slot to stream from. Created with the `pgoutput` plugin if
     /// missing; adopted if it exists. Default: derived from namespace and name
-    /// (`philotes_<namespace>_<name>`).
+    /// (`philotes_<namespace>_<name>`, with a hash of both appended when either holds a
+    /// character a slot name cannot, so distinct pipelines never share a slot). Cannot be
+    /// changed once the pipeline has a checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
+    /// How long the replication stream may stay silent (no data and no keepalive from the
+    /// source) before the connection is considered dead and reopened, as a Kubernetes
+    /// duration. Keep it above half the source's `wal_sender_timeout`, which is how often an
+    /// idle source sends a keepalive. Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub stream_timeout: Option<String>,
 }
 
 /// Where change events go.

@@ -69,6 +69,15 @@ enum Command {
         #[arg(long)]
         pipeline: Option<String>,
     },
+    /// Acknowledge a gap a start refused to stream over (SlotLost, SourceChanged): record it
+    /// in the buffer's cdc_gaps, drop the unusable slot, and continue on a new one. Stop the
+    /// pipeline first.
+    Recover {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
     /// Run a demo pipeline end to end on a throwaway local PostgreSQL.
     Demo,
     /// Print the CdcPipeline CustomResourceDefinition.
@@ -82,6 +91,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a log file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -96,7 +107,7 @@ fn main() -> ExitCode {
     // hand work to each other without waking threads on other cores. The operator runs
     // many pipelines and uses every core.
     let runtime = match &cli.command {
-        Command::Run { .. } | Command::Demo | Command::Verify { .. } => {
+        Command::Run { .. } | Command::Demo | Command::Verify { .. } | Command::Recover { .. } => {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -146,6 +157,34 @@ fn main() -> ExitCode {
                 Ok(philotes::operator::Exit::LostLeadership) => ExitCode::from(3),
                 Err(e) => {
                     tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Recover { file, pipeline } => {
+            let cfg = match philotes::standalone::load(&file, pipeline.as_deref()) {
+                Ok((_, cfg)) => cfg,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(philotes::pipeline::lifecycle::recover(&cfg)) {
+                Ok(r) => {
+                    println!(
+                        "recovered {}: changes between {} and {} may be missing ({}); recorded in cdc_gaps; \
+                         the pipeline continues from {} on a new slot{}",
+                        cfg.id,
+                        philotes::pipeline::lsn::format(r.gap.from_lsn),
+                        philotes::pipeline::lsn::format(r.gap.to_lsn),
+                        r.gap.reason,
+                        philotes::pipeline::lsn::format(r.gap.to_lsn),
+                        if r.dropped_old_slot { " (the unusable slot was dropped)" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
                     ExitCode::FAILURE
                 }
             }

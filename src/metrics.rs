@@ -26,6 +26,12 @@ pub struct PipelineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub pipeline: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
     pub result: String,
 }
@@ -43,6 +49,11 @@ pub struct Metrics {
     pub batch_write_seconds: Family<PipelineLabels, Histogram>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
+    /// 1 for a pipeline that is not Ready, labelled with the reason (the same as its
+    /// condition's and Event's); absent while it is Ready.
+    pub not_ready: Family<ReasonLabels, Gauge>,
+    /// The reason each not-Ready pipeline is reported under, to drop its series later.
+    not_ready_reason: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Metrics {
@@ -86,8 +97,16 @@ impl Metrics {
             "Reconciliation errors by reason",
             reconcile_errors.clone(),
         );
+        let not_ready = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "pipeline_not_ready",
+            "1 while a pipeline is not Ready, labelled with the reason (SlotLost, SourceChanged, PoisonEvent, StreamTimeout, ...)",
+            not_ready.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            not_ready,
+            not_ready_reason: Default::default(),
             events,
             lag_bytes,
             checkpoint_lsn,
@@ -112,6 +131,33 @@ impl Metrics {
         };
         self.lag_bytes.remove(&labels);
         self.checkpoint_lsn.remove(&labels);
+        self.set_not_ready(pipeline, None);
+    }
+
+    /// Records why a pipeline is not Ready (`None`: it is), dropping the series of any
+    /// earlier reason.
+    pub fn set_not_ready(&self, pipeline: &str, reason: Option<&str>) {
+        let mut current = self
+            .not_ready_reason
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(old) = current.remove(pipeline) {
+            self.not_ready.remove(&ReasonLabels {
+                pipeline: pipeline.to_string(),
+                reason: old,
+            });
+        }
+        if let Some(reason) = reason {
+            current.insert(pipeline.to_string(), reason.to_string());
+        }
+        if let Some(reason) = reason {
+            self.not_ready
+                .get_or_create(&ReasonLabels {
+                    pipeline: pipeline.to_string(),
+                    reason: reason.to_string(),
+                })
+                .set(1);
+        }
     }
 }
 

@@ -470,7 +470,7 @@ async fn restart_resumes_from_checkpoint_exactly_once() {
     assert_eq!(ckpt.get::<_, i64>(0), 160);
     let pubs: i64 = db
         .query_one(
-            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_resume'",
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_test_resume'",
             &[],
         )
         .await
@@ -588,7 +588,7 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
         "SELECT version FROM philotes.philotes_migrations ORDER BY version",
     )
     .await;
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     let types: Vec<String> = column(
         &db,
         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute

@@ -177,3 +177,349 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
         .expect("verify runs");
     assert!(report.ok(), "{report}");
 }
+
+/// The slot is dropped on the source (a DBA clearing it, a failover to a server without it)
+/// and rows are written meanwhile: the pipeline refuses to stream (it used to recreate the
+/// slot and report Healthy while those rows never arrived), names the slot and the range that
+/// may be missing, and continues only once the gap is acknowledged and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_reported_not_recreated() {
+    let (src, buf, source) =
+        databases_with("slotlost", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let text = manifest("slotlost", &src, &buf, &["t"], "");
+    let file = manifest_file(&text);
+    let cfg = config(&text);
+    let insert = |from: i32, to: i32| {
+        let source = &source;
+        async move {
+            source
+                .batch_execute(&format!(
+                    "INSERT INTO t SELECT generate_series({from}, {to})"
+                ))
+                .await
+                .expect("insert");
+        }
+    };
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    insert(1, 10).await;
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    let buffer = connect(&buf).await;
+    let ckpt: Vec<String> = column(
+        &buffer,
+        "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'test/slotlost'",
+    )
+    .await;
+    source
+        .batch_execute("SELECT pg_drop_replication_slot('philotes_test_slotlost')")
+        .await
+        .expect("drop the slot");
+    insert(11, 110).await;
+
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    for phrase in [
+        "SlotLost",
+        "replication slot philotes_test_slotlost is missing",
+        &format!("changes committed after {} may be missing", ckpt[0]),
+        "philotes recover",
+    ] {
+        assert!(out.contains(phrase), "missing `{phrase}` in:\n{out}");
+    }
+    let slots: Vec<i64> = column(
+        &source,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'philotes_test_slotlost'",
+    )
+    .await;
+    assert_eq!(
+        slots[0], 0,
+        "the slot was not recreated behind the user's back"
+    );
+    // The operator's path: the loop ends Failed with the reason, without retrying.
+    let mut r = start(cfg.clone(), philotes::pipeline::RunOptions::default());
+    let ended = tokio::time::timeout(Duration::from_secs(30), &mut r.handle)
+        .await
+        .expect("the pipeline gives up at once")
+        .expect("pipeline task");
+    assert_eq!(ended.expect_err("refused").reason(), "SlotLost");
+    assert_eq!(r.progress.borrow().state, philotes::pipeline::State::Failed);
+
+    let (code, out) = run_cli(&["recover", "-f", file.path().to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("recorded in cdc_gaps"), "{out}");
+    let gaps: Vec<String> = column(
+        &buffer,
+        "SELECT from_lsn::text || ' ' || reason FROM philotes.cdc_gaps WHERE pipeline = 'test/slotlost'",
+    )
+    .await;
+    assert_eq!(gaps, vec![format!("{} SlotLost", ckpt[0])]);
+    // A second recover finds nothing to do.
+    let (code, out) = run_cli(&["recover", "-f", file.path().to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("has no gap to recover"), "{out}");
+
+    insert(111, 120).await;
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    let ids: Vec<i32> = column(
+        &buffer,
+        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/slotlost' ORDER BY commit_lsn, seq",
+    )
+    .await;
+    let want: Vec<i32> = (1..=10).chain(111..=120).collect();
+    assert_eq!(ids, want, "before the gap, and after it, exactly once");
+}
+
+/// The source is replaced by another server holding the same database (a restore onto a new
+/// cluster, a Secret pointing elsewhere): refused with SourceChanged before anything streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_server_behind_the_same_name_is_refused() {
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY)";
+    let (src, buf, _source) = databases_with("moved", ddl).await;
+    let text = manifest("moved", &src, &buf, &["t"], "");
+    assert_eq!(catch_up_cli(manifest_file(&text).path()).0, 0);
+    let other = own_cluster(philotes::embedded::ClusterOptions::default());
+    let other_src = fresh_db(&other, "moved_src").await;
+    connect(&other_src)
+        .await
+        .batch_execute(ddl)
+        .await
+        .expect("create the table on the other server");
+    let moved = manifest("moved", &other_src, &buf, &["t"], "");
+    let (code, out) = catch_up_cli(manifest_file(&moved).path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("SourceChanged"), "{out}");
+    assert!(out.contains("system identifier"), "{out}");
+}
+
+/// Pipelines `a-b/c` and `a/b-c` on one source, each with its own buffer and default names:
+/// both used to derive slot `philotes_a_b_c` and take changes from each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn similar_pipeline_names_get_their_own_slots() {
+    let (src, buf1, source) =
+        databases_with("similar", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let buf2 = fresh_db(shared(), "similar_buf2").await;
+    let in_ns =
+        |text: String, ns: &str| text.replace("namespace: test", &format!("namespace: {ns}"));
+    let one = config(&in_ns(
+        manifest("c", &src, &buf1, &["t"], "flushInterval: 50ms"),
+        "a-b",
+    ));
+    let two = config(&in_ns(
+        manifest("b-c", &src, &buf2, &["t"], "flushInterval: 50ms"),
+        "a",
+    ));
+    assert_ne!(one.slot, two.slot);
+    assert_ne!(one.publication, two.publication);
+    let mut r1 = start(one.clone(), philotes::pipeline::RunOptions::default());
+    let mut r2 = start(two.clone(), philotes::pipeline::RunOptions::default());
+    r1.streaming().await;
+    r2.streaming().await;
+    for i in 0..200 {
+        source
+            .batch_execute(&format!("INSERT INTO t VALUES ({i})"))
+            .await
+            .expect("insert");
+    }
+    let end = wal_lsn(&source).await;
+    r1.checkpointed(end).await;
+    r2.checkpointed(end).await;
+    r1.stop().await.expect("stop a-b/c");
+    r2.stop().await.expect("stop a/b-c");
+    for (buf, id) in [(&buf1, "a-b/c"), (&buf2, "a/b-c")] {
+        let n: Vec<i64> = column(
+            &connect(buf).await,
+            &format!("SELECT count(*) FROM philotes.cdc_events WHERE pipeline = '{id}'"),
+        )
+        .await;
+        assert_eq!(n[0], 200, "pipeline {id} captured every change");
+    }
+}
+
+/// The replication connection goes silent (a black-holing proxy or NAT: no data, no FIN, no
+/// RST). The pipeline notices within streamTimeout, says so in its status, reconnects, and
+/// catches up exactly once within about twice the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_noticed_and_reopened() {
+    let (src, buf, source) = databases_with("silent", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let proxy = proxy::Proxy::start(shared().port).await;
+    let through_proxy = src.replace(
+        &format!("127.0.0.1:{}", shared().port),
+        &format!("127.0.0.1:{}", proxy.port),
+    );
+    let timeout = Duration::from_secs(3);
+    let cfg = config(
+        &manifest(
+            "silent",
+            &through_proxy,
+            &buf,
+            &["t"],
+            "flushInterval: 50ms",
+        )
+        .replace("    tables: [", "    streamTimeout: 3s\n    tables: ["),
+    );
+    assert_eq!(cfg.stream_timeout, timeout);
+    let mut r = start(cfg.clone(), philotes::pipeline::RunOptions::default());
+    r.streaming().await;
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await
+        .expect("insert");
+    r.checkpointed(wal_lsn(&source).await).await;
+
+    proxy.black_hole();
+    let silenced = Instant::now();
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(51, 150)")
+        .await
+        .expect("insert");
+    let end = wal_lsn(&source).await;
+    r.wait("the silence to be reported", timeout * 3, |p| {
+        p.last_error
+            .as_ref()
+            .is_some_and(|(reason, _)| reason == "StreamTimeout")
+    })
+    .await;
+    r.checkpointed(end).await;
+    let took = silenced.elapsed();
+    assert!(
+        took < timeout * 3,
+        "caught up {took:?} after the network went silent (streamTimeout {timeout:?})"
+    );
+    r.stop().await.expect("stop");
+    let ids: Vec<i64> = column(
+        &connect(&buf).await,
+        "SELECT count(DISTINCT after->>'id') FROM philotes.cdc_events WHERE pipeline = 'test/silent'",
+    )
+    .await;
+    let total: Vec<i64> = column(
+        &connect(&buf).await,
+        "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/silent'",
+    )
+    .await;
+    assert_eq!((ids[0], total[0]), (150, 150), "every row exactly once");
+}
+
+/// A `SQL_ASCII` source holds text that is not UTF-8. It used to be retried forever, and not
+/// even the changes committed before it landed. Now they land and are confirmed, the pipeline
+/// stops naming the table, column and LSN (`poisonEvents: Fail`, the default), and with
+/// `poisonEvents: DeadLetter` the change is set aside in `cdc_dead_letters` and the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_that_is_not_utf8_is_reported_or_set_aside() {
+    let admin = connect(&shared().uri("postgres")).await;
+    for sql in [
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'poison_src'",
+        "DROP DATABASE IF EXISTS poison_src WITH (FORCE)",
+        "CREATE DATABASE poison_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    ] {
+        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let src = shared().uri("poison_src");
+    let buf = fresh_db(shared(), "poison_buf").await;
+    let source = connect(&src).await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .expect("create table");
+    let text = manifest("poison", &src, &buf, &["t"], "");
+    let file = manifest_file(&text);
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    for tx in [
+        "INSERT INTO t VALUES (1, 'ok'), (2, 'fine')",
+        r"BEGIN; INSERT INTO t VALUES (3, 'before'); INSERT INTO t VALUES (4, E'caf\xe9');
+          INSERT INTO t VALUES (5, 'after'); COMMIT",
+        "INSERT INTO t VALUES (6, 'later')",
+    ] {
+        source.batch_execute(tx).await.expect("write");
+    }
+    let buffer = connect(&buf).await;
+    let ids = || async {
+        column::<i32>(
+            &buffer,
+            "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/poison' ORDER BY commit_lsn, seq",
+        )
+        .await
+    };
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let (code, out) = catch_up_cli(file.path());
+        assert_eq!(code, 1, "attempt {attempt}: {out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "gave up at once"
+        );
+        for phrase in [
+            "PoisonEvent",
+            "cannot store the INSERT of public.t at LSN",
+            "column v of public.t holds a value that is not valid UTF-8",
+            "poisonEvents: DeadLetter",
+        ] {
+            assert!(
+                out.contains(phrase),
+                "attempt {attempt}: no `{phrase}` in:\n{out}"
+            );
+        }
+        assert_eq!(ids().await, vec![1, 2, 3], "everything before it landed");
+    }
+    let (ckpt, confirmed) =
+        checkpoint_and_confirmed(&buffer, &source, "test/poison", "philotes_test_poison").await;
+    assert_eq!(
+        lsn::format(confirmed),
+        lsn::format(ckpt),
+        "and was confirmed"
+    );
+
+    let dead_letter = manifest_file(&manifest(
+        "poison",
+        &src,
+        &buf,
+        &["t"],
+        "poisonEvents: DeadLetter",
+    ));
+    let (code, out) = catch_up_cli(dead_letter.path());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(ids().await, vec![1, 2, 3, 5, 6], "the rest flows");
+    let set_aside = buffer
+        .query_one(
+            "SELECT d.seq, d.operation, d.reason, d.message,
+                    d.commit_lsn = (SELECT commit_lsn FROM philotes.cdc_events WHERE after->>'id' = '5')
+             FROM philotes.cdc_dead_letters d WHERE pipeline = 'test/poison'",
+            &[],
+        )
+        .await
+        .expect("one dead letter");
+    assert_eq!(
+        set_aside.get::<_, i32>(0),
+        1,
+        "in the position its event would take"
+    );
+    assert_eq!(set_aside.get::<_, &str>(1), "INSERT");
+    assert!(set_aside.get::<_, &str>(2).contains("column v"));
+    let message: Vec<u8> = set_aside.get(3);
+    assert!(
+        message.windows(4).any(|w| w == b"caf\xe9"),
+        "the message is kept byte for byte"
+    );
+    assert!(set_aside.get::<_, bool>(4), "in the same transaction");
+}
+
+/// Two pipelines of one buffer naming the same slot: the second is refused with
+/// SlotConflict instead of taking changes from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_checkpointed_by_another_pipeline_is_refused() {
+    let (src, buf, _source) =
+        databases_with("claimed", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let first = manifest("first", &src, &buf, &["t"], "")
+        .replace("    tables: [", "    slot: claimed_slot\n    tables: [");
+    let second = manifest("second", &src, &buf, &["t"], "")
+        .replace("    tables: [", "    slot: claimed_slot\n    tables: [");
+    assert_eq!(catch_up_cli(manifest_file(&first).path()).0, 0);
+    let (code, out) = catch_up_cli(manifest_file(&second).path());
+    assert_eq!(code, 1, "{out}");
+    for phrase in [
+        "SlotConflict",
+        "replication slot claimed_slot",
+        "already streamed by pipeline test/first",
+    ] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+}

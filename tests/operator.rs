@@ -206,7 +206,10 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
     })
     .await;
     assert_eq!(s.slot_name.as_deref(), Some("philotes_lifecycle_orders"));
-    assert_eq!(s.publication_name.as_deref(), Some("philotes_orders"));
+    assert_eq!(
+        s.publication_name.as_deref(),
+        Some("philotes_lifecycle_orders")
+    );
     assert_eq!(s.observed_generation, Some(1));
     assert!(s.wal_status.is_some() && s.current_wal_lsn.is_some());
     let slot = "philotes_lifecycle_orders";
@@ -323,7 +326,7 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
     assert_eq!(slot_pid(&db, slot).await, None, "slot dropped");
     let pubs: i64 = db
         .query_one(
-            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_orders'",
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'philotes_lifecycle_orders'",
             &[],
         )
         .await
@@ -332,6 +335,18 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
     assert_eq!(pubs, 0, "publication dropped");
     let buffer = connect(&buf).await;
     assert_eq!(events_count(&buffer, "lifecycle/orders").await, 15);
+    let checkpoints: i64 = buffer
+        .query_one(
+            "SELECT count(*) FROM philotes.cdc_checkpoints WHERE pipeline = 'lifecycle/orders'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        checkpoints, 0,
+        "slotDeletionPolicy Delete removes the checkpoint too"
+    );
     assert_eq!(op.stop().await, Exit::Signalled);
 }
 

@@ -7,7 +7,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{CdcPipeline, CdcPipelineStatus};
-use crate::pipeline::{source, PipelineConfig};
+use crate::pipeline::{lifecycle, source, PipelineConfig};
 
 use super::refs::Secrets;
 use super::status::{now, ready_condition};
@@ -50,14 +50,7 @@ async fn drop_on_source(p: &CdcPipeline, ctx: &Context) -> Result<source::Droppe
         .map_err(|e| e.to_string())?;
     let cfg = PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets)
         .map_err(|e| e.to_string())?;
-    let client = cfg
-        .source
-        .connect("source")
-        .await
-        .map_err(|e| e.to_string())?;
-    source::drop_provisioned(&client, &cfg)
-        .await
-        .map_err(|e| e.to_string())
+    lifecycle::forget(&cfg).await.map_err(|e| e.to_string())
 }
 
 fn set_blocked(status: &mut CdcPipelineStatus, message: &str, generation: Option<i64>) {

@@ -255,9 +255,14 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
 
     let now = status::now();
     let previous = p.status.as_ref();
-    let (slot, publication) = match &cfg {
-        Some(c) => (Some(c.slot.as_str()), Some(c.publication.as_str())),
-        None => (
+    let (slot, publication) = match (&observed, &cfg) {
+        // The names the pipeline streams from (a checkpointed one keeps those it recorded).
+        (Observed::Task { progress, .. }, _) if !progress.slot.is_empty() => (
+            Some(progress.slot.as_str()),
+            Some(progress.publication.as_str()),
+        ),
+        (_, Some(c)) => (Some(c.slot.as_str()), Some(c.publication.as_str())),
+        (_, None) => (
             previous.and_then(|s| s.slot_name.as_deref()),
             previous.and_then(|s| s.publication_name.as_deref()),
         ),
@@ -276,6 +281,10 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
 }
 
 fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
+    let not_ready = status::ready(status)
+        .filter(|c| c.status != "True")
+        .map(|c| c.reason.as_str());
+    ctx.metrics.set_not_ready(key, not_ready);
     let labels = PipelineLabels {
         pipeline: key.to_string(),
     };
@@ -473,6 +482,13 @@ mod mock_tests {
         );
         assert_eq!(body["reason"], "SecretError");
         assert_eq!(body["type"], "Warning");
+        assert!(
+            ctx.metrics
+                .encode()
+                .contains(r#"philotes_pipeline_not_ready{pipeline="ns/p",reason="SecretError"} 1"#),
+            "{}",
+            ctx.metrics.encode()
+        );
         respond(send, 201, body);
         let action = task.await.unwrap().unwrap();
         assert_eq!(action, Action::requeue(Duration::from_secs(10)));

@@ -23,6 +23,7 @@ use super::config::{quote_ident, PipelineConfig};
 use super::conn::describe_pg_error;
 use super::decode::{write_json_string, Change, Operation, Relation};
 use super::error::{Error, Result};
+use super::identity::Recorded;
 use super::lsn;
 
 /// Migrations in order, embedded from `migrations/`.
@@ -36,6 +37,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "0002_json_images.sql",
         include_str!("../../migrations/0002_json_images.sql"),
+    ),
+    (
+        3,
+        "0003_checkpoint_identity.sql",
+        include_str!("../../migrations/0003_checkpoint_identity.sql"),
     ),
 ];
 
@@ -70,8 +76,18 @@ pub struct Checkpoint {
     pub events_total: i64,
 }
 
+/// A gap the user acknowledged: changes between `from_lsn` and `to_lsn` may be missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub from_lsn: u64,
+    pub to_lsn: u64,
+    pub reason: String,
+    pub message: String,
+}
+
 pub struct Buffer {
     client: Client,
+    schema: String,
     pipeline: String,
     copy_events: String,
     insert_relation: String,
@@ -94,6 +110,14 @@ impl Buffer {
             ))
         };
         migrate(&client, cfg).await?;
+        // A checkpoint is confirmed to the source once its transaction commits, so the commit
+        // must be durable when it returns, whatever the buffer's default: with
+        // synchronous_commit off a crash of the buffer server could lose a checkpoint the
+        // source has already released WAL for.
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(setup_err)?;
         let locked: bool = client
             .query_one(
                 "SELECT pg_try_advisory_lock(hashtextextended('philotes:' || $1, 0))",
@@ -110,6 +134,7 @@ impl Buffer {
         }
         Ok(Buffer {
             client,
+            schema: schema.clone(),
             pipeline: cfg.id.clone(),
             copy_events: format!(
                 "COPY {schema}.cdc_events (pipeline, commit_lsn, seq, lsn, xid, commit_time, schema_name, \
@@ -121,7 +146,8 @@ impl Buffer {
                  ON CONFLICT DO NOTHING"
             ),
             select_checkpoint: format!(
-                "SELECT lsn::text, last_commit_lsn::text, last_seq, events_total FROM {schema}.cdc_checkpoints WHERE pipeline = $1"
+                "SELECT lsn::text, last_commit_lsn::text, last_seq, events_total, system_identifier, timeline, database, \
+                 slot_name, publication_name, slot_start_lsn::text FROM {schema}.cdc_checkpoints WHERE pipeline = $1"
             ),
             upsert_checkpoint: format!(
                 "INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, last_commit_lsn, last_seq, events_total, updated_at) \
@@ -136,8 +162,8 @@ impl Buffer {
         self.client.is_closed()
     }
 
-    /// The durable checkpoint, if the pipeline has written one.
-    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>> {
+    /// The durable checkpoint and the identity recorded with it, if the pipeline has one.
+    pub async fn checkpoint(&self) -> Result<Option<(Checkpoint, Recorded)>> {
         let row = self
             .client
             .query_opt(&self.select_checkpoint, &[&self.pipeline])
@@ -146,25 +172,124 @@ impl Buffer {
         Ok(row.map(|row| {
             let last_commit: Option<String> = row.get(1);
             let last_seq: Option<i32> = row.get(2);
-            Checkpoint {
+            let checkpoint = Checkpoint {
                 lsn: lsn::parse(row.get::<_, &str>(0)).unwrap_or(0),
                 last_event: last_commit.and_then(|c| lsn::parse(&c)).zip(last_seq),
                 events_total: row.get(3),
-            }
+            };
+            let recorded = Recorded {
+                system_identifier: row.get(4),
+                timeline: row.get::<_, Option<i32>>(5).map(|t| t as u32),
+                database: row.get(6),
+                slot: row.get(7),
+                publication: row.get(8),
+                slot_start_lsn: row.get::<_, Option<&str>>(9).and_then(lsn::parse),
+            };
+            (checkpoint, recorded)
         }))
     }
 
-    /// Records the checkpoint alone (nothing else to write).
-    pub async fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<()> {
-        upsert_checkpoint(
-            &self.client,
-            &self.upsert_checkpoint,
-            &self.pipeline,
-            checkpoint,
+    /// Records what the checkpoint is a checkpoint of (inserting the checkpoint itself for a
+    /// new pipeline). Refused when another pipeline of this buffer already checkpoints the
+    /// same slot of the same source: two pipelines on one slot take its changes from each
+    /// other.
+    pub async fn save_identity(&self, checkpoint: &Checkpoint, id: &Recorded) -> Result<()> {
+        let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+        let schema = &self.schema;
+        let other: Option<String> = self
+            .client
+            .query_opt(
+                &format!(
+                    "SELECT pipeline FROM {schema}.cdc_checkpoints WHERE pipeline <> $1 AND slot_name = $2 \
+                     AND system_identifier = $3 AND database = $4 LIMIT 1"
+                ),
+                &[&self.pipeline, &id.slot, &id.system_identifier, &id.database],
+            )
+            .await
+            .map_err(err)?
+            .map(|r| r.get(0));
+        if let Some(other) = other {
+            return Err(Error::SlotConflict(format!(
+                "replication slot {} on source database {} is already streamed by pipeline {other} (its checkpoint is in the same buffer); \
+                 give pipeline {} its own spec.source.slot",
+                id.slot.as_deref().unwrap_or("?"),
+                id.database.as_deref().unwrap_or("?"),
+                self.pipeline
+            )));
+        }
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, events_total, system_identifier, timeline, database, \
+                     slot_name, publication_name, slot_start_lsn) VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9::text::pg_lsn) \
+                     ON CONFLICT (pipeline) DO UPDATE SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
+                     database = excluded.database, slot_name = excluded.slot_name, publication_name = excluded.publication_name, \
+                     slot_start_lsn = excluded.slot_start_lsn"
+                ),
+                &[
+                    &self.pipeline,
+                    &lsn::format(checkpoint.lsn),
+                    &checkpoint.events_total,
+                    &id.system_identifier,
+                    &id.timeline.map(|t| t as i32),
+                    &id.database,
+                    &id.slot,
+                    &id.publication,
+                    &id.slot_start_lsn.map(lsn::format),
+                ],
+            )
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Removes the pipeline's checkpoint (its events stay for consumers).
+    pub async fn delete_checkpoint(&self) -> Result<()> {
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM {}.cdc_checkpoints WHERE pipeline = $1",
+                    self.schema
+                ),
+                &[&self.pipeline],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| Error::Buffer(describe_pg_error(&e)))
+    }
+
+    /// Acknowledges a gap: records it in `cdc_gaps` and restarts the checkpoint at `to_lsn`
+    /// with no identity, so the next start records the source and slot it finds, in one
+    /// transaction.
+    pub async fn record_gap(&mut self, gap: &Gap) -> Result<()> {
+        let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+        let schema = self.schema.clone();
+        let tx = self.client.transaction().await.map_err(err)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {schema}.cdc_gaps (pipeline, from_lsn, to_lsn, reason, message) \
+                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5)"
+            ),
+            &[
+                &self.pipeline,
+                &lsn::format(gap.from_lsn),
+                &lsn::format(gap.to_lsn),
+                &gap.reason,
+                &gap.message,
+            ],
         )
         .await
-        .map(drop)
-        .map_err(|e| Error::Buffer(describe_pg_error(&e)))
+        .map_err(err)?;
+        tx.execute(
+            &format!(
+                "UPDATE {schema}.cdc_checkpoints SET lsn = $2::text::pg_lsn, system_identifier = NULL, timeline = NULL, \
+                 database = NULL, slot_start_lsn = NULL, updated_at = now() WHERE pipeline = $1"
+            ),
+            &[&self.pipeline, &lsn::format(gap.to_lsn)],
+        )
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
     }
 
     /// The writer task: runs the requests in order, one buffer transaction per commit
@@ -215,6 +340,11 @@ impl Buffer {
                                 .map_err(err)?;
                             sink.as_mut().finish().await.map_err(err)?;
                         }
+                        for d in &commit.dead_letters {
+                            insert_dead_letter(&tx, &self.schema, &self.pipeline, d)
+                                .await
+                                .map_err(err)?;
+                        }
                         for r in &commit.relations {
                             insert_relation(&tx, &self.insert_relation, &self.pipeline, r)
                                 .await
@@ -259,8 +389,21 @@ pub enum WriteOp {
     Commit(Commit),
 }
 
+/// A change set aside instead of written as an event.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub at: Position,
+    pub schema: String,
+    pub table: String,
+    pub operation: Operation,
+    pub reason: String,
+    /// The pgoutput message as received.
+    pub message: Bytes,
+}
+
 pub struct Commit {
     pub relations: Vec<RelationRecord>,
+    pub dead_letters: Vec<DeadLetter>,
     pub checkpoint: Checkpoint,
     pub counts: Vec<Count>,
 }
@@ -384,6 +527,36 @@ async fn insert_relation(
                 &rel.name,
                 &identity,
                 &columns,
+            ],
+        )
+        .await
+}
+
+async fn insert_dead_letter(
+    client: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    d: &DeadLetter,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.cdc_dead_letters (pipeline, commit_lsn, seq, lsn, xid, commit_time, schema_name, \
+                 table_name, operation, reason, message) VALUES ($1, $2::text::pg_lsn, $3, $4::text::pg_lsn, $5, \
+                 timestamptz '2000-01-01 00:00:00+00' + $6::float8 * interval '1 microsecond', $7, $8, $9, $10, $11)"
+            ),
+            &[
+                &pipeline,
+                &lsn::format(d.at.commit_lsn),
+                &d.at.seq,
+                &lsn::format(d.at.lsn),
+                &i64::from(d.at.xid),
+                &(d.at.commit_time as f64),
+                &d.schema,
+                &d.table,
+                &d.operation.as_str(),
+                &d.reason,
+                &d.message.as_ref(),
             ],
         )
         .await

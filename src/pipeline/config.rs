@@ -120,6 +120,14 @@ pub struct PipelineConfig {
     pub flush_interval: Duration,
     pub buffer_size: usize,
     pub status_interval: Duration,
+    /// Silence on the replication stream after which the connection is reopened.
+    pub stream_timeout: Duration,
+    pub poison_events: crd::PoisonEventPolicy,
+    /// When the slot name is derived: the name releases before 0.2 derived, which a pipeline
+    /// that checkpointed under it keeps (see [`crate::pipeline::identity::names`]).
+    pub legacy_slot: Option<String>,
+    /// Likewise for the publication.
+    pub legacy_publication: Option<String>,
 }
 
 /// Where secret values come from: the manifest's own `Secret` documents when standalone, the
@@ -203,15 +211,28 @@ impl PipelineConfig {
                 check_replication_name(s).map_err(|e| invalid("spec.source.slot", e))?;
                 s.clone()
             }
-            None => derive_name(&format!("philotes_{namespace}_{name}")),
+            None => default_name(namespace, name),
         };
         let publication = match &spec.source.publication {
             Some(p) => {
                 check_replication_name(p).map_err(|e| invalid("spec.source.publication", e))?;
                 p.clone()
             }
-            None => derive_name(&format!("philotes_{name}")),
+            None => default_name(namespace, name),
         };
+        // What releases before 0.2 derived, for pipelines that checkpointed under them.
+        let legacy_slot = spec
+            .source
+            .slot
+            .is_none()
+            .then(|| derive_name(&format!("philotes_{namespace}_{name}")));
+        let legacy_publication = spec
+            .source
+            .publication
+            .is_none()
+            .then(|| derive_name(&format!("philotes_{name}")));
+        let stream_timeout = interval(&spec.source.stream_timeout, crd::DEFAULT_STREAM_TIMEOUT)
+            .map_err(|why| invalid("spec.source.streamTimeout", why))?;
         let buffer_schema = spec
             .buffer
             .schema
@@ -264,7 +285,36 @@ impl PipelineConfig {
             flush_interval,
             buffer_size,
             status_interval,
+            stream_timeout,
+            poison_events: spec.poison_events.unwrap_or_default(),
+            legacy_slot,
+            legacy_publication,
         })
+    }
+}
+
+#[cfg(test)]
+impl PipelineConfig {
+    /// A pipeline `ns/p` on slot `slot` and publication `pub`, for unit tests.
+    pub fn example() -> PipelineConfig {
+        let conn = ConnInfo::parse("postgres://u:pw@db:5432/shop", "test").expect("uri");
+        PipelineConfig {
+            id: "ns/p".into(),
+            source: conn.clone(),
+            buffer: conn,
+            tables: vec![],
+            publication: "pub".into(),
+            slot: "slot".into(),
+            buffer_schema: "philotes".into(),
+            batch_size: 1,
+            flush_interval: Duration::from_secs(1),
+            buffer_size: 1,
+            status_interval: Duration::from_secs(1),
+            stream_timeout: Duration::from_secs(60),
+            poison_events: crd::PoisonEventPolicy::Fail,
+            legacy_slot: None,
+            legacy_publication: None,
+        }
     }
 }
 
@@ -304,6 +354,37 @@ fn check_replication_name(s: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The default slot and publication name of pipeline `namespace/name`:
+/// `philotes_<namespace>_<name>` when both parts are plain (lower-case letters and digits, so
+/// the `_` between them cannot be confused with anything in them), else the same with the
+/// other characters replaced and a hash of `namespace/name` appended: `a-b/c` and `a/b-c`
+/// both clean to `a_b_c`, and only the hash keeps them apart.
+pub fn default_name(namespace: &str, name: &str) -> String {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    let raw = format!("philotes_{namespace}_{name}");
+    if plain(namespace) && plain(name) {
+        return derive_name(&raw);
+    }
+    let clean = derive_name(&raw);
+    let hash = format!("{:08x}", fnv1a(&format!("{namespace}/{name}")));
+    let keep = clean.len().min(63 - 1 - hash.len());
+    format!("{}_{hash}", &clean[..keep])
+}
+
+/// FNV-1a: stable across releases (a derived name must not change between versions).
+fn fnv1a(raw: &str) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in raw.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    h
+}
+
 /// A valid slot/publication name from arbitrary text: lower-cased, other characters replaced
 /// by `_`, and cut to 63 bytes with a hash suffix when longer, so two long names stay distinct.
 pub fn derive_name(raw: &str) -> String {
@@ -321,13 +402,7 @@ pub fn derive_name(raw: &str) -> String {
     if clean.len() <= 63 {
         return clean;
     }
-    // FNV-1a: stable across releases (the name must not change between versions).
-    let mut h: u32 = 0x811c9dc5;
-    for b in raw.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    format!("{}_{h:08x}", &clean[..54])
+    format!("{}_{:08x}", &clean[..54], fnv1a(raw))
 }
 
 /// A duration field: `default` when unset, and between 10ms and 24h. The error says what is
@@ -392,7 +467,9 @@ mod tests {
         let c = PipelineConfig::resolve("shop", "orders", &spec(""), &secrets()).unwrap();
         assert_eq!(c.id, "shop/orders");
         assert_eq!(c.slot, "philotes_shop_orders");
-        assert_eq!(c.publication, "philotes_orders");
+        assert_eq!(c.publication, "philotes_shop_orders");
+        assert_eq!(c.legacy_publication.as_deref(), Some("philotes_orders"));
+        assert_eq!(c.stream_timeout, Duration::from_secs(60));
         assert_eq!(c.buffer_schema, "philotes");
         assert_eq!(c.batch_size, 10_000);
         assert_eq!(c.buffer_size, 10_000);
@@ -468,6 +545,15 @@ mod tests {
             derive_name("philotes_My-NS_orders.v2"),
             "philotes_my_ns_orders_v2"
         );
+        // Names that clean to the same text get distinct defaults; plain ones stay as they were.
+        let (x, y) = (default_name("a-b", "c"), default_name("a", "b-c"));
+        assert_ne!(x, y);
+        assert!(x.starts_with("philotes_a_b_c_"), "{x}");
+        check_replication_name(&x).unwrap();
+        assert_eq!(default_name("shop", "orders"), "philotes_shop_orders");
+        let long = default_name(&"n".repeat(63), &"m-".repeat(120));
+        assert!(long.len() <= 63, "{long}");
+        check_replication_name(&long).unwrap();
         assert!(check_replication_name("Bad-Name").is_err());
     }
 

@@ -281,6 +281,7 @@ impl ConnInfo {
         start_lsn: u64,
         buffer_events: usize,
         status_interval: Duration,
+        stream_timeout: Duration,
     ) -> ReplicationConfig {
         let tls = match self.sslmode {
             SslMode::Disable => TlsConfig::disabled(),
@@ -306,9 +307,18 @@ impl ConnInfo {
         .with_start_lsn(Lsn(start_lsn))
         .with_buffer_size(buffer_events.max(1))
         .with_status_interval(status_interval)
+        // Liveness both ways (see `streamTimeout`): this walsender pings us when it has heard
+        // nothing for half of the timeout and gives up on us after all of it, which frees the
+        // slot for the next connection once ours died. An idle client stays quiet at least as
+        // long, so the pings come (a client status would count as the reply).
+        .with_wakeup_interval(stream_timeout)
         .with_application_name(format!("{}-stream", self.application_name))
         // The decoder turns text output into JSON: pin every setting that shapes that text.
-        .with_options("-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=1 -c bytea_output=hex")
+        .with_options(format!(
+            "-c datestyle=ISO,MDY -c intervalstyle=postgres -c extra_float_digits=1 -c bytea_output=hex \
+             -c wal_sender_timeout={}ms",
+            stream_timeout.as_millis()
+        ))
     }
 }
 

@@ -84,6 +84,17 @@ pub enum Decoded {
     Truncate(Vec<Change>),
     /// Nothing to record (type or origin messages).
     Nothing,
+    /// A well-formed change that cannot be stored as an event.
+    Poison(Poison),
+}
+
+/// A change the buffer cannot store: what it was and why.
+#[derive(Debug)]
+pub struct Poison {
+    pub relation: Arc<Relation>,
+    pub operation: Operation,
+    /// Names the column and what is wrong with its value.
+    pub reason: String,
 }
 
 #[derive(Default)]
@@ -148,8 +159,32 @@ impl Decoder {
         Decoder::default()
     }
 
-    /// Decodes one pgoutput message (not Begin/Commit, which the stream reports itself).
+    /// Decodes one pgoutput message (not Begin/Commit, which the stream reports itself). A
+    /// well-formed change that cannot become an event is [`Decoded::Poison`].
     pub fn decode(&mut self, data: &[u8]) -> Result<Decoded> {
+        match self.decode_message(data) {
+            Err(Error::PoisonEvent(reason)) => {
+                let (operation, id) = match data {
+                    [b'I', id @ ..] => (Operation::Insert, id),
+                    [b'U', id @ ..] => (Operation::Update, id),
+                    [b'D', id @ ..] => (Operation::Delete, id),
+                    _ => return Err(Error::Decode(reason)),
+                };
+                let mut r = Reader {
+                    buf: id,
+                    what: operation.as_str(),
+                };
+                Ok(Decoded::Poison(Poison {
+                    relation: self.lookup(r.u32()?)?,
+                    operation,
+                    reason,
+                }))
+            }
+            other => other,
+        }
+    }
+
+    fn decode_message(&mut self, data: &[u8]) -> Result<Decoded> {
         let Some((&tag, body)) = data.split_first() else {
             return Err(Error::Decode("empty message".into()));
         };
@@ -356,9 +391,9 @@ fn tuple(r: &mut Reader<'_>, rel: &Relation, key_only: bool) -> Result<String> {
             None => out.push_str("null"),
             Some(bytes) => {
                 let text = std::str::from_utf8(bytes).map_err(|_| {
-                    Error::Decode(format!(
-                        "value of {}.{}.{} is not UTF-8; Philotes needs a UTF-8 source database",
-                        rel.schema, rel.name, col.name
+                    Error::PoisonEvent(format!(
+                        "column {} of {}.{} holds a value that is not valid UTF-8 (a SQL_ASCII source stores bytes unchecked)",
+                        col.name, rel.schema, rel.name
                     ))
                 })?;
                 write_value(&mut out, col.type_oid, text);

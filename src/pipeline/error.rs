@@ -40,9 +40,28 @@ pub enum Error {
     /// The replication stream failed while running.
     #[error("replication stream from the source failed: {0}")]
     Stream(String),
+    /// The replication stream was silent (no data, no keepalive) for longer than
+    /// `streamTimeout`: the connection is presumed dead and reopened.
+    #[error("{0}")]
+    StreamTimeout(String),
     /// Writing to the buffer failed while running.
     #[error("writing to the buffer failed: {0}")]
     Buffer(String),
+    /// The slot a checkpoint was taken on is gone, invalidated, or ahead of the checkpoint:
+    /// changes may be missing, and only the user can decide how to go on.
+    #[error("{0}")]
+    SlotLost(String),
+    /// The source is not the system, database or history the checkpoint was taken on.
+    #[error("{0}")]
+    SourceChanged(String),
+    /// Another pipeline already checkpoints the same slot, or the spec changed what a
+    /// checkpointed pipeline streams from.
+    #[error("{0}")]
+    SlotConflict(String),
+    /// A change the buffer cannot store as an event (a text value that is not UTF-8), under
+    /// `poisonEvents: Fail`.
+    #[error("{0}")]
+    PoisonEvent(String),
     /// The stream carried something the decoder does not understand.
     #[error("cannot decode the replication stream: {0}")]
     Decode(String),
@@ -60,8 +79,13 @@ impl Error {
             Error::BufferSetup(_) => "BufferNotReady",
             Error::SlotInUse(_) => "SlotInUse",
             Error::Stream(_) => "StreamError",
+            Error::StreamTimeout(_) => "StreamTimeout",
             Error::Buffer(_) => "BufferError",
             Error::Decode(_) => "DecodeError",
+            Error::SlotLost(_) => "SlotLost",
+            Error::SourceChanged(_) => "SourceChanged",
+            Error::SlotConflict(_) => "SlotConflict",
+            Error::PoisonEvent(_) => "PoisonEvent",
         }
     }
 
@@ -69,7 +93,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Unreachable { .. } | Error::SlotInUse(_) | Error::Stream(_) | Error::Buffer(_)
+            Error::Unreachable { .. }
+                | Error::SlotInUse(_)
+                | Error::Stream(_)
+                | Error::StreamTimeout(_)
+                | Error::Buffer(_)
         )
     }
 }

@@ -6,6 +6,8 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod error;
+pub mod identity;
+pub mod lifecycle;
 pub mod lsn;
 mod run;
 pub mod source;

@@ -45,13 +45,16 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use super::buffer::{
-    Buffer, Checkpoint, Commit, Committed, Count, Position, RelationRecord, RowEncoder, WriteOp,
-    Writer, ROWS_CHUNK,
+    Buffer, Checkpoint, Commit, Committed, Count, DeadLetter, Position, RelationRecord, RowEncoder,
+    WriteOp, Writer, ROWS_CHUNK,
 };
 use super::config::PipelineConfig;
-use super::decode::{Change, Decoded, Decoder, Relation};
+use super::decode::{Change, Decoded, Decoder, Poison, Relation};
 use super::error::{Error, Result};
+use super::identity::{self, Recorded, SourceNow};
 use super::source;
+use crate::crd::PoisonEventPolicy;
+use bytes::Bytes;
 
 /// Told about every batch the buffer committed (the operator's metrics).
 pub trait BatchObserver: Send + Sync {
@@ -103,6 +106,10 @@ pub struct Progress {
     pub last_error: Option<(String, String)>,
     pub slot_created: bool,
     pub publication_created: bool,
+    /// The slot and publication streamed from (a checkpointed pipeline keeps the names it
+    /// recorded); empty until the first session read its checkpoint.
+    pub slot: String,
+    pub publication: String,
 }
 
 /// Runs the pipeline until shutdown is signalled (or, with `until_caught_up`, until caught up),
@@ -212,18 +219,105 @@ async fn session(
         return Err(Error::Buffer("buffer connection missing".into()));
     };
 
-    let source_client = cfg.source.connect("source").await?;
-    let provisioned = source::provision(&source_client, cfg).await?;
-    drop(source_client);
+    // Identity before position: the names the checkpoint was taken under, the slot it was
+    // taken on, and the source system it came from are checked before anything streams.
+    let stored = buffer.checkpoint().await?;
+    let (slot, publication) = identity::names(cfg, stored.as_ref().map(|(_, r)| r))?;
+    let cfg = &PipelineConfig {
+        slot,
+        publication,
+        ..cfg.clone()
+    };
+    progress.send_modify(|p| {
+        p.slot.clone_from(&cfg.slot);
+        p.publication.clone_from(&cfg.publication);
+    });
+    // The session that streams is the one asked who the source is, so the answer describes
+    // the server the stream then reads. With a checkpoint, the source is checked before its
+    // slot is looked at (another server is reported as such, not as a lost slot); a new
+    // pipeline has nothing to check and starts where the slot it provisions begins.
+    let provision = || async {
+        let source_client = cfg.source.connect("source").await?;
+        source::provision(&source_client, cfg, stored.as_ref().map(|(c, _)| c.lsn)).await
+    };
+    let first = match &stored {
+        Some(_) => None,
+        None => Some(provision().await?),
+    };
+    let start_lsn = match (&stored, &first) {
+        (Some((c, _)), _) => c.lsn,
+        (None, Some(p)) => p.slot_confirmed_lsn,
+        (None, None) => 0,
+    };
+    let repl_cfg = cfg.source.replication_config(
+        &cfg.slot,
+        &cfg.publication,
+        start_lsn,
+        cfg.buffer_size.min(MAX_QUEUED_MESSAGES),
+        Duration::from_secs(1),
+        cfg.stream_timeout,
+    );
+    let mut stream = on_source(cfg, "the replication connection", async {
+        ReplicationClient::connect_gated(repl_cfg).await
+    })
+    .await?;
+    let system = on_source(cfg, "IDENTIFY_SYSTEM", stream.identify_system()).await?;
+    let now = SourceNow {
+        system_identifier: system.system_id,
+        timeline: system.timeline,
+        xlogpos: system.xlogpos.0,
+        database: system.dbname.unwrap_or_else(|| cfg.source.dbname.clone()),
+    };
+    // The client library asks for UTF-8. A SQL_ASCII source stores bytes unchecked, and the
+    // walsender would fail the whole stream on the first value that is not UTF-8 (and again
+    // on every retry); taking its bytes as they are lets the decoder find such a value and
+    // deal with that one change (spec.poisonEvents).
+    let encoding = on_source(
+        cfg,
+        "SHOW server_encoding",
+        stream.simple_query("SHOW server_encoding"),
+    )
+    .await?;
+    if encoding
+        .first()
+        .and_then(|row| row.first())
+        .and_then(|v| v.as_deref())
+        == Some(b"SQL_ASCII".as_slice())
+    {
+        on_source(
+            cfg,
+            "SET client_encoding",
+            stream.simple_query("SET client_encoding = 'SQL_ASCII'"),
+        )
+        .await?;
+    }
+    let recorded = stored.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
+    if let Some((ckpt, _)) = &stored {
+        let history = match recorded.timeline {
+            Some(t) if t != now.timeline => on_source(
+                cfg,
+                "TIMELINE_HISTORY",
+                stream.timeline_history(now.timeline),
+            )
+            .await
+            .ok()
+            .map(|h| String::from_utf8_lossy(&h.content).into_owned()),
+            _ => None,
+        };
+        identity::check_source(cfg, &recorded, ckpt.lsn, &now, history.as_deref())?;
+    }
+    let provisioned = match first {
+        Some(p) => p,
+        None => provision().await?,
+    };
     let target = *target.get_or_insert(provisioned.current_wal_lsn);
-
-    let ckpt = match buffer.checkpoint().await? {
-        Some(c) => c,
-        None => Checkpoint {
+    let ckpt = stored.map_or(
+        Checkpoint {
             lsn: provisioned.slot_confirmed_lsn,
             ..Checkpoint::default()
         },
-    };
+        |(c, _)| c,
+    );
     progress.send_modify(|p| {
         p.checkpoint_lsn = ckpt.lsn;
         p.received_lsn = p.received_lsn.max(ckpt.lsn);
@@ -231,26 +325,29 @@ async fn session(
         p.slot_created |= provisioned.slot_created;
         p.publication_created |= provisioned.publication_created;
     });
+    let identity = Recorded {
+        system_identifier: Some(now.system_identifier),
+        timeline: Some(now.timeline),
+        database: Some(now.database),
+        slot: Some(cfg.slot.clone()),
+        publication: Some(cfg.publication.clone()),
+        slot_start_lsn: recorded
+            .slot_start_lsn
+            .or(Some(if provisioned.slot_created {
+                provisioned.slot_confirmed_lsn
+            } else {
+                ckpt.lsn
+            })),
+    };
+    if identity != recorded {
+        buffer.save_identity(&ckpt, &identity).await?;
+    }
     if opts.until_caught_up && ckpt.lsn >= target {
-        // Nothing committed since the slot's position: record where we are and stop.
-        buffer.save_checkpoint(&ckpt).await?;
+        // Nothing committed since the checkpoint (now recorded): stop.
         return Ok(Outcome::CaughtUp);
     }
-
-    let repl_cfg = cfg.source.replication_config(
-        &cfg.slot,
-        &cfg.publication,
-        ckpt.lsn,
-        cfg.buffer_size.min(MAX_QUEUED_MESSAGES),
-        Duration::from_secs(1),
-    );
-    let mut stream = ReplicationClient::connect(repl_cfg)
-        .await
-        .map_err(|e| stream_error(cfg, e))?;
-    stream
-        .wait_started()
-        .await
-        .map_err(|e| stream_error(cfg, e))?;
+    on_source(cfg, "START_REPLICATION", stream.start()).await?;
+    on_source(cfg, "START_REPLICATION", stream.wait_started()).await?;
     *started = true;
     tracing::info!(pipeline = %cfg.id, slot = %cfg.slot, publication = %cfg.publication,
         from = %super::lsn::format(ckpt.lsn), "streaming");
@@ -274,6 +371,7 @@ async fn session(
             image_bytes: 0,
             counts: Vec::new(),
             relations: Vec::new(),
+            dead_letters: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
             deadline: None,
@@ -282,6 +380,7 @@ async fn session(
         ckpt,
         writer: Writer::spawn(buffer),
         progress,
+        heard: Instant::now(),
     };
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
@@ -314,6 +413,8 @@ struct Streamer<'a> {
     ckpt: Checkpoint,
     writer: Writer,
     progress: &'a watch::Sender<Progress>,
+    /// When the stream last delivered anything (a keepalive included).
+    heard: Instant,
 }
 
 impl Streamer<'_> {
@@ -348,13 +449,35 @@ impl Streamer<'_> {
                 //    else is already queued, up to a bound, without going round the select
                 //    for every message.
                 event = stream.recv() => {
-                    self.on_received(event).await?;
+                    self.heard = Instant::now();
+                    let mut taken = self.on_received(event).await;
                     for _ in 0..DRAIN_QUEUED {
+                        if taken.is_err() {
+                            break;
+                        }
                         let Some(event) = stream.recv().now_or_never() else {
                             break;
                         };
-                        self.on_received(event).await?;
+                        taken = self.on_received(event).await;
                     }
+                    if let Err(e @ Error::PoisonEvent(_)) = taken {
+                        // Everything before it is written and confirmed, then the loop stops.
+                        self.flush().await?;
+                        self.wait_durable(stream).await?;
+                        self.confirm_and_stop(stream).await;
+                        return Err(e);
+                    }
+                    taken?;
+                }
+                // 5. Silence: not even the keepalive the source sends after half of
+                //    streamTimeout. The connection is dead (a proxy or NAT dropping traffic
+                //    sends no FIN or RST): end the session, whose retry reconnects.
+                _ = sleep_until(self.heard + self.cfg.stream_timeout) => {
+                    return Err(Error::StreamTimeout(format!(
+                        "the replication stream from the source database {} was silent for {:?} (spec.source.streamTimeout): \
+                         the connection is presumed dead and is reopened",
+                        self.cfg.source, self.cfg.stream_timeout
+                    )));
                 }
             }
             if self.caught_up() {
@@ -433,6 +556,7 @@ impl Streamer<'_> {
                         return Ok(());
                     }
                     Decoded::Nothing => return Ok(()),
+                    Decoded::Poison(poison) => return self.on_poison(poison, data, wal_start.0),
                 };
                 self.on_change(change, wal_start.0).await?;
             }
@@ -491,6 +615,58 @@ impl Streamer<'_> {
         Ok(())
     }
 
+    /// A change that cannot be stored as an event: set aside in the batch's dead letters, or
+    /// [`Error::PoisonEvent`] (the loop then writes and confirms everything before it and
+    /// stops).
+    fn on_poison(&mut self, poison: Poison, message: Bytes, lsn: u64) -> Result<()> {
+        let Some(open) = self.tx.as_mut() else {
+            return Err(Error::Decode("change outside a transaction".into()));
+        };
+        let at = Position {
+            commit_lsn: open.commit_lsn,
+            seq: open.seq,
+            lsn,
+            xid: open.xid,
+            commit_time: open.commit_time,
+        };
+        open.seq += 1;
+        let position = (at.commit_lsn, at.seq);
+        if self.pending.last_event.is_some_and(|last| position <= last) {
+            return Ok(());
+        }
+        let rel = &poison.relation;
+        let what = format!(
+            "{} of {}.{} at LSN {} (transaction {}, committed at {})",
+            poison.operation.as_str(),
+            rel.schema,
+            rel.name,
+            super::lsn::format(lsn),
+            at.xid,
+            super::lsn::format(at.commit_lsn)
+        );
+        match self.cfg.poison_events {
+            PoisonEventPolicy::Fail => Err(Error::PoisonEvent(format!(
+                "pipeline {} cannot store the {what}: {}. Every change before it is in the buffer and confirmed. \
+                 Set spec.poisonEvents: DeadLetter to set such changes aside in cdc_dead_letters and go on",
+                self.cfg.id, poison.reason
+            ))),
+            PoisonEventPolicy::DeadLetter => {
+                tracing::warn!(pipeline = %self.cfg.id, reason = %poison.reason, "set aside the {what} in cdc_dead_letters");
+                self.pending.last_event = Some(position);
+                self.pending.dead_letters.push(DeadLetter {
+                    at,
+                    schema: rel.schema.clone(),
+                    table: rel.name.clone(),
+                    operation: poison.operation,
+                    reason: poison.reason,
+                    message,
+                });
+                self.arm_deadline();
+                Ok(())
+            }
+        }
+    }
+
     /// Moves the position the next checkpoint may claim (no transaction is open).
     async fn advance(&mut self, lsn: u64) -> Result<()> {
         // Readers poll the received position; waking every watcher on each commit would put
@@ -517,6 +693,7 @@ impl Streamer<'_> {
     async fn flush(&mut self) -> Result<()> {
         if self.pending.events == 0
             && self.pending.relations.is_empty()
+            && self.pending.dead_letters.is_empty()
             && self.pending.safe_lsn <= self.submitted.lsn
         {
             self.pending.deadline = None;
@@ -541,6 +718,7 @@ impl Streamer<'_> {
         };
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
+            dead_letters: std::mem::take(&mut pending.dead_letters),
             checkpoint: next,
             counts: std::mem::take(&mut pending.counts),
         };
@@ -634,6 +812,8 @@ struct Pending {
     /// Events per table and operation, for the metrics.
     counts: Vec<Count>,
     relations: Vec<RelationRecord>,
+    /// Changes set aside (`poisonEvents: DeadLetter`), written with the batch.
+    dead_letters: Vec<DeadLetter>,
     /// The LSN the next checkpoint may claim (see the LSN rules above).
     safe_lsn: u64,
     /// The last event accepted: written, or in the batch.
@@ -671,6 +851,26 @@ fn failpoint(name: &str) {
     if armed.as_deref() == Some(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
+    }
+}
+
+/// One step of opening the replication session, bounded by the source's `connect_timeout`.
+/// Dropping the step half way loses nothing: nothing is claimed before streaming starts.
+async fn on_source<T>(
+    cfg: &PipelineConfig,
+    what: &str,
+    step: impl std::future::Future<Output = std::result::Result<T, PgWireError>>,
+) -> Result<T> {
+    match tokio::time::timeout(cfg.source.connect_timeout, step).await {
+        Ok(result) => result.map_err(|e| stream_error(cfg, e)),
+        Err(_) => Err(Error::Unreachable {
+            target: "source",
+            endpoint: cfg.source.to_string(),
+            message: format!(
+                "no answer to {what} within {:?} (connect_timeout)",
+                cfg.source.connect_timeout
+            ),
+        }),
     }
 }
 

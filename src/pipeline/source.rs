@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use super::config::{quote_ident, quote_literal, PipelineConfig, TableName};
 use super::conn::describe_pg_error;
 use super::error::{Error, Result};
+use super::identity::{self, SlotState};
 use super::lsn;
 
 /// What provisioning found or made.
@@ -23,8 +24,14 @@ pub struct Provisioned {
 }
 
 /// Checks the source can stream the listed tables, then creates or adopts the publication and
-/// the slot. Every refusal names the object and what to change.
-pub async fn provision(client: &Client, cfg: &PipelineConfig) -> Result<Provisioned> {
+/// the slot. Every refusal names the object and what to change. `checkpoint` is where the
+/// pipeline's buffer is complete up to, if it has a checkpoint: its slot must then exist, be
+/// valid and not be ahead of it, and is never created anew.
+pub async fn provision(
+    client: &Client,
+    cfg: &PipelineConfig,
+    checkpoint: Option<u64>,
+) -> Result<Provisioned> {
     let src = &cfg.source;
     let q = |e: tokio_postgres::Error| {
         let hint = if e.code().map(|c| c.code()) == Some("42501") {
@@ -55,7 +62,7 @@ pub async fn provision(client: &Client, cfg: &PipelineConfig) -> Result<Provisio
     }
 
     let publication_created = ensure_publication(client, cfg).await?;
-    let slot_created = ensure_slot(client, cfg).await?;
+    let slot_created = ensure_slot(client, cfg, checkpoint).await?;
 
     let row = client
         .query_one(
@@ -199,71 +206,159 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
     Ok(false)
 }
 
-/// Returns whether the slot was created now.
-async fn ensure_slot(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
-    let slot = &cfg.slot;
-    let err = |e: tokio_postgres::Error| {
-        Error::SourceSetup(format!(
-            "replication slot {slot} on the source database {}: {}",
-            cfg.source,
-            describe_pg_error(&e)
-        ))
-    };
-    let existing = client
+/// A slot as `pg_replication_slots` shows it.
+struct SlotRow {
+    kind: String,
+    plugin: Option<String>,
+    database: Option<String>,
+    state: SlotState,
+}
+
+fn slot_error(cfg: &PipelineConfig, e: tokio_postgres::Error) -> Error {
+    Error::SourceSetup(format!(
+        "replication slot {} on the source database {}: {}",
+        cfg.slot,
+        cfg.source,
+        describe_pg_error(&e)
+    ))
+}
+
+async fn slot_row(client: &Client, cfg: &PipelineConfig) -> Result<Option<SlotRow>> {
+    // `conflicting` (16+) and `invalidation_reason` (17+) through to_jsonb, so one query
+    // serves every version.
+    let row = client
         .query_opt(
-            "SELECT slot_type, plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = $1",
-            &[slot],
+            "SELECT slot_type, plugin, database, wal_status, confirmed_flush_lsn::text, \
+                    to_jsonb(s)->>'conflicting', to_jsonb(s)->>'invalidation_reason' \
+             FROM pg_replication_slots s WHERE slot_name = $1",
+            &[&cfg.slot],
         )
         .await
-        .map_err(err)?;
-    match existing {
-        None => {
-            let created = client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[slot],
-                )
-                .await;
-            match created {
-                Ok(_) => Ok(true),
-                Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
-                    Box::pin(ensure_slot(client, cfg)).await
-                }
-                Err(e) => Err(err(e)),
+        .map_err(|e| slot_error(cfg, e))?;
+    Ok(row.map(|row| {
+        let invalidated = match (
+            row.get::<_, Option<&str>>(3),
+            row.get::<_, Option<&str>>(5),
+            row.get::<_, Option<String>>(6),
+        ) {
+            (_, _, Some(reason)) => Some(format!("invalidation_reason {reason}")),
+            (Some("lost"), _, _) => {
+                Some("wal_status lost: it needed WAL the source removed".into())
             }
+            (_, Some("true"), _) => Some("conflicting with recovery on a standby".into()),
+            _ => None,
+        };
+        SlotRow {
+            kind: row.get(0),
+            plugin: row.get(1),
+            database: row.get(2),
+            state: SlotState {
+                confirmed_flush_lsn: row.get::<_, Option<&str>>(4).and_then(lsn::parse),
+                invalidated,
+            },
         }
-        Some(row) => {
-            let (kind, plugin, database, wal_status): (
-                String,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-            ) = (row.get(0), row.get(1), row.get(2), row.get(3));
-            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
-                return Err(Error::SourceSetup(format!(
-                    "replication slot {slot} already exists on the source database {} as a {kind} slot with plugin {}; \
-                     Philotes needs a logical slot with plugin pgoutput: drop it or choose another spec.source.slot",
-                    cfg.source,
-                    plugin.as_deref().unwrap_or("none")
-                )));
+    }))
+}
+
+/// The pipeline's slot, if it exists.
+pub async fn slot_state(client: &Client, cfg: &PipelineConfig) -> Result<Option<SlotState>> {
+    Ok(slot_row(client, cfg).await?.map(|r| r.state))
+}
+
+/// Creates the pipeline's logical slot; returns where it begins.
+pub async fn create_slot(client: &Client, cfg: &PipelineConfig) -> Result<u64> {
+    let row = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(|e| slot_error(cfg, e))?;
+    Ok(lsn::parse(row.get(0)).unwrap_or(0))
+}
+
+/// Drops the pipeline's slot; one in use is refused, not terminated.
+pub async fn drop_slot(client: &Client, cfg: &PipelineConfig) -> Result<()> {
+    let active: Option<i32> = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(|e| slot_error(cfg, e))?
+        .and_then(|r| r.get(0));
+    if let Some(pid) = active {
+        return Err(Error::SlotInUse(format!(
+            "replication slot {} is in use by process {pid}; stop that consumer first",
+            cfg.slot
+        )));
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
+        .await
+        .map_err(|e| slot_error(cfg, e))?;
+    Ok(())
+}
+
+/// Returns whether the slot was created now.
+async fn ensure_slot(
+    client: &Client,
+    cfg: &PipelineConfig,
+    checkpoint: Option<u64>,
+) -> Result<bool> {
+    let slot = &cfg.slot;
+    let Some(row) = slot_row(client, cfg).await? else {
+        if let Some(lsn) = checkpoint {
+            identity::check_slot(cfg, lsn, None)?;
+        }
+        let created = client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await;
+        return match created {
+            Ok(_) => Ok(true),
+            Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
+                Box::pin(ensure_slot(client, cfg, checkpoint)).await
             }
-            if database.as_deref() != Some(cfg.source.dbname.as_str()) {
-                return Err(Error::SourceSetup(format!(
-                    "replication slot {slot} belongs to database {}, not {}; choose another spec.source.slot",
-                    database.as_deref().unwrap_or("?"),
-                    cfg.source.dbname
-                )));
-            }
-            if wal_status.as_deref() == Some("lost") {
-                return Err(Error::SourceSetup(format!(
-                    "replication slot {slot} on the source database {} has lost WAL it needed (wal_status lost): changes were lost before Philotes read them. \
+            Err(e) => Err(slot_error(cfg, e)),
+        };
+    };
+    let SlotRow {
+        kind,
+        plugin,
+        database,
+        state,
+    } = row;
+    if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::SourceSetup(format!(
+            "replication slot {slot} already exists on the source database {} as a {kind} slot with plugin {}; \
+             Philotes needs a logical slot with plugin pgoutput: drop it or choose another spec.source.slot",
+            cfg.source,
+            plugin.as_deref().unwrap_or("none")
+        )));
+    }
+    if database.as_deref() != Some(cfg.source.dbname.as_str()) {
+        return Err(Error::SourceSetup(format!(
+            "replication slot {slot} belongs to database {}, not {}; choose another spec.source.slot",
+            database.as_deref().unwrap_or("?"),
+            cfg.source.dbname
+        )));
+    }
+    match checkpoint {
+        Some(lsn) => identity::check_slot(cfg, lsn, Some(&state))?,
+        None => {
+            if let Some(why) = &state.invalidated {
+                return Err(Error::SlotLost(format!(
+                    "replication slot {slot} on the source database {} was invalidated ({why}): changes were lost before Philotes read them. \
                      Drop the slot and start again with a fresh copy of the tables",
                     cfg.source
                 )));
             }
-            Ok(false)
         }
     }
+    Ok(false)
 }
 
 /// The slot as `pg_replication_slots` reports it, and the source's WAL position.

@@ -158,7 +158,7 @@ pub fn assess(
 /// snapshot. The source is asked over a connection of its own, so a slow status query never
 /// holds the stream up.
 pub async fn watch_status(
-    cfg: PipelineConfig,
+    mut cfg: PipelineConfig,
     progress: watch::Receiver<Progress>,
     out: watch::Sender<Option<Snapshot>>,
 ) {
@@ -178,6 +178,12 @@ pub async fn watch_status(
                 .ok()
                 .and_then(|r| r.ok());
         }
+        let current = progress.borrow().clone();
+        // The names the pipeline actually streams from (kept from its checkpoint).
+        if !current.slot.is_empty() {
+            cfg.slot.clone_from(&current.slot);
+            cfg.publication.clone_from(&current.publication);
+        }
         let stats = match &client {
             Some(c) => {
                 tokio::time::timeout(Duration::from_secs(10), source::slot_stats(c, &cfg.slot))
@@ -187,12 +193,7 @@ pub async fn watch_status(
             }
             None => None,
         };
-        let snapshot = assess(
-            &cfg,
-            &progress.borrow().clone(),
-            stats.as_ref(),
-            prev.as_ref(),
-        );
+        let snapshot = assess(&cfg, &current, stats.as_ref(), prev.as_ref());
         prev = Some(snapshot.clone());
         if out.send(Some(snapshot)).is_err() {
             return;
@@ -203,23 +204,9 @@ pub async fn watch_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::conn::ConnInfo;
 
     fn cfg() -> PipelineConfig {
-        let c = ConnInfo::parse("postgres://u:p@h/d", "t").unwrap();
-        PipelineConfig {
-            id: "ns/p".into(),
-            source: c.clone(),
-            buffer: c,
-            tables: vec![],
-            publication: "pub".into(),
-            slot: "slot".into(),
-            buffer_schema: "philotes".into(),
-            batch_size: 1,
-            flush_interval: Duration::from_secs(1),
-            buffer_size: 1,
-            status_interval: Duration::from_secs(1),
-        }
+        PipelineConfig::example()
     }
 
     fn stats(current: u64, confirmed: u64) -> SlotStats {
