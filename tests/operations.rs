@@ -523,3 +523,46 @@ async fn a_slot_checkpointed_by_another_pipeline_is_refused() {
         assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
     }
 }
+
+/// Errors retrying cannot heal stop the pipeline with a reason instead of backing off
+/// forever: here the buffer holds events the checkpoint does not know of (a crash between the
+/// buffer commit and the acknowledgement, then a checkpoint restored from before it), so the
+/// replay hits a unique violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_buffer_refuses_for_good_stops_with_a_reason() {
+    let (src, buf, source) = databases_with("refused", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let text = manifest("refused", &src, &buf, &["t"], "");
+    let file = manifest_file(&text);
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 20)")
+        .await
+        .expect("insert");
+    let out = std::process::Command::new(bin())
+        .args(["run", "-f"])
+        .arg(file.path())
+        .env("PHILOTES_FAILPOINT", "after-buffer-commit")
+        .output()
+        .expect("run philotes");
+    assert!(!out.status.success());
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "UPDATE philotes.cdc_checkpoints SET last_commit_lsn = NULL, last_seq = NULL,
+               lsn = (SELECT min(commit_lsn) FROM philotes.cdc_events)",
+        )
+        .await
+        .expect("restore an older checkpoint");
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retrying");
+    for phrase in [
+        "BufferNotReady",
+        "the buffer already holds an event",
+        "duplicate key",
+    ] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert!(!out.contains("retrying"), "{out}");
+}

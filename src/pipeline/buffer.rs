@@ -26,6 +26,24 @@ use super::error::{Error, Result};
 use super::identity::Recorded;
 use super::lsn;
 
+/// Classifies an error of the buffer: what retrying can heal (the server restarting,
+/// read-only for a while, the network) is [`Error::Buffer`]; a write the buffer refuses for
+/// good stops the pipeline with what to do.
+fn buffer_error(e: &tokio_postgres::Error) -> Error {
+    let message = describe_pg_error(e);
+    let fix = match e.code().map(|c| c.code()) {
+        Some("23505") => "the buffer already holds an event at a position this pipeline has not checkpointed \
+             (another writer, or a buffer restored from a different point than its checkpoint); \
+             Philotes stops rather than overwrite or skip it",
+        Some("42501") => "grant the buffer user INSERT, UPDATE and SELECT on the schema's tables",
+        Some("42P01") | Some("42703") => {
+            "the buffer schema's tables were dropped or altered by hand; restore them or use a new spec.buffer.schema"
+        }
+        _ => return Error::Buffer(message),
+    };
+    Error::BufferSetup(format!("the buffer refused a write: {message}; {fix}"))
+}
+
 /// Migrations in order, embedded from `migrations/`.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
@@ -168,7 +186,7 @@ impl Buffer {
             .client
             .query_opt(&self.select_checkpoint, &[&self.pipeline])
             .await
-            .map_err(|e| Error::Buffer(describe_pg_error(&e)))?;
+            .map_err(|e| buffer_error(&e))?;
         Ok(row.map(|row| {
             let last_commit: Option<String> = row.get(1);
             let last_seq: Option<i32> = row.get(2);
@@ -194,7 +212,7 @@ impl Buffer {
     /// same slot of the same source: two pipelines on one slot take its changes from each
     /// other.
     pub async fn save_identity(&self, checkpoint: &Checkpoint, id: &Recorded) -> Result<()> {
-        let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
         let schema = &self.schema;
         let other: Option<String> = self
             .client
@@ -255,14 +273,14 @@ impl Buffer {
             )
             .await
             .map(drop)
-            .map_err(|e| Error::Buffer(describe_pg_error(&e)))
+            .map_err(|e| buffer_error(&e))
     }
 
     /// Acknowledges a gap: records it in `cdc_gaps` and restarts the checkpoint at `to_lsn`
     /// with no identity, so the next start records the source and slot it finds, in one
     /// transaction.
     pub async fn record_gap(&mut self, gap: &Gap) -> Result<()> {
-        let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
         let schema = self.schema.clone();
         let tx = self.client.transaction().await.map_err(err)?;
         tx.execute(
@@ -309,7 +327,7 @@ impl Buffer {
         ops: &mut mpsc::Receiver<WriteOp>,
         done: &mpsc::UnboundedSender<Committed>,
     ) -> Result<()> {
-        let err = |e: tokio_postgres::Error| Error::Buffer(describe_pg_error(&e));
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
         while let Some(mut op) = ops.recv().await {
             let tx = self.client.transaction().await.map_err(err)?;
             let mut copy = None;

@@ -874,33 +874,88 @@ async fn on_source<T>(
     }
 }
 
+/// The SQLSTATE in a server error as the replication client renders it (`... (SQLSTATE 42704)`).
+fn sqlstate(message: &str) -> Option<&str> {
+    let start = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
+    message.get(start..start + 5)
+}
+
+/// Classifies a replication stream error: what retrying can heal (the network, a restarting
+/// source, a slot still held by a dying session) is transient; what it cannot (a refused
+/// login or pg_hba entry, a missing publication, missing privileges, a value the server
+/// cannot convert) stops the pipeline with a reason and what to do.
 fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
     let text = e.to_string();
+    let auth = |message: String| Error::Auth {
+        target: "source",
+        endpoint: cfg.source.to_string(),
+        message,
+    };
+    let setup = |what: &str| {
+        Error::SourceSetup(format!(
+            "the source database {} refused the replication stream: {text}; {what}",
+            cfg.source
+        ))
+    };
     match e {
-        PgWireError::Auth(m) => Error::Auth {
-            target: "source",
-            endpoint: cfg.source.to_string(),
-            message: m,
-        },
-        PgWireError::Server(m) if m.contains("28P01") || m.contains("password authentication") => {
-            Error::Auth {
-                target: "source",
-                endpoint: cfg.source.to_string(),
-                message: m,
-            }
-        }
-        PgWireError::Server(m) if m.contains("55006") || m.contains("is active for PID") => {
-            Error::SlotInUse(format!(
+        PgWireError::Auth(m) => auth(m),
+        PgWireError::Server(m) => match sqlstate(&m) {
+            Some("28P01") => auth(m),
+            Some("28000") => auth(format!(
+                "{m}; the source's pg_hba.conf needs a `replication` entry for this user and address"
+            )),
+            Some("55006") => Error::SlotInUse(format!(
                 "replication slot {} on the source database {} is in use by another process ({m}); \
                  stop the other consumer, or give this pipeline its own spec.source.slot",
                 cfg.slot, cfg.source
-            ))
-        }
+            )),
+            Some("42704") => setup(&format!(
+                "check that publication {} and slot {} exist (a publication created after the slot is not visible to it \
+                 at positions before its creation)",
+                cfg.publication, cfg.slot
+            )),
+            Some("42501") => setup("the source user needs the REPLICATION attribute"),
+            Some("22021") => setup("a value cannot be converted to UTF-8; see spec.poisonEvents"),
+            _ if m.contains("password authentication") => auth(m),
+            _ => Error::Stream(text),
+        },
         PgWireError::Io(_) | PgWireError::Tls(_) => Error::Unreachable {
             target: "source",
             endpoint: cfg.source.to_string(),
             message: text,
         },
         _ => Error::Stream(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_errors_that_retrying_cannot_heal_are_permanent() {
+        let cfg = PipelineConfig::example();
+        let server = |m: &str| stream_error(&cfg, PgWireError::Server(m.into()));
+        let hba = server(
+            "server error: no pg_hba.conf entry for replication connection (SQLSTATE 28000)",
+        );
+        assert_eq!(hba.reason(), "AuthenticationFailed");
+        assert!(hba.to_string().contains("`replication` entry"), "{hba}");
+        let missing = server("server error: publication \"pub\" does not exist (SQLSTATE 42704)");
+        assert_eq!(missing.reason(), "SourceNotReady");
+        assert!(!missing.is_transient());
+        assert!(
+            missing
+                .to_string()
+                .contains("publication pub and slot slot"),
+            "{missing}"
+        );
+        let busy =
+            server("server error: replication slot \"slot\" is active for PID 7 (SQLSTATE 55006)");
+        assert!(busy.is_transient());
+        let shutdown = server(
+            "server error: terminating connection due to administrator command (SQLSTATE 57P01)",
+        );
+        assert!(shutdown.is_transient());
     }
 }
