@@ -131,8 +131,9 @@ pub struct SourceSpec {
     pub slot: Option<String>,
     /// How long the replication stream may stay silent (no data and no keepalive from the
     /// source) before the connection is considered dead and reopened, as a Kubernetes
-    /// duration. Keep it above half the source's `wal_sender_timeout`, which is how often an
-    /// idle source sends a keepalive. Default `60s`.
+    /// duration. It also becomes `wal_sender_timeout` of the stream's own walsender, which
+    /// then sends a keepalive after half of it and gives the slot up after all of it when the
+    /// connection died. Default `60s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub stream_timeout: Option<String>,

@@ -234,8 +234,15 @@ async fn a_lost_slot_is_reported_not_recreated() {
         slots[0], 0,
         "the slot was not recreated behind the user's back"
     );
-    // The operator's path: the loop ends Failed with the reason, without retrying.
-    let mut r = start(cfg.clone(), philotes::pipeline::RunOptions::default());
+    // The operator's path (which retries transient setup errors): the loop ends Failed with
+    // the reason, without retrying.
+    let mut r = start(
+        cfg.clone(),
+        philotes::pipeline::RunOptions {
+            retry_setup: true,
+            ..philotes::pipeline::RunOptions::default()
+        },
+    );
     let ended = tokio::time::timeout(Duration::from_secs(30), &mut r.handle)
         .await
         .expect("the pipeline gives up at once")
@@ -248,10 +255,25 @@ async fn a_lost_slot_is_reported_not_recreated() {
     assert!(out.contains("recorded in cdc_gaps"), "{out}");
     let gaps: Vec<String> = column(
         &buffer,
-        "SELECT from_lsn::text || ' ' || reason FROM philotes.cdc_gaps WHERE pipeline = 'test/slotlost'",
+        "SELECT g.from_lsn::text || ' ' || g.reason || ' ' || g.to_lsn::text || ' ' || c.lsn::text
+         FROM philotes.cdc_gaps g JOIN philotes.cdc_checkpoints c USING (pipeline)
+         WHERE pipeline = 'test/slotlost'",
     )
     .await;
-    assert_eq!(gaps, vec![format!("{} SlotLost", ckpt[0])]);
+    let new_slot: Vec<String> = column(
+        &source,
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'philotes_test_slotlost'",
+    )
+    .await;
+    // The gap runs from the old checkpoint to where the new slot begins, and the checkpoint
+    // restarts there.
+    assert_eq!(
+        gaps,
+        vec![format!(
+            "{} SlotLost {} {}",
+            ckpt[0], new_slot[0], new_slot[0]
+        )]
+    );
     // A second recover finds nothing to do.
     let (code, out) = run_cli(&["recover", "-f", file.path().to_str().expect("path")]);
     assert_eq!(code, 1, "{out}");
@@ -267,6 +289,26 @@ async fn a_lost_slot_is_reported_not_recreated() {
     .await;
     let want: Vec<i32> = (1..=10).chain(111..=120).collect();
     assert_eq!(ids, want, "before the gap, and after it, exactly once");
+
+    // Recreated behind the pipeline's back (dropped and created again, so it begins beyond
+    // the checkpoint): also SlotLost, with the range.
+    for sql in [
+        "SELECT pg_drop_replication_slot('philotes_test_slotlost')",
+        "INSERT INTO t VALUES (121)",
+        "SELECT pg_create_logical_replication_slot('philotes_test_slotlost', 'pgoutput')",
+    ] {
+        source
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("SlotLost")
+            && out.contains("it was recreated, or another consumer advanced it"),
+        "{out}"
+    );
 }
 
 /// The source is replaced by another server holding the same database (a restore onto a new
@@ -373,10 +415,12 @@ async fn a_silent_connection_is_noticed_and_reopened() {
         .await
         .expect("insert");
     let end = wal_lsn(&source).await;
+    // Retrying is what status reports as Degraded, with this reason.
     r.wait("the silence to be reported", timeout * 3, |p| {
-        p.last_error
-            .as_ref()
-            .is_some_and(|(reason, _)| reason == "StreamTimeout")
+        p.state == philotes::pipeline::State::Retrying
+            && p.last_error
+                .as_ref()
+                .is_some_and(|(reason, _)| reason == "StreamTimeout")
     })
     .await;
     r.checkpointed(end).await;

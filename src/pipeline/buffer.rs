@@ -235,27 +235,7 @@ impl Buffer {
                 self.pipeline
             )));
         }
-        self.client
-            .execute(
-                &format!(
-                    "INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, events_total, system_identifier, timeline, database, \
-                     slot_name, publication_name, slot_start_lsn) VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9::text::pg_lsn) \
-                     ON CONFLICT (pipeline) DO UPDATE SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
-                     database = excluded.database, slot_name = excluded.slot_name, publication_name = excluded.publication_name, \
-                     slot_start_lsn = excluded.slot_start_lsn"
-                ),
-                &[
-                    &self.pipeline,
-                    &lsn::format(checkpoint.lsn),
-                    &checkpoint.events_total,
-                    &id.system_identifier,
-                    &id.timeline.map(|t| t as i32),
-                    &id.database,
-                    &id.slot,
-                    &id.publication,
-                    &id.slot_start_lsn.map(lsn::format),
-                ],
-            )
+        upsert_identity(&self.client, schema, &self.pipeline, checkpoint, id)
             .await
             .map_err(err)?;
         Ok(())
@@ -277,9 +257,8 @@ impl Buffer {
     }
 
     /// Acknowledges a gap: records it in `cdc_gaps` and restarts the checkpoint at `to_lsn`
-    /// with no identity, so the next start records the source and slot it finds, in one
-    /// transaction.
-    pub async fn record_gap(&mut self, gap: &Gap) -> Result<()> {
+    /// with the identity of the source and new slot it continues on, in one transaction.
+    pub async fn record_gap(&mut self, gap: &Gap, id: &Recorded) -> Result<()> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
         let schema = self.schema.clone();
         let tx = self.client.transaction().await.map_err(err)?;
@@ -300,13 +279,19 @@ impl Buffer {
         .map_err(err)?;
         tx.execute(
             &format!(
-                "UPDATE {schema}.cdc_checkpoints SET lsn = $2::text::pg_lsn, system_identifier = NULL, timeline = NULL, \
-                 database = NULL, slot_start_lsn = NULL, updated_at = now() WHERE pipeline = $1"
+                "UPDATE {schema}.cdc_checkpoints SET lsn = $2::text::pg_lsn, updated_at = now() WHERE pipeline = $1"
             ),
             &[&self.pipeline, &lsn::format(gap.to_lsn)],
         )
         .await
         .map_err(err)?;
+        let restarted = Checkpoint {
+            lsn: gap.to_lsn,
+            ..Checkpoint::default()
+        };
+        upsert_identity(&tx, &schema, &self.pipeline, &restarted, id)
+            .await
+            .map_err(err)?;
         tx.commit().await.map_err(err)
     }
 
@@ -545,6 +530,38 @@ async fn insert_relation(
                 &rel.name,
                 &identity,
                 &columns,
+            ],
+        )
+        .await
+}
+
+/// Records a checkpoint's identity, inserting the checkpoint itself if the pipeline has none.
+async fn upsert_identity(
+    client: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    checkpoint: &Checkpoint,
+    id: &Recorded,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, events_total, system_identifier, timeline, database, \
+                 slot_name, publication_name, slot_start_lsn) VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9::text::pg_lsn) \
+                 ON CONFLICT (pipeline) DO UPDATE SET system_identifier = excluded.system_identifier, timeline = excluded.timeline, \
+                 database = excluded.database, slot_name = excluded.slot_name, publication_name = excluded.publication_name, \
+                 slot_start_lsn = excluded.slot_start_lsn"
+            ),
+            &[
+                &pipeline,
+                &lsn::format(checkpoint.lsn),
+                &checkpoint.events_total,
+                &id.system_identifier,
+                &id.timeline.map(|t| t as i32),
+                &id.database,
+                &id.slot,
+                &id.publication,
+                &id.slot_start_lsn.map(lsn::format),
             ],
         )
         .await

@@ -20,6 +20,21 @@ pub struct Recorded {
     pub slot_start_lsn: Option<u64>,
 }
 
+impl Recorded {
+    /// The identity of a checkpoint taken on `now`'s source, on `cfg`'s slot and
+    /// publication, which began at `slot_start_lsn`.
+    pub fn of(now: SourceNow, cfg: &PipelineConfig, slot_start_lsn: u64) -> Recorded {
+        Recorded {
+            system_identifier: Some(now.system_identifier),
+            timeline: Some(now.timeline),
+            database: Some(now.database),
+            slot: Some(cfg.slot.clone()),
+            publication: Some(cfg.publication.clone()),
+            slot_start_lsn: Some(slot_start_lsn),
+        }
+    }
+}
+
 /// What the source reports now (`IDENTIFY_SYSTEM` on the replication session that is about to
 /// stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +174,9 @@ pub fn names(cfg: &PipelineConfig, recorded: Option<&Recorded>) -> Result<(Strin
             // A derived name: the one the checkpoint was taken under.
             (Some(stored), Some(_)) => Ok(stored.clone()),
             (Some(stored), None) => Err(Error::SlotConflict(format!(
-                "CdcPipeline {}: {field} is {spec}, but the pipeline has a checkpoint taken on {stored};                  a checkpoint belongs to one slot and publication. Set {field} back to {stored}, or move the                  pipeline (README: Moving a pipeline)",
+                "CdcPipeline {}: {field} is {spec}, but the pipeline has a checkpoint taken on {stored}; \
+                 a checkpoint belongs to one slot and publication. Set {field} back to {stored}, or move the \
+                 pipeline (README: Moving a pipeline)",
                 cfg.id
             ))),
             (None, Some(legacy)) => Ok(legacy.clone()),

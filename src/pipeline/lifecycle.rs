@@ -2,13 +2,16 @@
 //! continuing on a new slot (`philotes recover`), and forgetting a deleted pipeline
 //! (`slotDeletionPolicy: Delete`).
 
+use std::time::Duration;
+
 use pgwire_replication::ReplicationClient;
 
 use super::buffer::{Buffer, Gap};
 use super::config::PipelineConfig;
 use super::error::{Error, Result};
-use super::identity::{self, SourceNow};
+use super::identity::{self, Recorded};
 use super::lsn;
+use super::run::{identify, on_source};
 use super::source;
 
 /// What [`recover`] did.
@@ -37,11 +40,26 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
         publication,
         ..cfg.clone()
     };
+    // IDENTIFY_SYSTEM on a replication session that never starts streaming, checked as a
+    // start would check it (a promoted standby that continues the history is no gap).
+    let mut session = on_source(cfg, "the replication connection", async {
+        ReplicationClient::connect_gated(cfg.source.replication_config(
+            &cfg.slot,
+            &cfg.publication,
+            ckpt.lsn,
+            1,
+            Duration::from_secs(1),
+            cfg.stream_timeout,
+        ))
+        .await
+    })
+    .await?;
+    let (now, checked) = identify(&mut session, cfg, Some((ckpt.lsn, &recorded))).await?;
+    drop(session);
+    let source_problem = checked.err();
     let client = cfg.source.connect("source").await?;
     let state = source::slot_state(&client, cfg).await?;
     let slot_problem = identity::check_slot(cfg, ckpt.lsn, state.as_ref()).err();
-    let now = identify(cfg).await?;
-    let source_problem = identity::check_source(cfg, &recorded, ckpt.lsn, &now, None).err();
     let Some(problem) = source_problem.or(slot_problem) else {
         return Err(Error::InvalidSpec(format!(
             "pipeline {} has no gap to recover: slot {} on the source database {} matches its checkpoint at {}; start it with philotes run",
@@ -74,41 +92,14 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
         reason: problem.reason().to_string(),
         message: problem.to_string(),
     };
-    buffer.record_gap(&gap).await?;
+    // The new checkpoint belongs to this source and this new slot, so the next start checks
+    // against them.
+    buffer
+        .record_gap(&gap, &Recorded::of(now, cfg, to_lsn))
+        .await?;
     Ok(Recovered {
         gap,
         dropped_old_slot,
-    })
-}
-
-/// `IDENTIFY_SYSTEM` on a replication session that never starts streaming.
-async fn identify(cfg: &PipelineConfig) -> Result<SourceNow> {
-    let repl = cfg.source.replication_config(
-        &cfg.slot,
-        &cfg.publication,
-        0,
-        1,
-        std::time::Duration::from_secs(1),
-        cfg.stream_timeout,
-    );
-    let unreachable = |message: String| Error::Unreachable {
-        target: "source",
-        endpoint: cfg.source.to_string(),
-        message,
-    };
-    let step = async {
-        let mut client = ReplicationClient::connect_gated(repl).await?;
-        client.identify_system().await
-    };
-    let system = tokio::time::timeout(cfg.source.connect_timeout, step)
-        .await
-        .map_err(|_| unreachable("no answer to IDENTIFY_SYSTEM".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    Ok(SourceNow {
-        system_identifier: system.system_id,
-        timeline: system.timeline,
-        xlogpos: system.xlogpos.0,
-        database: system.dbname.unwrap_or_else(|| cfg.source.dbname.clone()),
     })
 }
 

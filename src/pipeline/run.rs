@@ -30,8 +30,12 @@
 //! taken from the encoder only once the permit is held, so a wait for room that is cancelled
 //! leaves everything where it was. The branches of the loop's `select!` wait only on
 //! cancel-safe receivers (the shutdown watch, the writer's and the stream's channels, a
-//! timer); the work a branch starts runs to completion. Nothing on the data path is wrapped in
-//! a `timeout`. If the task is aborted, all of this state is dropped with it: the buffer holds
+//! timer); the work a branch starts runs to completion. One exception, outside the data: once
+//! the stream's worker has ended, `recv` collects its error from the worker's join handle,
+//! and if that wait is cancelled the error is lost (the next `recv` reports only that the
+//! worker is gone). Nothing is claimed by it: the session ends as a transient stream error,
+//! and the next session meets the cause again and classifies it then. Nothing on the data
+//! path is wrapped in a `timeout`. If the task is aborted, all of this state is dropped with it: the buffer holds
 //! the durable state (its uncommitted transaction is rolled back when the writer dies with the
 //! task), and the next session starts from the checkpoint.
 
@@ -261,13 +265,10 @@ async fn session(
         ReplicationClient::connect_gated(repl_cfg).await
     })
     .await?;
-    let system = on_source(cfg, "IDENTIFY_SYSTEM", stream.identify_system()).await?;
-    let now = SourceNow {
-        system_identifier: system.system_id,
-        timeline: system.timeline,
-        xlogpos: system.xlogpos.0,
-        database: system.dbname.unwrap_or_else(|| cfg.source.dbname.clone()),
-    };
+    let recorded = stored.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
+    let (now, checked) =
+        identify(&mut stream, cfg, stored.as_ref().map(|(c, r)| (c.lsn, r))).await?;
+    checked?;
     // The client library asks for UTF-8. A SQL_ASCII source stores bytes unchecked, and the
     // walsender would fail the whole stream on the first value that is not UTF-8 (and again
     // on every retry); taking its bytes as they are lets the decoder find such a value and
@@ -291,21 +292,6 @@ async fn session(
         )
         .await?;
     }
-    let recorded = stored.as_ref().map(|(_, r)| r.clone()).unwrap_or_default();
-    if let Some((ckpt, _)) = &stored {
-        let history = match recorded.timeline {
-            Some(t) if t != now.timeline => on_source(
-                cfg,
-                "TIMELINE_HISTORY",
-                stream.timeline_history(now.timeline),
-            )
-            .await
-            .ok()
-            .map(|h| String::from_utf8_lossy(&h.content).into_owned()),
-            _ => None,
-        };
-        identity::check_source(cfg, &recorded, ckpt.lsn, &now, history.as_deref())?;
-    }
     let provisioned = match first {
         Some(p) => p,
         None => provision().await?,
@@ -325,29 +311,26 @@ async fn session(
         p.slot_created |= provisioned.slot_created;
         p.publication_created |= provisioned.publication_created;
     });
-    let identity = Recorded {
-        system_identifier: Some(now.system_identifier),
-        timeline: Some(now.timeline),
-        database: Some(now.database),
-        slot: Some(cfg.slot.clone()),
-        publication: Some(cfg.publication.clone()),
-        slot_start_lsn: recorded
-            .slot_start_lsn
-            .or(Some(if provisioned.slot_created {
-                provisioned.slot_confirmed_lsn
-            } else {
-                ckpt.lsn
-            })),
-    };
+    let slot_start = recorded
+        .slot_start_lsn
+        .unwrap_or(if provisioned.slot_created {
+            provisioned.slot_confirmed_lsn
+        } else {
+            ckpt.lsn
+        });
+    let identity = Recorded::of(now, cfg, slot_start);
     if identity != recorded {
         buffer.save_identity(&ckpt, &identity).await?;
     }
-    if opts.until_caught_up && ckpt.lsn >= target {
-        // Nothing committed since the checkpoint (now recorded): stop.
-        return Ok(Outcome::CaughtUp);
-    }
     on_source(cfg, "START_REPLICATION", stream.start()).await?;
     on_source(cfg, "START_REPLICATION", stream.wait_started()).await?;
+    if opts.until_caught_up && ckpt.lsn >= target {
+        // Nothing committed since the checkpoint: confirm it (a crash may have left the slot
+        // behind it) and stop.
+        stream.update_applied_lsn(Lsn(ckpt.lsn));
+        confirm_and_stop(&mut stream, ckpt.lsn).await;
+        return Ok(Outcome::CaughtUp);
+    }
     *started = true;
     tracing::info!(pipeline = %cfg.id, slot = %cfg.slot, publication = %cfg.publication,
         from = %super::lsn::format(ckpt.lsn), "streaming");
@@ -432,7 +415,7 @@ impl Streamer<'_> {
                 _ = shutdown.changed() => {
                     self.flush().await?;
                     self.wait_durable(stream).await?;
-                    self.confirm_and_stop(stream).await;
+                    confirm_and_stop(stream, self.ckpt.lsn).await;
                     tracing::info!(pipeline = %self.cfg.id, checkpoint = %super::lsn::format(self.ckpt.lsn), "stopped");
                     return Ok(Outcome::Stopped);
                 }
@@ -444,12 +427,14 @@ impl Streamer<'_> {
                 // 3. Flush deadline: no received event waits longer than flushInterval.
                 _ = sleep_until(self.pending.deadline.unwrap_or_else(Instant::now)), if self.pending.deadline.is_some() => {
                     self.flush().await?;
+                    // Silence is counted while listening: time spent waiting on the buffer
+                    // is not the source's.
+                    self.heard = Instant::now();
                 }
                 // 4. The stream (keepalive replies are sent by the client itself), then what
                 //    else is already queued, up to a bound, without going round the select
                 //    for every message.
                 event = stream.recv() => {
-                    self.heard = Instant::now();
                     let mut taken = self.on_received(event).await;
                     for _ in 0..DRAIN_QUEUED {
                         if taken.is_err() {
@@ -464,10 +449,11 @@ impl Streamer<'_> {
                         // Everything before it is written and confirmed, then the loop stops.
                         self.flush().await?;
                         self.wait_durable(stream).await?;
-                        self.confirm_and_stop(stream).await;
+                        confirm_and_stop(stream, self.ckpt.lsn).await;
                         return Err(e);
                     }
                     taken?;
+                    self.heard = Instant::now();
                 }
                 // 5. Silence: not even the keepalive the source sends after half of
                 //    streamTimeout. The connection is dead (a proxy or NAT dropping traffic
@@ -481,7 +467,7 @@ impl Streamer<'_> {
                 }
             }
             if self.caught_up() {
-                self.confirm_and_stop(stream).await;
+                confirm_and_stop(stream, self.ckpt.lsn).await;
                 return Ok(Outcome::CaughtUp);
             }
         }
@@ -582,23 +568,10 @@ impl Streamer<'_> {
     /// One change of the open transaction: skipped if the buffer has it already, else encoded
     /// for the writer.
     async fn on_change(&mut self, change: Change, lsn: u64) -> Result<()> {
-        let Some(open) = self.tx.as_mut() else {
-            return Err(Error::Decode("change outside a transaction".into()));
-        };
-        let at = Position {
-            commit_lsn: open.commit_lsn,
-            seq: open.seq,
-            lsn,
-            xid: open.xid,
-            commit_time: open.commit_time,
-        };
-        open.seq += 1;
-        // Already in the buffer from before a restart: skip, so it lands once.
-        let position = (at.commit_lsn, at.seq);
-        if self.pending.last_event.is_some_and(|last| position <= last) {
+        let Some(at) = self.next_position(lsn)? else {
             return Ok(());
-        }
-        self.pending.last_event = Some(position);
+        };
+        self.pending.last_event = Some((at.commit_lsn, at.seq));
         self.pending.add(&change);
         self.encoder.push(&at, &change);
         self.arm_deadline();
@@ -615,10 +588,9 @@ impl Streamer<'_> {
         Ok(())
     }
 
-    /// A change that cannot be stored as an event: set aside in the batch's dead letters, or
-    /// [`Error::PoisonEvent`] (the loop then writes and confirms everything before it and
-    /// stops).
-    fn on_poison(&mut self, poison: Poison, message: Bytes, lsn: u64) -> Result<()> {
+    /// The position of the open transaction's next change, which it takes; `None` when the
+    /// buffer has it already from before a restart (skipped, so it lands once).
+    fn next_position(&mut self, lsn: u64) -> Result<Option<Position>> {
         let Some(open) = self.tx.as_mut() else {
             return Err(Error::Decode("change outside a transaction".into()));
         };
@@ -631,9 +603,21 @@ impl Streamer<'_> {
         };
         open.seq += 1;
         let position = (at.commit_lsn, at.seq);
-        if self.pending.last_event.is_some_and(|last| position <= last) {
+        Ok(self
+            .pending
+            .last_event
+            .is_none_or(|last| position > last)
+            .then_some(at))
+    }
+
+    /// A change that cannot be stored as an event: set aside in the batch's dead letters, or
+    /// [`Error::PoisonEvent`] (the loop then writes and confirms everything before it and
+    /// stops).
+    fn on_poison(&mut self, poison: Poison, message: Bytes, lsn: u64) -> Result<()> {
+        let Some(at) = self.next_position(lsn)? else {
             return Ok(());
-        }
+        };
+        let position = (at.commit_lsn, at.seq);
         let rel = &poison.relation;
         let what = format!(
             "{} of {}.{} at LSN {} (transaction {}, committed at {})",
@@ -755,25 +739,6 @@ impl Streamer<'_> {
         });
     }
 
-    /// Ends the stream once the source has been told the checkpoint: the client sends it
-    /// within its status interval, and stopping first would drop it, leaving the slot behind
-    /// what the buffer holds. Bounded: a source that cannot be told is told by the next
-    /// session. The stream's remaining messages are read and dropped, since no state claims
-    /// them.
-    async fn confirm_and_stop(&mut self, stream: &mut ReplicationClient) {
-        let metrics = stream.metrics();
-        let told = Instant::now() + CONFIRM_WAIT;
-        while metrics.last_applied_lsn().0 < self.ckpt.lsn && Instant::now() < told {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stream.stop();
-        // Cancelling this wait loses nothing: every message still queued is unclaimed.
-        let _ = tokio::time::timeout(CONFIRM_WAIT, async {
-            while let Ok(Some(_)) = stream.recv().await {}
-        })
-        .await;
-    }
-
     /// Waits until everything handed to the writer is committed (and confirmed).
     async fn wait_durable(&mut self, stream: &ReplicationClient) -> Result<()> {
         while self.ckpt != self.submitted {
@@ -854,9 +819,62 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Ends the stream once the source has been told `checkpoint`: the client sends it within its
+/// status interval, and stopping first would drop it, leaving the slot behind what the buffer
+/// holds. Bounded: a source that cannot be told is told by the next session. The stream's
+/// remaining messages are read and dropped, since no state claims them.
+async fn confirm_and_stop(stream: &mut ReplicationClient, checkpoint: u64) {
+    let metrics = stream.metrics();
+    let told = Instant::now() + CONFIRM_WAIT;
+    while metrics.last_applied_lsn().0 < checkpoint && Instant::now() < told {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stream.stop();
+    // Cancelling this wait loses nothing: every message still queued is unclaimed.
+    let _ = tokio::time::timeout(CONFIRM_WAIT, async {
+        while let Ok(Some(_)) = stream.recv().await {}
+    })
+    .await;
+}
+
+/// Asks the replication session who the source is (`IDENTIFY_SYSTEM`, and the timeline's
+/// history when it changed) and checks that against a checkpoint at `stored.0` with the
+/// identity `stored.1`. The outer error is the session failing (transient, retried); the inner
+/// one the check's verdict.
+pub(super) async fn identify(
+    stream: &mut ReplicationClient,
+    cfg: &PipelineConfig,
+    stored: Option<(u64, &Recorded)>,
+) -> Result<(SourceNow, Result<()>)> {
+    let system = on_source(cfg, "IDENTIFY_SYSTEM", stream.identify_system()).await?;
+    let now = SourceNow {
+        system_identifier: system.system_id,
+        timeline: system.timeline,
+        xlogpos: system.xlogpos.0,
+        database: system.dbname.unwrap_or_else(|| cfg.source.dbname.clone()),
+    };
+    let Some((lsn, recorded)) = stored else {
+        return Ok((now, Ok(())));
+    };
+    let history = match recorded.timeline {
+        Some(t) if t != now.timeline => {
+            let h = on_source(
+                cfg,
+                "TIMELINE_HISTORY",
+                stream.timeline_history(now.timeline),
+            )
+            .await?;
+            Some(String::from_utf8_lossy(&h.content).into_owned())
+        }
+        _ => None,
+    };
+    let checked = identity::check_source(cfg, recorded, lsn, &now, history.as_deref());
+    Ok((now, checked))
+}
+
 /// One step of opening the replication session, bounded by the source's `connect_timeout`.
 /// Dropping the step half way loses nothing: nothing is claimed before streaming starts.
-async fn on_source<T>(
+pub(super) async fn on_source<T>(
     cfg: &PipelineConfig,
     what: &str,
     step: impl std::future::Future<Output = std::result::Result<T, PgWireError>>,
