@@ -236,6 +236,61 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
     );
     assert!(metrics.contains("philotes_reconciles_total"), "{metrics}");
 
+    // Another slot for a pipeline that has a checkpoint: refused, and it keeps streaming
+    // where it was; reverted, the condition goes.
+    let pid = slot_pid(&db, slot).await;
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"slot": "another_slot"}}})),
+        )
+        .await
+        .unwrap();
+    let s = wait_status(&pipelines, "orders", "the slot change refused", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "SpecAccepted" && c.reason == "IdentityChangeRefused")
+    })
+    .await;
+    let refusal = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SpecAccepted")
+        .unwrap();
+    assert!(
+        refusal
+            .message
+            .contains("changing spec.source.slot from philotes_lifecycle_orders to another_slot"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(s.phase.as_deref(), Some("Running"));
+    assert_eq!(
+        slot_pid(&db, slot).await,
+        pid,
+        "the same session streams on"
+    );
+    assert_eq!(
+        slot_pid(&db, "another_slot").await,
+        None,
+        "no other slot made"
+    );
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"slot": null}}})),
+        )
+        .await
+        .unwrap();
+    wait_status(&pipelines, "orders", "the refusal cleared", |s| {
+        s.phase.as_deref() == Some("Running")
+            && !s.conditions.iter().any(|c| c.type_ == "SpecAccepted")
+    })
+    .await;
+    assert_eq!(slot_pid(&db, slot).await, pid, "still the same session");
+
     // Suspend: streaming stops, the slot stays.
     pipelines
         .patch(
@@ -282,8 +337,9 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
         )
         .await
         .unwrap();
+    // Generations: 1 created, 2-3 the refused slot and its revert, 4-5 suspend and resume.
     wait_status(&pipelines, "orders", "the new generation observed", |s| {
-        s.observed_generation == Some(4) && s.phase.as_deref() == Some("Running")
+        s.observed_generation == Some(6) && s.phase.as_deref() == Some("Running")
     })
     .await;
     eventually(

@@ -210,6 +210,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
     // An unusable interval is reported in the status (Invalid); refresh at the default then.
     let every = config::status_interval(&p.spec).unwrap_or(Duration::from_secs(10));
 
+    let mut refused: Option<String> = None;
     let (observed, cfg) = if p.spec.suspend.unwrap_or(false) {
         if ctx.supervisor.stop(&key).await {
             tracing::info!(pipeline = %key, "suspended: pipeline stopped, slot kept");
@@ -230,7 +231,12 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     .unwrap_or_default()
                     .hash(&mut h);
                 secrets.fingerprint(&mut h);
-                match ctx.supervisor.ensure(&key, cfg.clone(), h.finish()).await {
+                refused = ctx.supervisor.refuses(&key, &cfg).await;
+                let outcome = match &refused {
+                    Some(_) => supervisor::Started::AlreadyRunning,
+                    None => ctx.supervisor.ensure(&key, cfg.clone(), h.finish()).await,
+                };
+                match outcome {
                     supervisor::Started::Started => {
                         tracing::info!(pipeline = %key, "pipeline started")
                     }
@@ -274,6 +280,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         observed: &observed,
         previous,
         now: &now,
+        refused: refused.as_deref(),
     });
     record_metrics(ctx, &key, &status);
     publish_status(ctx, p, previous, status).await?;
@@ -334,6 +341,20 @@ async fn publish_status(
     )
     .await
     .map_err(ReconcileError::Status)?;
+    if let Some(c) = status::refusal(&status) {
+        if previous.and_then(status::refusal).map(|o| &o.message) != Some(&c.message) {
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: c.reason.clone(),
+                note: Some(truncate(&c.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
+                tracing::warn!(pipeline = %key(p), error = %e, "cannot publish event");
+            }
+        }
+    }
     if let (true, Some(n)) = (transition, new) {
         let event = KubeEvent {
             type_: if n.status == "True" {

@@ -28,6 +28,8 @@ pub struct Inputs<'a> {
     pub observed: &'a Observed,
     pub previous: Option<&'a CdcPipelineStatus>,
     pub now: &'a str,
+    /// Why the current spec was not applied (the task keeps running the previous one).
+    pub refused: Option<&'a str>,
 }
 
 /// The status to write. Transition times are kept when a condition did not change.
@@ -137,7 +139,29 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         i.generation,
         i.now,
     )];
+    if let Some(message) = i.refused {
+        let last_transition_time = match i.previous.and_then(refusal) {
+            Some(c) => c.last_transition_time.clone(),
+            None => i.now.to_string(),
+        };
+        status.conditions.push(Condition {
+            type_: SPEC_ACCEPTED.into(),
+            status: "False".into(),
+            reason: "IdentityChangeRefused".into(),
+            message: message.to_string(),
+            last_transition_time,
+            observed_generation: i.generation,
+        });
+    }
     status
+}
+
+/// The condition set while a spec change is refused.
+pub const SPEC_ACCEPTED: &str = "SpecAccepted";
+
+/// The `SpecAccepted` condition of a status, present only while a change is refused.
+pub fn refusal(status: &CdcPipelineStatus) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == SPEC_ACCEPTED)
 }
 
 /// The `Ready` condition; its transition time is the previous one's while the status (True
@@ -191,6 +215,7 @@ mod tests {
             observed: o,
             previous: prev,
             now,
+            refused: None,
         }
     }
 

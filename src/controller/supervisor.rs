@@ -17,6 +17,8 @@ use super::status::Observed;
 struct Task {
     /// Identifies the spec and secret values the task runs with.
     fingerprint: u64,
+    /// What the task runs.
+    cfg: PipelineConfig,
     shutdown: watch::Sender<bool>,
     progress: watch::Receiver<Progress>,
     snapshot: watch::Receiver<Option<Snapshot>>,
@@ -79,6 +81,7 @@ impl Supervisor {
     }
 
     fn spawn(&self, cfg: PipelineConfig, fingerprint: u64) -> Task {
+        let cfg_kept = cfg.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (snapshot_tx, snapshot) = watch::channel(None);
@@ -95,6 +98,7 @@ impl Supervisor {
         let join = tokio::spawn(pipeline::run(cfg, opts, shutdown_rx, progress_tx));
         Task {
             fingerprint,
+            cfg: cfg_kept,
             shutdown,
             progress,
             snapshot,
@@ -136,6 +140,26 @@ impl Supervisor {
             progress,
             snapshot,
             ended,
+        })
+    }
+
+    /// Why `cfg` may not replace what the task of `key` runs: a running pipeline that has a
+    /// checkpoint keeps its slot, publication, source and buffer (the checkpoint belongs to
+    /// them), so a spec or Secret that changes them is refused and the task keeps running.
+    pub async fn refuses(&self, key: &str, cfg: &PipelineConfig) -> Option<String> {
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(key)?;
+        reap(task).await;
+        if task.ended.is_some() || task.progress.borrow().checkpoint_lsn == 0 {
+            return None;
+        }
+        let changes = identity_changes(&task.cfg, cfg);
+        (!changes.is_empty()).then(|| {
+            format!(
+                "CdcPipeline {key}: the pipeline has a checkpoint, and a checkpoint belongs to one slot, publication, source and buffer: \
+                 {} refused; it keeps running as before. Revert the change, or move the pipeline (README: Moving a pipeline)",
+                changes.join(", ")
+            )
         })
     }
 
@@ -182,4 +206,58 @@ async fn stop_task(mut task: Task) {
         }
     }
     task.status_task.abort();
+}
+
+/// The fields of `new` that change what a checkpoint of `old` belongs to, described.
+pub fn identity_changes(old: &PipelineConfig, new: &PipelineConfig) -> Vec<String> {
+    let mut changes = Vec::new();
+    let mut check = |field: &str, a: String, b: String| {
+        if a != b {
+            changes.push(format!("changing {field} from {a} to {b}"));
+        }
+    };
+    check("spec.source.slot", old.slot.clone(), new.slot.clone());
+    check(
+        "spec.source.publication",
+        old.publication.clone(),
+        new.publication.clone(),
+    );
+    check(
+        "the source server (spec.source.connectionSecretRef)",
+        old.source.to_string(),
+        new.source.to_string(),
+    );
+    check(
+        "the buffer server (spec.buffer.connectionSecretRef)",
+        old.buffer.to_string(),
+        new.buffer.to_string(),
+    );
+    check(
+        "spec.buffer.schema",
+        old.buffer_schema.clone(),
+        new.buffer_schema.clone(),
+    );
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_changes_name_each_field() {
+        let old = PipelineConfig::example();
+        assert!(identity_changes(&old, &old).is_empty());
+        let mut new = old.clone();
+        new.slot = "other".into();
+        new.buffer_schema = "events".into();
+        new.batch_size = 99;
+        assert_eq!(
+            identity_changes(&old, &new),
+            [
+                "changing spec.source.slot from slot to other",
+                "changing spec.buffer.schema from philotes to events"
+            ]
+        );
+    }
 }
