@@ -199,6 +199,17 @@ pub fn names(cfg: &PipelineConfig, recorded: Option<&Recorded>) -> Result<(Strin
     ))
 }
 
+/// `cfg` with the slot and publication of [`names`]: what a pipeline with this stored state
+/// streams from.
+pub fn streamed(cfg: &PipelineConfig, recorded: Option<&Recorded>) -> Result<PipelineConfig> {
+    let (slot, publication) = names(cfg, recorded)?;
+    Ok(PipelineConfig {
+        slot,
+        publication,
+        ..cfg.clone()
+    })
+}
+
 /// Where `timeline` ended according to a timeline history file (lines of
 /// `timeline<TAB>switchpoint<TAB>reason`).
 pub fn switchpoint(history: &str, timeline: u32) -> Option<u64> {

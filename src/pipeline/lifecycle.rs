@@ -34,12 +34,7 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
             cfg.id, cfg.buffer
         )));
     };
-    let (slot, publication) = identity::names(cfg, Some(&recorded))?;
-    let cfg = &PipelineConfig {
-        slot,
-        publication,
-        ..cfg.clone()
-    };
+    let cfg = &identity::streamed(cfg, Some(&recorded))?;
     // IDENTIFY_SYSTEM on a replication session that never starts streaming, checked as a
     // start would check it (a promoted standby that continues the history is no gap).
     let mut session = on_source(cfg, "the replication connection", async {
@@ -109,12 +104,7 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
 pub async fn forget(cfg: &PipelineConfig) -> Result<source::Dropped> {
     let buffer = Buffer::open(cfg).await?;
     let stored = buffer.checkpoint().await?;
-    let (slot, publication) = identity::names(cfg, stored.as_ref().map(|(_, r)| r))?;
-    let cfg = &PipelineConfig {
-        slot,
-        publication,
-        ..cfg.clone()
-    };
+    let cfg = &identity::streamed(cfg, stored.as_ref().map(|(_, r)| r))?;
     let client = cfg.source.connect("source").await?;
     let dropped = source::drop_provisioned(&client, cfg).await?;
     buffer.delete_checkpoint().await?;

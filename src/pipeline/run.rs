@@ -226,12 +226,7 @@ async fn session(
     // Identity before position: the names the checkpoint was taken under, the slot it was
     // taken on, and the source system it came from are checked before anything streams.
     let stored = buffer.checkpoint().await?;
-    let (slot, publication) = identity::names(cfg, stored.as_ref().map(|(_, r)| r))?;
-    let cfg = &PipelineConfig {
-        slot,
-        publication,
-        ..cfg.clone()
-    };
+    let cfg = &identity::streamed(cfg, stored.as_ref().map(|(_, r)| r))?;
     progress.send_modify(|p| {
         p.slot.clone_from(&cfg.slot);
         p.publication.clone_from(&cfg.publication);
