@@ -372,21 +372,7 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
     )
     .await;
     // Backpressure: with the buffer gone, the stream is not read at all.
-    eventually("the slot to go inactive during the outage", Duration::from_secs(30), || {
-        let source = &source;
-        async move {
-            let active: bool = source
-                .query_one(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_test_outage'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (!active).then_some(())
-        }
-    })
-    .await;
+    slot_released(&source, "philotes_test_outage", Duration::from_secs(30)).await;
     // Longer than flushInterval.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let confirmed: String = source

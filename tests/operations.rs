@@ -131,22 +131,7 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
         );
         // A clean stop confirms exactly what it checkpointed (read once the walsender let go
         // of the slot).
-        eventually(
-            "the slot to be released",
-            Duration::from_secs(10),
-            || async {
-                let active: bool = source
-                    .query_one(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_test_termbusy'",
-                        &[],
-                    )
-                    .await
-                    .ok()?
-                    .get(0);
-                (!active).then_some(())
-            },
-        )
-        .await;
+        slot_released(&source, "philotes_test_termbusy", Duration::from_secs(10)).await;
         let (ckpt, confirmed) =
             checkpoint_and_confirmed(&buffer, &source, "test/termbusy", "philotes_test_termbusy")
                 .await;

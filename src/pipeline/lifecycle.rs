@@ -76,10 +76,7 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
             lsn::format(written)
         )));
     }
-    let dropped_old_slot = state.is_some();
-    if dropped_old_slot {
-        source::drop_slot(&client, cfg).await?;
-    }
+    let dropped_old_slot = source::drop_slot(&client, cfg).await?;
     let to_lsn = source::create_slot(&client, cfg).await?;
     let gap = Gap {
         from_lsn: ckpt.lsn,

@@ -35,9 +35,9 @@
 //! and if that wait is cancelled the error is lost (the next `recv` reports only that the
 //! worker is gone). Nothing is claimed by it: the session ends as a transient stream error,
 //! and the next session meets the cause again and classifies it then. Nothing on the data
-//! path is wrapped in a `timeout`. If the task is aborted, all of this state is dropped with it: the buffer holds
-//! the durable state (its uncommitted transaction is rolled back when the writer dies with the
-//! task), and the next session starts from the checkpoint.
+//! path is wrapped in a `timeout`. If the task is aborted, all of this state is dropped with
+//! it: the buffer holds the durable state (its uncommitted transaction is rolled back when the
+//! writer dies with the task), and the next session starts from the checkpoint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -904,6 +904,13 @@ fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
         endpoint: cfg.source.to_string(),
         message,
     };
+    let in_use = |m: String| {
+        Error::SlotInUse(format!(
+            "replication slot {} on the source database {} is in use by another process ({m}); \
+             stop the other consumer, or give this pipeline its own spec.source.slot",
+            cfg.slot, cfg.source
+        ))
+    };
     let setup = |what: &str| {
         Error::SourceSetup(format!(
             "the source database {} refused the replication stream: {text}; {what}",
@@ -917,11 +924,7 @@ fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
             Some("28000") => auth(format!(
                 "{m}; the source's pg_hba.conf needs a `replication` entry for this user and address"
             )),
-            Some("55006") => Error::SlotInUse(format!(
-                "replication slot {} on the source database {} is in use by another process ({m}); \
-                 stop the other consumer, or give this pipeline its own spec.source.slot",
-                cfg.slot, cfg.source
-            )),
+            Some("55006") => in_use(m),
             Some("42704") => setup(&format!(
                 "check that publication {} and slot {} exist (a publication created after the slot is not visible to it \
                  at positions before its creation)",
@@ -930,6 +933,8 @@ fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
             Some("42501") => setup("the source user needs the REPLICATION attribute"),
             Some("22021") => setup("a value cannot be converted to UTF-8; see spec.poisonEvents"),
             _ if m.contains("password authentication") => auth(m),
+            // Older servers' wording, should the code be missing.
+            _ if m.contains("is active for PID") => in_use(m),
             _ => Error::Stream(text),
         },
         PgWireError::Io(_) | PgWireError::Tls(_) => Error::Unreachable {

@@ -277,17 +277,20 @@ pub async fn create_slot(client: &Client, cfg: &PipelineConfig) -> Result<u64> {
     Ok(lsn::parse(row.get(0)).unwrap_or(0))
 }
 
-/// Drops the pipeline's slot; one in use is refused, not terminated.
-pub async fn drop_slot(client: &Client, cfg: &PipelineConfig) -> Result<()> {
-    let active: Option<i32> = client
+/// Drops the pipeline's slot, if it exists (returns whether it did); one in use is refused,
+/// not terminated.
+pub async fn drop_slot(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
+    let Some(row) = client
         .query_opt(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
             &[&cfg.slot],
         )
         .await
         .map_err(|e| slot_error(cfg, e))?
-        .and_then(|r| r.get(0));
-    if let Some(pid) = active {
+    else {
+        return Ok(false);
+    };
+    if let Some(pid) = row.get::<_, Option<i32>>(0) {
         return Err(Error::SlotInUse(format!(
             "replication slot {} is in use by process {pid}; stop that consumer first",
             cfg.slot
@@ -297,7 +300,7 @@ pub async fn drop_slot(client: &Client, cfg: &PipelineConfig) -> Result<()> {
         .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
         .await
         .map_err(|e| slot_error(cfg, e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// Returns whether the slot was created now.
@@ -406,27 +409,10 @@ pub async fn drop_provisioned(client: &Client, cfg: &PipelineConfig) -> Result<D
             describe_pg_error(&e)
         ))
     };
-    let mut dropped = Dropped::default();
-    let slot = client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.slot],
-        )
-        .await
-        .map_err(|e| err("the replication slot", e))?;
-    if let Some(row) = slot {
-        if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            return Err(Error::SlotInUse(format!(
-                "replication slot {} is in use by process {pid}; stop that consumer before deleting",
-                cfg.slot
-            )));
-        }
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
-            .await
-            .map_err(|e| err("the replication slot", e))?;
-        dropped.slot = true;
-    }
+    let mut dropped = Dropped {
+        slot: drop_slot(client, cfg).await?,
+        ..Dropped::default()
+    };
     let ours: Option<bool> = client
         .query_opt(
             "SELECT obj_description(oid, 'pg_publication') = $2 FROM pg_publication WHERE pubname = $1",

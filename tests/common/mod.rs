@@ -207,6 +207,22 @@ pub async fn wal_lsn(client: &Client) -> u64 {
     pipeline::lsn::parse(&s).expect("lsn")
 }
 
+/// Waits until no session holds replication slot `slot` (`active` false), at most `timeout`.
+pub async fn slot_released(source: &Client, slot: &str, timeout: Duration) {
+    eventually(&format!("slot {slot} to be released"), timeout, || async {
+        let active: bool = source
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (!active).then_some(())
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, or panics naming `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
