@@ -83,6 +83,14 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     assert!(streamed() >= kills / 2, "the kills hit running pipelines");
     let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "final catch-up failed: {out}");
+    // Shown only when the test fails: where each session started, and what went wrong.
+    for line in std::fs::read_to_string(log.path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("streaming pipeline") || l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("{line}");
+    }
     let buffer = connect(&buf).await;
     verify_workload(&source, &buffer, "test/kill", counts).await;
     let report = philotes::verify::verify(&config(&std::fs::read_to_string(file.path()).unwrap()))

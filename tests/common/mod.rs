@@ -536,6 +536,23 @@ impl Workload {
 pub async fn verify_workload(source: &Client, buffer: &Client, pipeline: &str, expected: Counts) {
     use std::collections::BTreeMap;
     let ev = events(buffer, "philotes", pipeline).await;
+    // Shown only when the test fails: where the buffer's events start and end, and the
+    // checkpoint, to tell a lost stretch from a reordering.
+    let ckpt: Vec<String> = column(
+        buffer,
+        &format!(
+            "SELECT lsn::text || ' last ' || coalesce(last_commit_lsn::text, '-') || '/' || coalesce(last_seq::text, '-') \
+             || ' slot start ' || coalesce(slot_start_lsn::text, '-') FROM philotes.cdc_checkpoints WHERE pipeline = '{pipeline}'"
+        ),
+    )
+    .await;
+    eprintln!(
+        "{} events from {:?} to {:?}; checkpoint {:?}",
+        ev.len(),
+        ev.first().map(|e| &e.commit_lsn),
+        ev.last().map(|e| &e.commit_lsn),
+        ckpt
+    );
     let mut rows: BTreeMap<i64, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
     let mut got = Counts::default();
     for (i, e) in ev.iter().enumerate() {
