@@ -84,7 +84,7 @@ pub async fn run() -> Result<()> {
     let rows = buffer
         .query(
             "SELECT commit_lsn::text, seq, operation, table_name, coalesce(before::text, ''), coalesce(after::text, '')
-             FROM philotes.cdc_events WHERE pipeline = $1 ORDER BY commit_lsn, seq",
+             FROM philotes.cdc_events WHERE pipeline = $1 ORDER BY cdc_events.commit_lsn, seq",
             &[&cfg.id],
         )
         .await?;

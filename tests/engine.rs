@@ -293,7 +293,7 @@ async fn truncate_and_alter_table_mid_stream() {
     let defs = buffer
         .query(
             "SELECT commit_lsn::text, seq, columns FROM philotes.cdc_relations
-             WHERE pipeline = 'test/ddl' AND table_name = 'a' ORDER BY commit_lsn, seq",
+             WHERE pipeline = 'test/ddl' AND table_name = 'a' ORDER BY cdc_relations.commit_lsn, seq",
             &[],
         )
         .await

@@ -281,13 +281,15 @@ pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql
         .collect()
 }
 
-/// Every event of `pipeline` in `schema`, in commit order.
+/// Every event of `pipeline` in `schema`, in commit order. (The order names the table's
+/// column: a bare `commit_lsn` would mean the selected `commit_lsn::text`, which sorts
+/// `0/10000000` before `0/FFFFFFF`.)
 pub async fn events(buffer: &Client, schema: &str, pipeline: &str) -> Vec<EventRow> {
     buffer
         .query(
             &format!(
                 "SELECT commit_lsn::text, seq, xid, schema_name, table_name, operation, key_columns, before, after
-                 FROM \"{schema}\".cdc_events WHERE pipeline = $1 ORDER BY commit_lsn, seq"
+                 FROM \"{schema}\".cdc_events WHERE pipeline = $1 ORDER BY cdc_events.commit_lsn, seq"
             ),
             &[&pipeline],
         )
