@@ -3,7 +3,7 @@
 //! The same types are read by the operator (from the API server) and by `philotes run -f`
 //! (from a manifest file), so a pipeline behaves the same wherever it is declared.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -57,8 +57,9 @@ pub struct CdcPipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub flush_interval: Option<String>,
-    /// Maximum number of events held in memory between the replication stream and the
-    /// buffer; the reader waits while it is full. Default 10000.
+    /// Maximum number of change messages queued between the replication stream and the
+    /// loop. At most 16 whatever this says, so that memory is bounded by a few times the
+    /// largest row (README: Guarantees); kept for compatibility. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub buffer_size: Option<u32>,
@@ -105,7 +106,7 @@ pub enum SlotDeletionPolicy {
 }
 
 /// Where changes come from.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Secret holding the source's `postgres://` connection URI. The user needs the
@@ -119,15 +120,20 @@ pub struct SourceSpec {
     /// Publication to stream from. Created `FOR TABLE` the listed tables if missing;
     /// adopted if it exists and publishes exactly those tables. Default: derived from
     /// namespace and name like the slot. Cannot be changed once the pipeline has a
-    /// checkpoint.
+    /// checkpoint; a value set explicitly cannot be changed at all (the API server refuses
+    /// it, Kubernetes 1.25+).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.source.publication cannot be changed: a pipeline's checkpoint belongs to its slot and publication. To use another, create a new CdcPipeline (README: Moving a pipeline)"))]
     pub publication: Option<String>,
     /// Logical replication slot to stream from. Created with the `pgoutput` plugin if
     /// missing; adopted if it exists. Default: derived from namespace and name
     /// (`philotes_<namespace>_<name>`, with a hash of both appended when either holds a
     /// character a slot name cannot, so distinct pipelines never share a slot). Cannot be
-    /// changed once the pipeline has a checkpoint.
+    /// changed once the pipeline has a checkpoint; a value set explicitly cannot be changed
+    /// at all (the API server refuses it, Kubernetes 1.25+). Two pipelines naming the same
+    /// slot on one source: the one created later is refused (`SlotConflict`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.source.slot cannot be changed: a pipeline's checkpoint belongs to its slot and publication. To use another, create a new CdcPipeline (README: Moving a pipeline)"))]
     pub slot: Option<String>,
     /// How long the replication stream may stay silent (no data and no keepalive from the
     /// source) before the connection is considered dead and reopened, as a Kubernetes
@@ -140,13 +146,15 @@ pub struct SourceSpec {
 }
 
 /// Where change events go.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BufferSpec {
     /// Secret holding the buffer's `postgres://` connection URI.
     pub connection_secret_ref: SecretKeyRef,
-    /// Schema the event tables live in; created if missing. Default `philotes`.
+    /// Schema the event tables live in; created if missing. Default `philotes`. Cannot be
+    /// changed: the checkpoint and the events are in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.buffer.schema cannot be changed: the pipeline's checkpoint and events are in it. To use another, create a new CdcPipeline (README: Moving a pipeline)"))]
     pub schema: Option<String>,
 }
 
@@ -231,4 +239,45 @@ pub struct Condition {
     /// The `metadata.generation` the condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    /// The API server keeps an explicitly named slot, publication and buffer schema as they
+    /// are (CEL transition rules, Kubernetes 1.25+; older servers ignore them and the
+    /// controller's guard answers instead).
+    #[test]
+    fn names_a_checkpoint_belongs_to_are_immutable_rules() {
+        let crd = serde_json::to_value(super::CdcPipeline::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        for (path, field) in [
+            ("spec.source.slot", &spec["source"]["properties"]["slot"]),
+            (
+                "spec.source.publication",
+                &spec["source"]["properties"]["publication"],
+            ),
+            (
+                "spec.buffer.schema",
+                &spec["buffer"]["properties"]["schema"],
+            ),
+        ] {
+            let rules = field["x-kubernetes-validations"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{path} has no rules: {field}"));
+            assert_eq!(rules.len(), 1, "{path}: {rules:?}");
+            assert_eq!(rules[0]["rule"], "self == oldSelf", "{path}");
+            let message = rules[0]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!("{path} cannot be changed"))
+                    && message.contains("Moving a pipeline"),
+                "{path}: {message}"
+            );
+        }
+        // Nothing else is frozen: a Secret may be renamed, tables added, settings tuned.
+        let all = crd.to_string();
+        assert_eq!(all.matches("x-kubernetes-validations").count(), 3, "{all}");
+    }
 }

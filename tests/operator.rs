@@ -627,6 +627,124 @@ async fn bad_resources_are_reported_and_do_not_stop_the_others() {
     op.stop().await;
 }
 
+/// Two CdcPipelines naming one slot on one source: the one created later is refused with a
+/// condition and an Event while the first keeps streaming every change; once the first is
+/// deleted (slot retained), the second adopts the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pipeline_on_the_same_slot_is_refused() {
+    let ns = "sameslot";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf, db) = databases_with("op_same", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let (_, buf2) = databases("op_same2").await;
+    put_secret(&admin, ns, "first-src", &src).await;
+    put_secret(&admin, ns, "first-buf", &buf).await;
+    put_secret(&admin, ns, "second-src", &src).await;
+    put_secret(&admin, ns, "second-buf", &buf2).await;
+    let op = Operator::start(api, ns, None);
+    let shared_slot = json!({"source": {"connectionSecretRef": {"name": "first-src"}, "tables": ["t"], "slot": "shared_slot"}});
+    pipelines
+        .create(
+            &PostParams::default(),
+            &pipeline("first", &["t"], shared_slot.clone()),
+        )
+        .await
+        .unwrap();
+    wait_status(&pipelines, "first", "the first pipeline running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    // Created a second later: the API server's creationTimestamp has one-second resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = json!({"source": {"connectionSecretRef": {"name": "second-src"}, "tables": ["t"], "slot": "shared_slot"}});
+    pipelines
+        .create(&PostParams::default(), &pipeline("second", &["t"], second))
+        .await
+        .unwrap();
+    let s = wait_status(&pipelines, "second", "the second pipeline refused", |s| {
+        ready(s) == ("False".into(), "SlotConflict".into())
+    })
+    .await;
+    let message = &s.conditions[0].message;
+    assert!(
+        message.contains("shared_slot") && message.contains("sameslot/first"),
+        "{message}"
+    );
+    assert_eq!(s.phase.as_deref(), Some("Failed"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    eventually(
+        "a SlotConflict event for the second pipeline",
+        Duration::from_secs(30),
+        || {
+            let events = &events;
+            async move {
+                events
+                    .list(&Default::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .into_iter()
+                    .find(|e| {
+                        e.reason.as_deref() == Some("SlotConflict")
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some("second")
+                    })
+            }
+        },
+    )
+    .await;
+    // The first keeps every change; the second wrote nothing.
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await
+        .unwrap();
+    let first_buffer = connect(&buf).await;
+    eventually(
+        "50 events in the first buffer",
+        Duration::from_secs(30),
+        || {
+            let b = &first_buffer;
+            async move { (events_count(b, "sameslot/first").await == 50).then_some(()) }
+        },
+    )
+    .await;
+    let s = pipelines.get("first").await.unwrap().status.unwrap();
+    assert_eq!(ready(&s), ("True".into(), "Streaming".into()), "{s:?}");
+    let second_buffer = connect(&buf2).await;
+    let written: i64 = second_buffer
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cdc_events'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if written > 0 {
+        assert_eq!(events_count(&second_buffer, "sameslot/second").await, 0);
+    }
+
+    // The first goes (its slot retained): the second takes the slot over.
+    pipelines
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_status(&pipelines, "second", "the second pipeline running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    db.batch_execute("INSERT INTO t SELECT generate_series(51, 60)")
+        .await
+        .unwrap();
+    eventually(
+        "the second pipeline streams",
+        Duration::from_secs(30),
+        || {
+            let b = &second_buffer;
+            async move { (events_count(b, "sameslot/second").await == 10).then_some(()) }
+        },
+    )
+    .await;
+    op.stop().await;
+}
+
 /// Namespace `ns` with pipeline `p` capturing table `t` of database `op_<ns>_src`.
 async fn one_pipeline(
     ns: &str,

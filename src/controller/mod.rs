@@ -231,10 +231,24 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     .unwrap_or_default()
                     .hash(&mut h);
                 secrets.fingerprint(&mut h);
+                let created = p
+                    .meta()
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second());
+                if let Some(taken) = ctx.supervisor.slot_taken(&key, &cfg, created).await {
+                    ctx.supervisor.stop(&key).await;
+                    let observed = Observed::Invalid("SlotConflict".into(), taken);
+                    return finish(p, ctx, &key, observed, Some(cfg), None, every).await;
+                }
                 refused = ctx.supervisor.refuses(&key, &cfg).await;
                 let outcome = match &refused {
                     Some(_) => supervisor::Started::AlreadyRunning,
-                    None => ctx.supervisor.ensure(&key, cfg.clone(), h.finish()).await,
+                    None => {
+                        ctx.supervisor
+                            .ensure(&key, cfg.clone(), h.finish(), created)
+                            .await
+                    }
                 };
                 match outcome {
                     supervisor::Started::Started => {
@@ -259,6 +273,19 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         }
     };
 
+    finish(p, ctx, &key, observed, cfg, refused.as_deref(), every).await
+}
+
+/// Status from what was observed, metrics, Events; the next reconcile in `every`.
+async fn finish(
+    p: &CdcPipeline,
+    ctx: &Context,
+    key: &str,
+    observed: Observed,
+    cfg: Option<PipelineConfig>,
+    refused: Option<&str>,
+    every: Duration,
+) -> Result<Action, ReconcileError> {
     let now = status::now();
     let previous = p.status.as_ref();
     let (slot, publication) = match (&observed, &cfg) {
@@ -280,9 +307,9 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         observed: &observed,
         previous,
         now: &now,
-        refused: refused.as_deref(),
+        refused,
     });
-    record_metrics(ctx, &key, &status);
+    record_metrics(ctx, key, &status);
     publish_status(ctx, p, previous, status).await?;
     Ok(Action::requeue(every))
 }

@@ -19,6 +19,9 @@ struct Task {
     fingerprint: u64,
     /// What the task runs.
     cfg: PipelineConfig,
+    /// When its resource was created (seconds since the epoch; 0 if unknown): of two
+    /// pipelines naming one slot, the one created first keeps it.
+    created: i64,
     shutdown: watch::Sender<bool>,
     progress: watch::Receiver<Progress>,
     snapshot: watch::Receiver<Option<Snapshot>>,
@@ -55,7 +58,13 @@ impl Supervisor {
 
     /// Makes sure a task runs `cfg`; restarts one that runs something else, or that failed
     /// more than [`FAILED_RETRY`] ago.
-    pub async fn ensure(&self, key: &str, cfg: PipelineConfig, fingerprint: u64) -> Started {
+    pub async fn ensure(
+        &self,
+        key: &str,
+        cfg: PipelineConfig,
+        fingerprint: u64,
+        created: i64,
+    ) -> Started {
         let mut tasks = self.tasks.lock().await;
         let mut restarted = false;
         if let Some(task) = tasks.get_mut(key) {
@@ -72,7 +81,7 @@ impl Supervisor {
             }
             restarted = true;
         }
-        tasks.insert(key.to_string(), self.spawn(cfg, fingerprint));
+        tasks.insert(key.to_string(), self.spawn(cfg, fingerprint, created));
         if restarted {
             Started::Restarted
         } else {
@@ -80,7 +89,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&self, cfg: PipelineConfig, fingerprint: u64) -> Task {
+    fn spawn(&self, cfg: PipelineConfig, fingerprint: u64, created: i64) -> Task {
         let cfg_kept = cfg.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (progress_tx, progress) = watch::channel(Progress::default());
@@ -99,6 +108,7 @@ impl Supervisor {
         Task {
             fingerprint,
             cfg: cfg_kept,
+            created,
             shutdown,
             progress,
             snapshot,
@@ -161,6 +171,61 @@ impl Supervisor {
                 changes.join(", ")
             )
         })
+    }
+
+    /// Why `cfg` may not run: another pipeline streams from the slot it names on the same
+    /// source (`host:port/dbname`), and that one was created first (ties: the smaller key).
+    /// Two pipelines on one slot would each get part of the changes. A running pipeline
+    /// created after `key` gives the slot up instead: it is stopped (flushed and confirmed),
+    /// and its next reconcile finds it refused. The source is compared by address; two
+    /// addresses of one server are caught when the pipeline starts (the buffer's checkpoint
+    /// or the slot's position does not match, or PostgreSQL reports the slot active).
+    pub async fn slot_taken(
+        &self,
+        key: &str,
+        cfg: &PipelineConfig,
+        created: i64,
+    ) -> Option<String> {
+        let mut tasks = self.tasks.lock().await;
+        let source = cfg.source.to_string();
+        let mut later = Vec::new();
+        for (other, task) in tasks.iter_mut() {
+            if other == key {
+                continue;
+            }
+            reap(task).await;
+            if task.ended.is_some() || task.cfg.source.to_string() != source {
+                continue;
+            }
+            // A checkpointed pipeline streams from the slot it recorded.
+            let slot = {
+                let p = task.progress.borrow();
+                if p.slot.is_empty() {
+                    task.cfg.slot.clone()
+                } else {
+                    p.slot.clone()
+                }
+            };
+            if slot != cfg.slot {
+                continue;
+            }
+            if (task.created, other.as_str()) <= (created, key) {
+                return Some(format!(
+                    "CdcPipeline {key} names slot {slot} on source {source}, which CdcPipeline {other} (created first) streams from: \
+                     two pipelines on one slot would each get only part of the changes. Give this one its own spec.source.slot \
+                     (or leave it unset for one derived from its namespace and name), or delete one of the two"
+                ));
+            }
+            later.push(other.clone());
+        }
+        for other in later {
+            if let Some(task) = tasks.remove(&other) {
+                tracing::warn!(pipeline = %other, slot = %cfg.slot, "CdcPipeline {key}, created earlier, names the same slot: stopping this one");
+                self.metrics.forget_pipeline(&other);
+                stop_task(task).await;
+            }
+        }
+        None
     }
 
     pub async fn running(&self) -> Vec<String> {

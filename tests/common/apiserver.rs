@@ -226,6 +226,34 @@ where
     .unwrap_or_else(|e| panic!("apply {name}: {e:?}"));
 }
 
+/// Creates or replaces the CRD the way Helm and a client-side `kubectl apply` do. A server
+/// before 1.23 drops the CEL rules (`x-kubernetes-validations`) it does not know on create
+/// or update, while its server-side apply refuses them as undeclared fields.
+async fn install_crd(client: &Client, doc: serde_yaml::Value) {
+    let crd: CustomResourceDefinition = serde_yaml::from_value(doc).expect("crd document");
+    let name = crd.metadata.name.clone().expect("name");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    // Tests install concurrently: a create or replace that lost a race is tried again.
+    for _ in 0..20 {
+        let result = match api.get_opt(&name).await.expect("read crd") {
+            None => api.create(&Default::default(), &crd).await,
+            Some(existing) => {
+                let mut crd = crd.clone();
+                crd.metadata.resource_version = existing.metadata.resource_version;
+                api.replace(&name, &Default::default(), &crd).await
+            }
+        };
+        match result {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("install {name}: {e:?}"),
+        }
+    }
+    panic!("install {name}: still conflicting after 20 tries");
+}
+
 async fn apply_namespaced<K>(client: &Client, doc: serde_yaml::Value)
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -262,7 +290,7 @@ pub async fn apply_file(client: &Client, path: &Path) {
         }
         let kind = value["kind"].as_str().unwrap_or_default().to_string();
         match kind.as_str() {
-            "CustomResourceDefinition" => apply::<CustomResourceDefinition>(client, value).await,
+            "CustomResourceDefinition" => install_crd(client, value).await,
             "Namespace" => apply::<Namespace>(client, value).await,
             "ClusterRole" => apply::<ClusterRole>(client, value).await,
             "ClusterRoleBinding" => apply::<ClusterRoleBinding>(client, value).await,
