@@ -14,6 +14,7 @@ RUN mkdir -p src migrations examples \
 # 2. The real sources.
 COPY src src
 COPY migrations migrations
+COPY build.rs build.rs
 COPY examples examples
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin philotes
 

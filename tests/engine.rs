@@ -567,7 +567,7 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
          SET search_path TO philotes;
          {}
          CREATE TABLE philotes_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
-         INSERT INTO philotes_migrations (version, name) VALUES (1, '0001_init.sql');
+         INSERT INTO philotes_migrations (version, name, applied_at) VALUES (1, '0001_init.sql', now() - interval '1 day');
          INSERT INTO cdc_events VALUES ('old/pipeline', '0/10', 0, '0/8', 5, '2026-01-01', 'public', 'old', 'INSERT', '{{id}}',
                                         NULL, '{{\"id\": 1, \"v\": \"kept\"}}');
          RESET search_path;
@@ -583,12 +583,36 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
         .unwrap();
     catch_up(&cfg).await;
 
-    let versions: Vec<i32> = column(
+    // The record moved to sqlx's migrator: every version, successful, with the checksum of
+    // the embedded file; version 1 keeps the time the old runner applied it.
+    let versions: Vec<i64> = column(
         &db,
-        "SELECT version FROM philotes.philotes_migrations ORDER BY version",
+        "SELECT version FROM philotes._sqlx_migrations WHERE success ORDER BY version",
     )
     .await;
     assert_eq!(versions, [1, 2, 3]);
+    let checksums: Vec<Vec<u8>> = column(
+        &db,
+        "SELECT checksum FROM philotes._sqlx_migrations ORDER BY version",
+    )
+    .await;
+    let embedded: Vec<Vec<u8>> = philotes::pipeline::migrate::MIGRATOR
+        .iter()
+        .map(|m| m.checksum.to_vec())
+        .collect();
+    assert_eq!(checksums, embedded);
+    let kept: Vec<bool> = column(
+        &db,
+        "SELECT installed_on < now() - interval '1 second' FROM philotes._sqlx_migrations WHERE version = 1",
+    )
+    .await;
+    assert_eq!(kept, [true]);
+    let legacy: Vec<bool> = column(
+        &db,
+        "SELECT to_regclass('philotes.philotes_migrations') IS NULL",
+    )
+    .await;
+    assert_eq!(legacy, [true]);
     let types: Vec<String> = column(
         &db,
         "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
@@ -605,4 +629,115 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
     let new = events(&db, "philotes", "test/migrate").await;
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].after, Some(serde_json::json!({"id": 2, "v": "new"})));
+}
+
+/// A buffer left by the previous release (migrations 1 and 2 recorded by its own runner, a
+/// checkpoint without identity) is upgraded in place on start and the pipeline resumes from
+/// its checkpoint exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_of_the_previous_release_resumes_exactly_once() {
+    let (src, buf, source) =
+        databases_with("upgrade", "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let manifest = manifest("upgrade", &src, &buf, &["t"], FAST).replace(
+        "    tables: ['t']\n",
+        "    tables: ['t']\n    slot: upgrade_slot\n    publication: upgrade_pub\n",
+    );
+    let cfg = config(&manifest);
+    catch_up(&cfg).await;
+    source
+        .batch_execute("INSERT INTO t SELECT i, 'before' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+    // What 0.1 left: its two migrations in philotes_migrations, no identity, no later tables.
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "ALTER TABLE philotes.cdc_checkpoints DROP COLUMN system_identifier, DROP COLUMN timeline,
+                 DROP COLUMN database, DROP COLUMN slot_name, DROP COLUMN publication_name, DROP COLUMN slot_start_lsn;
+             DROP TABLE philotes.cdc_gaps, philotes.cdc_dead_letters, philotes._sqlx_migrations;
+             CREATE TABLE philotes.philotes_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO philotes.philotes_migrations (version, name) VALUES (1, '0001_init.sql'), (2, '0002_json_images.sql');",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO t SELECT i, 'after' FROM generate_series(101, 150) i;
+             UPDATE t SET v = 'updated' WHERE id <= 10;
+             DELETE FROM t WHERE id > 140;",
+        )
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+
+    let versions: Vec<i64> = column(
+        &buffer,
+        "SELECT version FROM philotes._sqlx_migrations WHERE success ORDER BY version",
+    )
+    .await;
+    assert_eq!(versions, [1, 2, 3]);
+    // Every change exactly once: 150 inserts, 10 updates, 10 deletes, in commit order.
+    let events = events(&buffer, "philotes", "test/upgrade").await;
+    let ops = |op: &str| events.iter().filter(|e| e.operation == op).count();
+    assert_eq!(
+        (events.len(), ops("INSERT"), ops("UPDATE"), ops("DELETE")),
+        (170, 150, 10, 10)
+    );
+    let mut ids: Vec<i64> = events
+        .iter()
+        .filter(|e| e.operation == "INSERT")
+        .map(|e| e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=150).collect::<Vec<_>>());
+    // The checkpoint now knows what it is a checkpoint of.
+    let identity: Vec<Option<String>> = column(
+        &buffer,
+        "SELECT slot_name FROM philotes.cdc_checkpoints WHERE pipeline = 'test/upgrade'",
+    )
+    .await;
+    assert_eq!(identity, [Some("upgrade_slot".to_string())]);
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
+}
+
+/// A migration edited after a buffer applied it is refused by its checksum, with a reason
+/// that says which and what to do, and nothing in the schema is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_migration_is_refused() {
+    let (src, buf, _source) = databases_with("edited", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let cfg = config(&manifest("edited", &src, &buf, &["t"], FAST));
+    catch_up(&cfg).await;
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute("UPDATE philotes._sqlx_migrations SET checksum = '\\x00' WHERE version = 2")
+        .await
+        .unwrap();
+    let r = start(
+        cfg.clone(),
+        RunOptions {
+            until_caught_up: true,
+            retry_setup: false,
+            ..RunOptions::default()
+        },
+    );
+    let err = tokio::time::timeout(Duration::from_secs(60), r.handle)
+        .await
+        .expect("the start ends within 60s")
+        .expect("pipeline task")
+        .expect_err("an edited migration is refused");
+    assert_eq!(err.reason(), "BufferNotReady", "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("migration 2") && message.contains("checksum"),
+        "{message}"
+    );
+    let checksum: Vec<Vec<u8>> = column(
+        &buffer,
+        "SELECT checksum FROM philotes._sqlx_migrations WHERE version = 2",
+    )
+    .await;
+    assert_eq!(checksum, [vec![0u8]]);
 }

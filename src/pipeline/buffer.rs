@@ -44,25 +44,6 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
     Error::BufferSetup(format!("the buffer refused a write: {message}; {fix}"))
 }
 
-/// Migrations in order, embedded from `migrations/`.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (
-        1,
-        "0001_init.sql",
-        include_str!("../../migrations/0001_init.sql"),
-    ),
-    (
-        2,
-        "0002_json_images.sql",
-        include_str!("../../migrations/0002_json_images.sql"),
-    ),
-    (
-        3,
-        "0003_checkpoint_identity.sql",
-        include_str!("../../migrations/0003_checkpoint_identity.sql"),
-    ),
-];
-
 /// Where a change sits in the source's commit order.
 #[derive(Debug, Clone, Copy)]
 pub struct Position {
@@ -127,7 +108,7 @@ impl Buffer {
                 describe_pg_error(&e)
             ))
         };
-        migrate(&client, cfg).await?;
+        super::migrate::migrate(&client, cfg).await?;
         // A checkpoint is confirmed to the source once its transaction commits, so the commit
         // must be durable when it returns, whatever the buffer's default: with
         // synchronous_commit off a crash of the buffer server could lose a checkpoint the
@@ -619,112 +600,6 @@ async fn upsert_checkpoint(
             ],
         )
         .await
-}
-
-/// Creates the schema if needed, refuses one that holds objects Philotes did not create, and
-/// applies the migrations not yet applied, under a lock so concurrent starts do not race.
-async fn migrate(client: &Client, cfg: &PipelineConfig) -> Result<()> {
-    let name = &cfg.buffer_schema;
-    let schema = quote_ident(name);
-    let fail = |what: &str, e: tokio_postgres::Error| {
-        let msg = describe_pg_error(&e);
-        // Read-only or shutting down: a passing state of the buffer, retried.
-        if matches!(
-            e.code().map(|c| c.code()),
-            Some("25006") | Some("57P01") | Some("57P03")
-        ) || e.is_closed()
-        {
-            return Error::Buffer(format!(
-                "cannot {what} schema {name} in the buffer database {}: {msg}",
-                cfg.buffer
-            ));
-        }
-        let hint = if e.code().map(|c| c.code()) == Some("42501") {
-            "; grant the buffer user CREATE on the database (or create the schema for it)"
-        } else {
-            ""
-        };
-        Error::BufferSetup(format!(
-            "cannot {what} schema {name} in the buffer database {}: {msg}{hint}",
-            cfg.buffer
-        ))
-    };
-    client
-        .batch_execute(
-            "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('philotes-migrate', 0))",
-        )
-        .await
-        .map_err(|e| fail("lock", e))?;
-    let result = async {
-        let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1), \
-                        to_regclass(quote_ident($1) || '.philotes_migrations') IS NOT NULL, \
-                        EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                &[name],
-            )
-            .await
-            .map_err(|e| fail("inspect", e))?;
-        let (objects, ours, exists): (i64, bool, bool) = (row.get(0), row.get(1), row.get(2));
-        if ours {
-            let applied: i64 = client
-                .query_one(&format!("SELECT count(*) FROM {schema}.philotes_migrations"), &[])
-                .await
-                .map_err(|e| fail("read migrations of", e))?
-                .get(0);
-            if applied as usize == MIGRATIONS.len() {
-                // Up to date: nothing to create (which also works on a read-only buffer).
-                return Ok(());
-            }
-        }
-        if exists && objects > 0 && !ours {
-            return Err(Error::BufferSetup(format!(
-                "schema {name} in the buffer database {} already holds {objects} tables or other objects that Philotes did not create; \
-                 set spec.buffer.schema to a schema of its own",
-                cfg.buffer
-            )));
-        }
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema}; \
-                 CREATE TABLE IF NOT EXISTS {schema}.philotes_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-            ))
-            .await
-            .map_err(|e| fail("create", e))?;
-        let applied: Vec<i32> = client
-            .query(&format!("SELECT version FROM {schema}.philotes_migrations"), &[])
-            .await
-            .map_err(|e| fail("read migrations of", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for (version, file, sql) in MIGRATIONS {
-            if applied.contains(version) {
-                continue;
-            }
-            client
-                .batch_execute(&format!(
-                    "SET LOCAL search_path TO {schema}; {sql}; RESET search_path"
-                ))
-                .await
-                .map_err(|e| fail(&format!("apply migration {file} to"), e))?;
-            client
-                .execute(
-                    &format!("INSERT INTO {schema}.philotes_migrations (version, name) VALUES ($1, $2)"),
-                    &[version, file],
-                )
-                .await
-                .map_err(|e| fail("record migration in", e))?;
-        }
-        Ok(())
-    }
-    .await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    client
-        .batch_execute(end)
-        .await
-        .map_err(|e| fail("commit", e))?;
-    result
 }
 
 /// The start of a binary COPY stream: signature, flags, header extension length.

@@ -152,6 +152,11 @@ impl ConnInfo {
         Ok(info)
     }
 
+    /// The password, for a client library that connects by itself (never shown).
+    pub(crate) fn password(&self) -> &str {
+        &self.password
+    }
+
     /// Same server, another database (used by tests and the demo).
     pub fn with_dbname(&self, dbname: &str) -> ConnInfo {
         ConnInfo {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod identity;
 pub mod lifecycle;
 pub mod lsn;
+pub mod migrate;
 mod run;
 pub mod source;
 pub mod status;
