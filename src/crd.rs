@@ -216,6 +216,10 @@ pub struct CdcPipelineStatus {
     /// When the checkpoint last advanced (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_time: Option<String>,
+    /// The value of the `philotes.io/recover` annotation last acted on, so one request is
+    /// carried out once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover_request: Option<String>,
     /// Latest observations of the pipeline's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -171,16 +171,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(philotes::pipeline::lifecycle::recover(&cfg)) {
                 Ok(r) => {
-                    println!(
-                        "recovered {}: changes between {} and {} may be missing ({}); recorded in cdc_gaps; \
-                         the pipeline continues from {} on a new slot{}",
-                        cfg.id,
-                        philotes::pipeline::lsn::format(r.gap.from_lsn),
-                        philotes::pipeline::lsn::format(r.gap.to_lsn),
-                        r.gap.reason,
-                        philotes::pipeline::lsn::format(r.gap.to_lsn),
-                        if r.dropped_old_slot { " (the unusable slot was dropped)" } else { "" }
-                    );
+                    println!("{}", r.describe(&cfg.id));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

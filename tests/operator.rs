@@ -745,6 +745,163 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
     op.stop().await;
 }
 
+/// A lost slot under the operator: `Failed`/`SlotLost`, nothing recreated; the
+/// `philotes.io/recover` annotation acknowledges the gap once (recorded in `cdc_gaps`, an
+/// Event) and the pipeline continues on a new slot; a request while nothing is lost is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_recovered_by_annotation() {
+    let ns = "recover";
+    let (api, admin, pipelines, db) = one_pipeline(ns).await;
+    let op = Operator::start(api, ns, None);
+    let s = wait_status(&pipelines, "p", "running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    let slot = s.slot_name.clone().expect("slot in status");
+    let buffer = connect(&pipelines_buffer_uri(&admin, ns).await).await;
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    eventually("10 events", Duration::from_secs(30), || {
+        let b = &buffer;
+        async move { (events_count(b, "recover/p").await == 10).then_some(()) }
+    })
+    .await;
+    let suspend = |on: bool| {
+        let pipelines = pipelines.clone();
+        async move {
+            pipelines
+                .patch(
+                    "p",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"suspend": on}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    suspend(true).await;
+    wait_status(&pipelines, "p", "suspended", |s| {
+        s.phase.as_deref() == Some("Suspended")
+    })
+    .await;
+    eventually("the slot released", Duration::from_secs(30), || {
+        let (db, slot) = (&db, &slot);
+        async move { (slot_pid(db, slot).await == Some(None)).then_some(()) }
+    })
+    .await;
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO t SELECT generate_series(11, 15)")
+        .await
+        .unwrap();
+    suspend(false).await;
+    let s = wait_status(&pipelines, "p", "SlotLost", |s| {
+        ready(s) == ("False".into(), "SlotLost".into())
+    })
+    .await;
+    assert!(s.conditions[0].message.contains(&slot), "{s:?}");
+    assert_eq!(
+        slot_pid(&db, &slot).await,
+        None,
+        "the slot is not recreated"
+    );
+
+    let annotate = |request: &'static str| {
+        let pipelines = pipelines.clone();
+        async move {
+            pipelines
+                .patch(
+                    "p",
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {"philotes.io/recover": request}}}),
+                    ),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    annotate("r1").await;
+    wait_status(&pipelines, "p", "recovered and running", |s| {
+        s.recover_request.as_deref() == Some("r1") && s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    db.batch_execute("INSERT INTO t SELECT generate_series(16, 22)")
+        .await
+        .unwrap();
+    eventually(
+        "17 events: 10 before the gap, 7 after",
+        Duration::from_secs(30),
+        || {
+            let b = &buffer;
+            async move { (events_count(b, "recover/p").await == 17).then_some(()) }
+        },
+    )
+    .await;
+    let gaps: Vec<String> = buffer
+        .query(
+            "SELECT reason FROM philotes.cdc_gaps WHERE pipeline = 'recover/p'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(gaps, ["SlotLost"]);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let reasons = || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|e| e.reason)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(reasons().await.contains(&"GapRecovered".to_string()));
+
+    // A new request while nothing is lost changes nothing.
+    annotate("r2").await;
+    wait_status(&pipelines, "p", "the second request settled", |s| {
+        s.recover_request.as_deref() == Some("r2")
+    })
+    .await;
+    assert!(reasons().await.contains(&"RecoverIgnored".to_string()));
+    let gaps: i64 = buffer
+        .query_one("SELECT count(*) FROM philotes.cdc_gaps", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gaps, 1);
+    assert_eq!(
+        pipelines
+            .get("p")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Running")
+    );
+    op.stop().await;
+}
+
+/// The buffer URI the `p` pipeline of `ns` uses (from its Secret).
+async fn pipelines_buffer_uri(admin: &Client, ns: &str) -> String {
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let s = secrets.get("p-buf").await.unwrap();
+    let data = s.data.unwrap_or_default();
+    String::from_utf8(data["uri"].0.clone()).unwrap()
+}
+
 /// Namespace `ns` with pipeline `p` capturing table `t` of database `op_<ns>_src`.
 async fn one_pipeline(
     ns: &str,

@@ -41,6 +41,10 @@ pub const FINALIZER: &str = "philotes.io/cleanup";
 /// Annotation that lets a resource be deleted without touching the source (when the source
 /// is gone for good and cleanup cannot succeed).
 pub const SKIP_CLEANUP: &str = "philotes.io/skip-cleanup";
+/// Annotation that acknowledges the gap a pipeline stopped at (`SlotLost`, `SourceChanged`)
+/// and continues on a new slot, like `philotes recover`. Its value names the request: a new
+/// value is a new request, the one carried out is kept in `status.recoverRequest`.
+pub const RECOVER: &str = "philotes.io/recover";
 
 #[derive(Debug, Error)]
 pub enum ReconcileError {
@@ -211,6 +215,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
     let every = config::status_interval(&p.spec).unwrap_or(Duration::from_secs(10));
 
     let mut refused: Option<String> = None;
+    let mut recovered: Option<String> = None;
     let (observed, cfg) = if p.spec.suspend.unwrap_or(false) {
         if ctx.supervisor.stop(&key).await {
             tracing::info!(pipeline = %key, "suspended: pipeline stopped, slot kept");
@@ -231,6 +236,11 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     .unwrap_or_default()
                     .hash(&mut h);
                 secrets.fingerprint(&mut h);
+                if let Some(request) = p.annotations().get(RECOVER) {
+                    if previous_request(p) != Some(request.as_str()) {
+                        recovered = recover(p, ctx, &key, &cfg, request).await;
+                    }
+                }
                 let created = p
                     .meta()
                     .creation_timestamp
@@ -239,7 +249,16 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                 if let Some(taken) = ctx.supervisor.slot_taken(&key, &cfg, created).await {
                     ctx.supervisor.stop(&key).await;
                     let observed = Observed::Invalid("SlotConflict".into(), taken);
-                    return finish(p, ctx, &key, observed, Some(cfg), None, every).await;
+                    return finish(
+                        p,
+                        ctx,
+                        observed,
+                        Some(cfg),
+                        None,
+                        recovered.as_deref(),
+                        every,
+                    )
+                    .await;
                 }
                 refused = ctx.supervisor.refuses(&key, &cfg).await;
                 let outcome = match &refused {
@@ -273,19 +292,82 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         }
     };
 
-    finish(p, ctx, &key, observed, cfg, refused.as_deref(), every).await
+    finish(
+        p,
+        ctx,
+        observed,
+        cfg,
+        refused.as_deref(),
+        recovered.as_deref(),
+        every,
+    )
+    .await
+}
+
+fn previous_request(p: &CdcPipeline) -> Option<&str> {
+    p.status.as_ref()?.recover_request.as_deref()
+}
+
+/// Carries out a `philotes.io/recover` request, for a pipeline stopped by a gap (`SlotLost`,
+/// `SourceChanged`) only: stops the ended task, runs [`pipeline::lifecycle::recover`] and
+/// publishes an Event with what was done or why not. Returns the request once it is settled
+/// (done, or refused for good), `None` when it is to be tried again at the next reconcile.
+async fn recover(
+    p: &CdcPipeline,
+    ctx: &Context,
+    key: &str,
+    cfg: &PipelineConfig,
+    request: &str,
+) -> Option<String> {
+    let (type_, reason, note) = match ctx.supervisor.ended(key).await.as_deref() {
+        Some("SlotLost" | "SourceChanged") => {
+            ctx.supervisor.stop(key).await;
+            match pipeline::lifecycle::recover(cfg).await {
+                Ok(r) => (EventType::Normal, "GapRecovered", r.describe(key)),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(pipeline = %key, reason = e.reason(), "recover request {request}: {e}; trying again");
+                    return None;
+                }
+                Err(e) => (
+                    EventType::Warning,
+                    "RecoverFailed",
+                    format!("{RECOVER}={request}: {e}"),
+                ),
+            }
+        }
+        _ => (
+            EventType::Warning,
+            "RecoverIgnored",
+            format!(
+                "{RECOVER}={request} ignored: the pipeline is not stopped at a gap (SlotLost or SourceChanged); nothing was changed"
+            ),
+        ),
+    };
+    tracing::info!(pipeline = %key, reason, "{note}");
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(&note, 1000)),
+        action: "Recover".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
+        tracing::warn!(pipeline = %key, error = %e, "cannot publish event");
+    }
+    Some(request.to_string())
 }
 
 /// Status from what was observed, metrics, Events; the next reconcile in `every`.
 async fn finish(
     p: &CdcPipeline,
     ctx: &Context,
-    key: &str,
     observed: Observed,
     cfg: Option<PipelineConfig>,
     refused: Option<&str>,
+    recovered: Option<&str>,
     every: Duration,
 ) -> Result<Action, ReconcileError> {
+    let key = &key(p);
     let now = status::now();
     let previous = p.status.as_ref();
     let (slot, publication) = match (&observed, &cfg) {
@@ -308,6 +390,7 @@ async fn finish(
         previous,
         now: &now,
         refused,
+        recovered,
     });
     record_metrics(ctx, key, &status);
     publish_status(ctx, p, previous, status).await?;

@@ -30,6 +30,8 @@ pub struct Inputs<'a> {
     pub now: &'a str,
     /// Why the current spec was not applied (the task keeps running the previous one).
     pub refused: Option<&'a str>,
+    /// A `philotes.io/recover` request acted on in this reconcile.
+    pub recovered: Option<&'a str>,
 }
 
 /// The status to write. Transition times are kept when a condition did not change.
@@ -107,6 +109,10 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         status.last_checkpoint_time = prev.last_checkpoint_time.clone();
         status.confirmed_flush_lsn = prev.confirmed_flush_lsn.clone();
         status.last_received_lsn = prev.last_received_lsn.clone();
+        status.recover_request = prev.recover_request.clone();
+    }
+    if let Some(request) = i.recovered {
+        status.recover_request = Some(request.to_string());
     }
     if let Observed::Task {
         progress, snapshot, ..
@@ -216,6 +222,7 @@ mod tests {
             previous: prev,
             now,
             refused: None,
+            recovered: None,
         }
     }
 

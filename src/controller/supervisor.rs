@@ -228,6 +228,14 @@ impl Supervisor {
         None
     }
 
+    /// The reason the task of `key` ended with, if it ended.
+    pub async fn ended(&self, key: &str) -> Option<String> {
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(key)?;
+        reap(task).await;
+        task.ended.as_ref().map(|(reason, _, _)| reason.clone())
+    }
+
     pub async fn running(&self) -> Vec<String> {
         self.tasks.lock().await.keys().cloned().collect()
     }

@@ -22,6 +22,25 @@ pub struct Recovered {
     pub dropped_old_slot: bool,
 }
 
+impl Recovered {
+    /// What was done, for the command's output and the operator's Event.
+    pub fn describe(&self, pipeline: &str) -> String {
+        format!(
+            "recovered {pipeline}: changes between {} and {} may be missing ({}); recorded in cdc_gaps; \
+             the pipeline continues from {} on a new slot{}",
+            lsn::format(self.gap.from_lsn),
+            lsn::format(self.gap.to_lsn),
+            self.gap.reason,
+            lsn::format(self.gap.to_lsn),
+            if self.dropped_old_slot {
+                " (the unusable slot was dropped)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
 /// Acknowledges the gap a start refused to stream over (`SlotLost`, `SourceChanged`): drops
 /// the unusable slot (never one in use), creates a new one, records the gap in `cdc_gaps`,
 /// and restarts the checkpoint where the new slot begins. Refused when there is no gap: a
