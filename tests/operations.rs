@@ -595,3 +595,51 @@ async fn a_write_the_buffer_refuses_for_good_stops_with_a_reason() {
     }
     assert!(!out.contains("retrying"), "{out}");
 }
+
+/// A value the buffer refuses (here a trigger raising a data exception; a limit of the server
+/// would do the same) stops the pipeline with the reason, with the changes before the batch
+/// checkpointed, instead of retrying the same batch forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_buffer_refuses_stops_with_a_reason() {
+    let (src, buf, source) =
+        databases_with("refusedvalue", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let file = manifest_file(&manifest("refusedvalue", &src, &buf, &["t"], ""));
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 20)")
+        .await
+        .unwrap();
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "CREATE FUNCTION philotes_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.after->>'id' = '25' THEN
+                 RAISE EXCEPTION 'id 25 is not welcome' USING ERRCODE = '22023';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_events
+               FOR EACH ROW EXECUTE FUNCTION philotes_refuse();",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(21, 30)")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retrying");
+    for phrase in ["BufferNotReady", "id 25 is not welcome", "cannot be stored"] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert!(!out.contains("retrying"), "{out}");
+    // The 20 changes before it stay checkpointed; nothing of the refused batch is in.
+    assert_eq!(
+        events(&buffer, "philotes", "test/refusedvalue").await.len(),
+        20
+    );
+}
