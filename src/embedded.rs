@@ -34,6 +34,8 @@ pub struct ClusterOptions {
     pub files: Vec<(String, Vec<u8>, u32)>,
     /// `wal_level`; default `logical`.
     pub wal_level: Option<String>,
+    /// The directory holding `initdb`, `pg_ctl` and `postgres`; default [`find_bindir`].
+    pub bindir: Option<PathBuf>,
 }
 
 /// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -118,7 +120,10 @@ fn random_password() -> String {
 impl Cluster {
     /// Initialises and starts a server listening on 127.0.0.1 with a fresh port.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
-        let bindir = find_bindir()?;
+        let bindir = match &opts.bindir {
+            Some(d) => d.clone(),
+            None => find_bindir()?,
+        };
         let as_postgres = is_root();
         let dir = tempfile::Builder::new().prefix("philotes-pg-").tempdir()?;
         let mut cluster = Cluster {

@@ -741,3 +741,88 @@ async fn an_edited_migration_is_refused() {
     .await;
     assert_eq!(checksum, [vec![0u8]]);
 }
+
+/// The version matrix runs what it says: with PHILOTES_PG_VERSION set, the server the tests
+/// start is that major version (not whatever else is installed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_is_the_version_asked_for() {
+    let uri = fresh_db(shared(), "version").await;
+    let db = connect(&uri).await;
+    let num: String = db
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let major = num.parse::<u32>().unwrap() / 10_000;
+    eprintln!("PostgreSQL server version {num}");
+    if let Ok(asked) = std::env::var("PHILOTES_PG_VERSION") {
+        assert_eq!(major.to_string(), asked, "server_version_num {num}");
+    }
+    assert!((14..=18).contains(&major), "unsupported {num}");
+}
+
+/// A partitioned table is captured under its own name from every partition, present and
+/// future: the pipeline's own publication is adopted again after a restart, a partition
+/// attached mid-stream is captured, a row moved between partitions by an UPDATE of the
+/// partition key replays right, and a detached partition is no longer captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_is_captured_under_its_own_name() {
+    let (src, buf, source) = databases_with(
+        "parted",
+        "CREATE TABLE m (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+         CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (100);
+         CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (100) TO (200);",
+    )
+    .await;
+    let cfg = config(&manifest("parted", &src, &buf, &["m"], FAST));
+    catch_up(&cfg).await;
+    source
+        .batch_execute("INSERT INTO m SELECT i, i % 200, 'first' FROM generate_series(1, 40) i")
+        .await
+        .unwrap();
+    // A second start adopts the publication it created (its partitions are not its tables).
+    catch_up(&cfg).await;
+    let running = start(cfg.clone(), RunOptions::default());
+    source
+        .batch_execute(
+            "CREATE TABLE m3 (id int NOT NULL, k int NOT NULL, v text);
+             ALTER TABLE m ATTACH PARTITION m3 FOR VALUES FROM (200) TO (300);
+             INSERT INTO m SELECT i, 200 + i, 'attached' FROM generate_series(41, 60) i;
+             UPDATE m SET k = 150, v = 'moved' WHERE id IN (1, 2, 3);
+             UPDATE m SET k = 250, v = 'moved again' WHERE id = 1;
+             DELETE FROM m WHERE id = 41;",
+        )
+        .await
+        .unwrap();
+    let target = wal_lsn(&source).await;
+    let mut running = running;
+    running.checkpointed(target).await;
+    running.stop().await.unwrap();
+    let buffer = connect(&buf).await;
+    let all = events(&buffer, "philotes", "test/parted").await;
+    assert!(
+        all.iter().all(|e| e.schema == "public" && e.table == "m"),
+        "{:?}",
+        all.iter().map(|e| &e.table).collect::<Vec<_>>()
+    );
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
+
+    // Detached, m1 is its own table again: its changes are not the pipeline's.
+    source
+        .batch_execute(
+            "ALTER TABLE m DETACH PARTITION m1;
+             INSERT INTO m1 VALUES (900, 9, 'detached');
+             INSERT INTO m VALUES (901, 120, 'still captured');",
+        )
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+    let after: Vec<i64> = events(&buffer, "philotes", "test/parted")
+        .await
+        .iter()
+        .filter_map(|e| e.after.as_ref()?["id"].as_i64())
+        .filter(|id| *id >= 900)
+        .collect();
+    assert_eq!(after, [901]);
+}

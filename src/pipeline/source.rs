@@ -134,7 +134,7 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
     };
     let existing = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[name],
         )
         .await
@@ -149,7 +149,10 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             .join(", ");
         let created = client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {list}; COMMENT ON PUBLICATION {} IS {}",
+                // Via the root: a partitioned table's changes arrive under its own name, from
+                // every partition, present and future.
+                "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true); \
+                 COMMENT ON PUBLICATION {} IS {}",
                 quote_ident(name),
                 quote_ident(name),
                 quote_literal(&format!("created by philotes for {}", cfg.id))
@@ -179,14 +182,25 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             quote_ident(name)
         )));
     }
-    let published: BTreeSet<String> = client
+    // The tables the publication names, not pg_publication_tables: that one lists the
+    // partitions of a partitioned table unless it publishes via the root.
+    let rows = client
         .query(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_publication_rel pr \
+             JOIN pg_publication p ON p.oid = pr.prpubid \
+             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.pubname = $1",
             &[name],
         )
         .await
-        .map_err(err)?
+        .map_err(err)?;
+    let published: BTreeSet<String> = rows
         .iter()
+        .map(|r| format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)))
+        .collect();
+    let partitioned: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, &str>(2) == "p")
         .map(|r| format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)))
         .collect();
     if all_tables || published != wanted {
@@ -200,6 +214,17 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
              make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
             cfg.source,
             wanted.iter().cloned().collect::<Vec<_>>().join(", "),
+            quote_ident(name)
+        )));
+    }
+    let via_root: bool = row.get(5);
+    if !via_root && !partitioned.is_empty() {
+        return Err(Error::SourceSetup(format!(
+            "publication {name} on the source database {} publishes the partitioned table(s) {} through their partitions, \
+             so their changes would arrive under each partition's name; run ALTER PUBLICATION {} SET (publish_via_partition_root = true) \
+             or choose another spec.source.publication",
+            cfg.source,
+            partitioned.join(", "),
             quote_ident(name)
         )));
     }

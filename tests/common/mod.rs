@@ -21,10 +21,35 @@ use tokio_postgres::Client;
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 
+static BINDIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// The server binaries the tests run: with `PHILOTES_PG_VERSION` set (14-18), that major
+/// version, fetched and cached by `scripts/pg-server.sh`; else the default search of
+/// [`philotes::embedded::find_bindir`] (`PHILOTES_PG_BINDIR`, `pg_config`, `PATH`, Debian's).
+pub fn pg_bindir() -> Option<PathBuf> {
+    BINDIR
+        .get_or_init(|| {
+            let version = std::env::var("PHILOTES_PG_VERSION").ok()?;
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-server.sh");
+            let out = Command::new("bash")
+                .arg(script)
+                .arg(&version)
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("run {script} {version}: {e}"));
+            assert!(
+                out.status.success(),
+                "{script} {version} failed: PostgreSQL {version} binaries are not available"
+            );
+            Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
+        .clone()
+}
+
 /// The test binary's shared server, started on first use and stopped after the process exits.
 pub fn shared() -> &'static Cluster {
     SHARED.get_or_init(|| {
-        let c = Cluster::start(ClusterOptions::default()).expect("start the shared PostgreSQL");
+        let c = own_cluster(ClusterOptions::default());
         c.stop_when_process_exits()
             .expect("watch the shared PostgreSQL");
         c
@@ -32,7 +57,10 @@ pub fn shared() -> &'static Cluster {
 }
 
 /// A server of the test's own (for tests that stop or reconfigure it).
-pub fn own_cluster(opts: ClusterOptions) -> Cluster {
+pub fn own_cluster(mut opts: ClusterOptions) -> Cluster {
+    if opts.bindir.is_none() {
+        opts.bindir = pg_bindir();
+    }
     Cluster::start(opts).expect("start a PostgreSQL server for this test")
 }
 
