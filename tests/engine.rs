@@ -826,3 +826,33 @@ async fn a_partitioned_table_is_captured_under_its_own_name() {
         .collect();
     assert_eq!(after, [901]);
 }
+
+/// A buffer schema whose name needs quoting (a space, capitals, a backslash) is created,
+/// migrated and written like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_schema_name_that_needs_quoting_works() {
+    let (src, buf, source) = databases_with("quoted", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let manifest = manifest("quoted", &src, &buf, &["t"], FAST).replace(
+        "{name: buf}\n",
+        "{name: buf}\n    schema: 'Change Log\\v2'\n",
+    );
+    let cfg = config(&manifest);
+    assert_eq!(cfg.buffer_schema, "Change Log\\v2");
+    catch_up(&cfg).await;
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 5)")
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+    let buffer = connect(&buf).await;
+    assert_eq!(
+        events(&buffer, "Change Log\\v2", "test/quoted").await.len(),
+        5
+    );
+    let versions: Vec<i64> = column(
+        &buffer,
+        r#"SELECT version FROM "Change Log\v2"._sqlx_migrations ORDER BY version"#,
+    )
+    .await;
+    assert_eq!(versions, [1, 2, 3]);
+}

@@ -123,6 +123,7 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
         "{out}"
     );
     assert!(out.to_lowercase().contains("certificate"), "{out}");
+    assert!(out.contains("TlsError"), "retrying cannot heal it: {out}");
     assert!(!out.contains(c.password()), "{out}");
 
     // verify-ca checks the chain only: the same server is accepted.
@@ -144,4 +145,6 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+    assert_eq!(err.reason(), "TlsError", "{err}");
+    assert!(!err.is_transient());
 }

@@ -108,12 +108,18 @@ impl Buffer {
         let client = cfg.buffer.connect("buffer").await?;
         let schema = quote_ident(&cfg.buffer_schema);
         let setup_err = |e: tokio_postgres::Error| {
-            Error::BufferSetup(format!(
+            let message = format!(
                 "cannot prepare schema {} in the buffer database {}: {}",
                 cfg.buffer_schema,
                 cfg.buffer,
                 describe_pg_error(&e)
-            ))
+            );
+            // The connection lost or the server shutting down heals by retrying.
+            if e.is_closed() || matches!(e.code().map(|c| c.code()), Some("57P01" | "57P03")) {
+                Error::Buffer(message)
+            } else {
+                Error::BufferSetup(message)
+            }
         };
         super::migrate::migrate(&client, cfg).await?;
         // A checkpoint is confirmed to the source once its transaction commits, so the commit

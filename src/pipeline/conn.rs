@@ -208,6 +208,13 @@ impl ConnInfo {
     fn connect_error(&self, target: &'static str, e: &tokio_postgres::Error) -> Error {
         let message = describe_pg_error(e);
         let endpoint = self.to_string();
+        if refused_by_tls(e) {
+            return Error::Tls {
+                target,
+                endpoint,
+                message,
+            };
+        }
         match e.code().map(|c| c.code()) {
             // invalid_password, invalid_authorization_specification
             Some("28P01") | Some("28000") => Error::Auth {
@@ -343,6 +350,27 @@ where
 }
 
 /// The driver's error with the server's message and detail, if any.
+/// Whether a connection failed on a TLS check (a rustls error anywhere in its causes, also
+/// inside an I/O error), not on the network.
+fn refused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.downcast_ref::<rustls::Error>().is_some() {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
 pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {

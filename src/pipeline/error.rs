@@ -21,6 +21,15 @@ pub enum Error {
         endpoint: String,
         message: String,
     },
+    /// The TLS handshake failed for a reason retrying cannot heal: a certificate the
+    /// sslmode's checks refuse (unknown issuer, another name, expired), or no TLS where
+    /// `require` asks for it.
+    #[error("cannot connect to the {target} database at {endpoint} over TLS: {message}; check sslmode and sslrootcert in the connection URI and the server's certificate")]
+    Tls {
+        target: &'static str,
+        endpoint: String,
+        message: String,
+    },
     /// The server refused the credentials.
     #[error("the {target} database at {endpoint} refused the login: {message}; check the user and password in the connection secret")]
     Auth {
@@ -75,6 +84,7 @@ impl Error {
             Error::Secret(_) => "SecretError",
             Error::Unreachable { .. } => "Unreachable",
             Error::Auth { .. } => "AuthenticationFailed",
+            Error::Tls { .. } => "TlsError",
             Error::SourceSetup(_) => "SourceNotReady",
             Error::BufferSetup(_) => "BufferNotReady",
             Error::SlotInUse(_) => "SlotInUse",

@@ -87,9 +87,12 @@ pub async fn migrate(client: &Client, cfg: &PipelineConfig) -> Result<()> {
         return Err(foreign(cfg, found.objects));
     }
     // Held by this session until released below, or until the session ends (a failed or
-    // cancelled start drops the connection).
+    // cancelled start drops the connection). Waiting for it is bounded: another process
+    // that holds it for a minute is stuck, and this start is retried later.
     client
-        .batch_execute(MIGRATION_LOCK)
+        .batch_execute(&format!(
+            "SET lock_timeout = '60s'; {MIGRATION_LOCK}; RESET lock_timeout"
+        ))
         .await
         .map_err(|e| pg_fail(cfg, "lock", &e))?;
     let result = locked(client, cfg).await;
@@ -266,7 +269,8 @@ fn classify(
         "cannot {what} schema {} in the buffer database {}: {message}",
         cfg.buffer_schema, cfg.buffer
     );
-    if connection_lost || matches!(code, Some("25006") | Some("57P01") | Some("57P03")) {
+    // 55P03: the migration lock was held by another process for longer than lock_timeout.
+    if connection_lost || matches!(code, Some("25006" | "57P01" | "57P03" | "55P03")) {
         return Error::Buffer(text);
     }
     let hint = if code == Some("42501") {
@@ -289,7 +293,13 @@ fn sqlx_fail(cfg: &PipelineConfig, what: &str, e: &sqlx::Error) -> Error {
             };
             classify(cfg, what, &message, db.code().as_deref(), false)
         }
-        // The network, TLS, a dropped connection: retried.
+        sqlx::Error::Tls(e) => Error::Tls {
+            target: "buffer",
+            endpoint: cfg.buffer.to_string(),
+            message: e.to_string(),
+        },
+        sqlx::Error::Configuration(e) => classify(cfg, what, &e.to_string(), None, false),
+        // The network, a dropped connection, the server going away: retried.
         other => classify(cfg, what, &other.to_string(), None, true),
     }
 }
@@ -340,16 +350,29 @@ fn sqlx_options(info: &ConnInfo, schema: &str) -> PgConnectOptions {
         .application_name(&format!("{}-migrate", info.application_name))
         // Its statements would be logged at INFO with their text; ours say what they do.
         .disable_statement_logging()
-        .options([("search_path", schema)]);
+        // Startup options are split at spaces unless escaped with a backslash (the server's
+        // pg_split_opts), and a schema name may hold spaces.
+        .options([("search_path", escape_option(schema))]);
     if let Some(root) = &info.sslrootcert {
         options = options.ssl_root_cert(root);
     }
     options
 }
 
+/// A value for the startup `options` parameter: backslashes and spaces escaped.
+fn escape_option(value: &str) -> String {
+    value.replace('\\', "\\\\").replace(' ', "\\ ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_option_values_keep_spaces_and_backslashes() {
+        assert_eq!(escape_option(r#""my schema""#), r#""my\ schema""#);
+        assert_eq!(escape_option(r#""a\b""#), r#""a\\b""#);
+    }
 
     /// The embedded migrations are the files in migrations/, in order, one per version.
     #[test]

@@ -940,6 +940,12 @@ fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
             _ if m.contains("is active for PID") => in_use(m),
             _ => Error::Stream(text),
         },
+        // A certificate the sslmode refuses stays refused.
+        PgWireError::Tls(m) if m.to_lowercase().contains("certificate") => Error::Tls {
+            target: "source",
+            endpoint: cfg.source.to_string(),
+            message: m,
+        },
         PgWireError::Io(_) | PgWireError::Tls(_) => Error::Unreachable {
             target: "source",
             endpoint: cfg.source.to_string(),
