@@ -216,6 +216,11 @@ pub struct CdcPipelineStatus {
     /// When the checkpoint last advanced (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_time: Option<String>,
+    /// What the pipeline's checkpoint belongs to, recorded once it has one: a spec or Secret
+    /// that points elsewhere is refused (condition `SpecAccepted`), also while the pipeline
+    /// does not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_of: Option<CheckpointOf>,
     /// The value of the `philotes.io/recover` annotation last acted on, so one request is
     /// carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,6 +228,22 @@ pub struct CdcPipelineStatus {
     /// Latest observations of the pipeline's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The source, buffer and names a checkpoint belongs to (no credentials).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointOf {
+    /// The source as `host:port/database`.
+    pub source: String,
+    /// The buffer as `host:port/database`.
+    pub buffer: String,
+    /// `spec.buffer.schema`.
+    pub buffer_schema: String,
+    /// The replication slot.
+    pub slot: String,
+    /// The publication.
+    pub publication: String,
 }
 
 /// One observation of the pipeline's state, in the shape of `metav1.Condition`.

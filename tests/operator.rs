@@ -313,12 +313,48 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
         .await
         .unwrap();
 
-    // Resume: what was written while suspended arrives.
+    // Resumed with another buffer schema: refused though nothing runs (the status recorded
+    // what the checkpoint belongs to), and nothing is started there.
     pipelines
         .patch(
             "orders",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"suspend": false}})),
+            &Patch::Merge(json!({"spec": {"suspend": false, "buffer": {"schema": "elsewhere"}}})),
+        )
+        .await
+        .unwrap();
+    let s = wait_status(&pipelines, "orders", "the schema change refused", |s| {
+        ready(s) == ("False".into(), "IdentityChangeRefused".into())
+    })
+    .await;
+    assert!(
+        s.conditions[0]
+            .message
+            .contains("changing spec.buffer.schema from philotes to elsewhere"),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.checkpoint_of.as_ref().map(|c| c.buffer_schema.as_str()),
+        Some("philotes")
+    );
+    let elsewhere: i64 = connect(&buf)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'elsewhere'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(elsewhere, 0, "nothing created in the other schema");
+    assert_eq!(slot_pid(&db, slot).await, Some(None), "not streaming");
+
+    // Reverted: what was written while suspended arrives.
+    pipelines
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"buffer": {"schema": null}}})),
         )
         .await
         .unwrap();
@@ -337,9 +373,10 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
         )
         .await
         .unwrap();
-    // Generations: 1 created, 2-3 the refused slot and its revert, 4-5 suspend and resume.
+    // Generations: 1 created, 2-3 the refused slot and its revert, 4 suspend, 5 resume with
+    // the refused schema, 6 its revert.
     wait_status(&pipelines, "orders", "the new generation observed", |s| {
-        s.observed_generation == Some(6) && s.phase.as_deref() == Some("Running")
+        s.observed_generation == Some(7) && s.phase.as_deref() == Some("Running")
     })
     .await;
     eventually(

@@ -260,7 +260,8 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     )
                     .await;
                 }
-                refused = ctx.supervisor.refuses(&key, &cfg).await;
+                let recorded = p.status.as_ref().and_then(|s| s.checkpoint_of.as_ref());
+                refused = ctx.supervisor.refuses(&key, &cfg, recorded).await;
                 let outcome = match &refused {
                     Some(_) => supervisor::Started::AlreadyRunning,
                     None => {
@@ -278,15 +279,18 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     }
                     supervisor::Started::AlreadyRunning => {}
                 }
-                let observed = ctx
-                    .supervisor
-                    .observe(&key)
-                    .await
-                    .unwrap_or(Observed::Task {
+                let observed = match (ctx.supervisor.observe(&key).await, &refused) {
+                    (Some(observed), _) => observed,
+                    // Nothing runs, and the spec may not: say why.
+                    (None, Some(why)) => {
+                        Observed::Invalid("IdentityChangeRefused".into(), why.clone())
+                    }
+                    (None, None) => Observed::Task {
                         progress: pipeline::Progress::default(),
                         snapshot: None,
                         ended: None,
-                    });
+                    },
+                };
                 (observed, Some(cfg))
             }
         }
@@ -382,6 +386,14 @@ async fn finish(
             previous.and_then(|s| s.publication_name.as_deref()),
         ),
     };
+    // Once the task has a checkpoint, what it belongs to is recorded (and kept), so a
+    // change is refused even while the pipeline does not run.
+    let checkpoint_of = match (&observed, &cfg, refused) {
+        (Observed::Task { progress, .. }, Some(c), None) if progress.checkpoint_lsn > 0 => {
+            Some(supervisor::checkpoint_of(c))
+        }
+        _ => None,
+    };
     let status = status::compute(&Inputs {
         generation: p.meta().generation,
         slot,
@@ -391,6 +403,7 @@ async fn finish(
         now: &now,
         refused,
         recovered,
+        checkpoint_of,
     });
     record_metrics(ctx, key, &status);
     publish_status(ctx, p, previous, status).await?;

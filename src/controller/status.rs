@@ -1,7 +1,7 @@
 //! From what the supervisor observes to the resource's status: phase, the `Ready` condition
 //! and the numbers. Pure functions, so every mapping has a unit test.
 
-use crate::crd::{CdcPipelineStatus, Condition};
+use crate::crd::{CdcPipelineStatus, CheckpointOf, Condition};
 use crate::pipeline::status::{Health, Snapshot};
 use crate::pipeline::{lsn, Progress, State};
 
@@ -32,6 +32,8 @@ pub struct Inputs<'a> {
     pub refused: Option<&'a str>,
     /// A `philotes.io/recover` request acted on in this reconcile.
     pub recovered: Option<&'a str>,
+    /// What the running task's checkpoint belongs to, once it has one.
+    pub checkpoint_of: Option<CheckpointOf>,
 }
 
 /// The status to write. Transition times are kept when a condition did not change.
@@ -110,6 +112,10 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         status.confirmed_flush_lsn = prev.confirmed_flush_lsn.clone();
         status.last_received_lsn = prev.last_received_lsn.clone();
         status.recover_request = prev.recover_request.clone();
+        status.checkpoint_of = prev.checkpoint_of.clone();
+    }
+    if let Some(of) = &i.checkpoint_of {
+        status.checkpoint_of = Some(of.clone());
     }
     if let Some(request) = i.recovered {
         status.recover_request = Some(request.to_string());
@@ -223,6 +229,7 @@ mod tests {
             now,
             refused: None,
             recovered: None,
+            checkpoint_of: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
+use crate::crd::CheckpointOf;
 use crate::metrics::Metrics;
 use crate::pipeline::status::{self, Snapshot};
 use crate::pipeline::{self, Outcome, PipelineConfig, Progress, RunOptions};
@@ -153,21 +154,34 @@ impl Supervisor {
         })
     }
 
-    /// Why `cfg` may not replace what the task of `key` runs: a running pipeline that has a
-    /// checkpoint keeps its slot, publication, source and buffer (the checkpoint belongs to
-    /// them), so a spec or Secret that changes them is refused and the task keeps running.
-    pub async fn refuses(&self, key: &str, cfg: &PipelineConfig) -> Option<String> {
-        let mut tasks = self.tasks.lock().await;
-        let task = tasks.get_mut(key)?;
-        reap(task).await;
-        if task.ended.is_some() || task.progress.borrow().checkpoint_lsn == 0 {
-            return None;
-        }
-        let changes = identity_changes(&task.cfg, cfg);
+    /// Why `cfg` may not replace what the pipeline's checkpoint belongs to: a checkpoint
+    /// belongs to one slot, publication, source and buffer, so a spec or Secret that changes
+    /// them is refused. Compared with what a running task that has a checkpoint runs, else
+    /// with what the status recorded (`recorded`: the pipeline is suspended, failed, or the
+    /// operator restarted). A running task keeps running.
+    pub async fn refuses(
+        &self,
+        key: &str,
+        cfg: &PipelineConfig,
+        recorded: Option<&CheckpointOf>,
+    ) -> Option<String> {
+        let running = {
+            let mut tasks = self.tasks.lock().await;
+            match tasks.get_mut(key) {
+                Some(task) => {
+                    reap(task).await;
+                    (task.ended.is_none() && task.progress.borrow().checkpoint_lsn > 0)
+                        .then(|| checkpoint_of(&task.cfg))
+                }
+                None => None,
+            }
+        };
+        let old = running.or_else(|| recorded.cloned())?;
+        let changes = identity_changes(&old, &checkpoint_of(cfg));
         (!changes.is_empty()).then(|| {
             format!(
                 "CdcPipeline {key}: the pipeline has a checkpoint, and a checkpoint belongs to one slot, publication, source and buffer: \
-                 {} refused; it keeps running as before. Revert the change, or move the pipeline (README: Moving a pipeline)",
+                 {} refused; the pipeline goes on as before. Revert the change, or move the pipeline (README: Moving a pipeline)",
                 changes.join(", ")
             )
         })
@@ -281,35 +295,42 @@ async fn stop_task(mut task: Task) {
     task.status_task.abort();
 }
 
+/// What a checkpoint of a pipeline running `cfg` belongs to.
+pub fn checkpoint_of(cfg: &PipelineConfig) -> CheckpointOf {
+    CheckpointOf {
+        source: cfg.source.to_string(),
+        buffer: cfg.buffer.to_string(),
+        buffer_schema: cfg.buffer_schema.clone(),
+        slot: cfg.slot.clone(),
+        publication: cfg.publication.clone(),
+    }
+}
+
 /// The fields of `new` that change what a checkpoint of `old` belongs to, described.
-pub fn identity_changes(old: &PipelineConfig, new: &PipelineConfig) -> Vec<String> {
+pub fn identity_changes(old: &CheckpointOf, new: &CheckpointOf) -> Vec<String> {
     let mut changes = Vec::new();
-    let mut check = |field: &str, a: String, b: String| {
+    let mut check = |field: &str, a: &str, b: &str| {
         if a != b {
             changes.push(format!("changing {field} from {a} to {b}"));
         }
     };
-    check("spec.source.slot", old.slot.clone(), new.slot.clone());
+    check("spec.source.slot", &old.slot, &new.slot);
     check(
         "spec.source.publication",
-        old.publication.clone(),
-        new.publication.clone(),
+        &old.publication,
+        &new.publication,
     );
     check(
         "the source server (spec.source.connectionSecretRef)",
-        old.source.to_string(),
-        new.source.to_string(),
+        &old.source,
+        &new.source,
     );
     check(
         "the buffer server (spec.buffer.connectionSecretRef)",
-        old.buffer.to_string(),
-        new.buffer.to_string(),
+        &old.buffer,
+        &new.buffer,
     );
-    check(
-        "spec.buffer.schema",
-        old.buffer_schema.clone(),
-        new.buffer_schema.clone(),
-    );
+    check("spec.buffer.schema", &old.buffer_schema, &new.buffer_schema);
     changes
 }
 
@@ -320,13 +341,14 @@ mod tests {
     #[test]
     fn identity_changes_name_each_field() {
         let old = PipelineConfig::example();
-        assert!(identity_changes(&old, &old).is_empty());
+        let of = checkpoint_of(&old);
+        assert!(identity_changes(&of, &of).is_empty());
         let mut new = old.clone();
         new.slot = "other".into();
         new.buffer_schema = "events".into();
         new.batch_size = 99;
         assert_eq!(
-            identity_changes(&old, &new),
+            identity_changes(&of, &checkpoint_of(&new)),
             [
                 "changing spec.source.slot from slot to other",
                 "changing spec.buffer.schema from philotes to events"
