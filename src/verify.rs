@@ -53,6 +53,12 @@ pub struct Report {
     /// The pipeline's checkpoint is behind the source's WAL position: the comparison may show
     /// differences that are only not yet captured.
     pub behind: Option<(String, String)>,
+    /// Gaps acknowledged with `philotes recover` (`cdc_gaps`): `(from, to, reason)`. Changes
+    /// committed in them are not in the buffer, so the comparison shows them as missing or
+    /// different.
+    pub gaps: Vec<(String, String, String)>,
+    /// Changes set aside in `cdc_dead_letters` (`poisonEvents: DeadLetter`), per table.
+    pub dead_letters: Vec<(String, i64)>,
 }
 
 impl Report {
@@ -73,6 +79,18 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "warning: the checkpoint ({ckpt}) is behind the source ({current}); run `philotes run --until-caught-up` first"
+            )?;
+        }
+        for (from, to, reason) in &self.gaps {
+            writeln!(
+                f,
+                "note: an acknowledged gap ({reason}): changes committed between {from} and {to} are not in the buffer (cdc_gaps)"
+            )?;
+        }
+        for (table, n) in &self.dead_letters {
+            writeln!(
+                f,
+                "note: {n} changes of {table} were set aside in cdc_dead_letters, not replayed"
             )?;
         }
         for t in &self.tables {
@@ -137,6 +155,31 @@ pub async fn verify(cfg: &PipelineConfig) -> Result<Report> {
     if lsn::parse(&ckpt).unwrap_or(0) < lsn::parse(&current).unwrap_or(0) {
         report.behind = Some((ckpt, current));
     }
+    report.gaps = buffer
+        .query(
+            &format!(
+                "SELECT from_lsn::text, to_lsn::text, reason FROM {schema}.cdc_gaps WHERE pipeline = $1 ORDER BY from_lsn"
+            ),
+            &[&cfg.id],
+        )
+        .await
+        .map_err(q)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    report.dead_letters = buffer
+        .query(
+            &format!(
+                "SELECT schema_name || '.' || table_name, count(*) FROM {schema}.cdc_dead_letters \
+                 WHERE pipeline = $1 GROUP BY 1 ORDER BY 1"
+            ),
+            &[&cfg.id],
+        )
+        .await
+        .map_err(q)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     for table in &cfg.tables {
         report
             .tables

@@ -274,6 +274,13 @@ async fn a_lost_slot_is_reported_not_recreated() {
     .await;
     let want: Vec<i32> = (1..=10).chain(111..=120).collect();
     assert_eq!(ids, want, "before the gap, and after it, exactly once");
+    // verify names the acknowledged gap next to the rows it took (11..=110).
+    let (code, out) = run_cli(&["verify", "-f", file.path().to_str().expect("path")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("an acknowledged gap (SlotLost)") && out.contains("100 rows missing (lost)"),
+        "{out}"
+    );
 
     // Recreated behind the pipeline's back (dropped and created again, so it begins beyond
     // the checkpoint): also SlotLost, with the range.
