@@ -856,3 +856,50 @@ async fn a_buffer_schema_name_that_needs_quoting_works() {
     .await;
     assert_eq!(versions, [1, 2, 3]);
 }
+
+/// A buffer configured with synchronous_commit = off does not make Philotes confirm what a
+/// crash of the buffer server could still lose: its writes commit with synchronous_commit on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_commits_synchronously_whatever_the_buffer_says() {
+    let (src, buf, source) =
+        databases_with("synccommit", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let buffer = connect(&buf).await;
+    // Every checkpoint write records the setting of the session that makes it.
+    buffer
+        .batch_execute(
+            "ALTER DATABASE synccommit_buf SET synchronous_commit = off;
+             CREATE TABLE public.seen (setting text);
+             CREATE FUNCTION public.record_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO public.seen VALUES (current_setting('synchronous_commit'));
+               RETURN NEW;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let cfg = config(&manifest("synccommit", &src, &buf, &["t"], FAST));
+    catch_up(&cfg).await;
+    buffer
+        .batch_execute(
+            "CREATE TRIGGER seen AFTER INSERT OR UPDATE ON philotes.cdc_checkpoints
+               FOR EACH ROW EXECUTE FUNCTION public.record_setting()",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    catch_up(&cfg).await;
+    // A new session of the buffer database gets the database's setting...
+    let other = connect(&buf).await;
+    let default: String = other
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(default, "off");
+    // ...but every checkpoint was written with it on.
+    let seen: Vec<String> = column(&buffer, "SELECT DISTINCT setting FROM public.seen").await;
+    assert_eq!(seen, ["on"]);
+}

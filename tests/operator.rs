@@ -309,6 +309,25 @@ async fn lifecycle_provision_ready_count_suspend_restart_delete() {
         async move { matches!(slot_pid(db, slot).await, Some(None)).then_some(()) }
     })
     .await;
+    // The stop confirmed exactly what the buffer checkpointed.
+    let confirmed: String = db
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let checkpoint: String = connect(&buf)
+        .await
+        .query_one(
+            "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'lifecycle/orders'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(confirmed, checkpoint, "suspend confirms the checkpoint");
     db.batch_execute("INSERT INTO orders SELECT i, 'y' FROM generate_series(11, 15) i")
         .await
         .unwrap();
@@ -707,6 +726,13 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
         "{message}"
     );
     assert_eq!(s.phase.as_deref(), Some("Failed"));
+    let metrics = op.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"philotes_pipeline_not_ready{pipeline="sameslot/second",reason="SlotConflict"} 1"#
+        ),
+        "{metrics}"
+    );
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
     eventually(
         "a SlotConflict event for the second pipeline",

@@ -428,6 +428,11 @@ pub fn run_cli(args: &[&str]) -> (i32, String) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let text = String::from_utf8_lossy(&std::fs::read(out.path()).unwrap_or_default()).into_owned();
+    // Output to a file, not a terminal: no colour codes in the logs.
+    assert!(
+        !text.contains("\u{1b}["),
+        "ANSI escape codes in the output of philotes {args:?}:\n{text}"
+    );
     (status.code().unwrap_or(-1), text)
 }
 
