@@ -706,7 +706,26 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
         .await
         .unwrap();
     wait_status(&pipelines, "first", "the first pipeline running", |s| {
-        s.phase.as_deref() == Some("Running")
+        s.phase.as_deref() == Some("Running") && s.checkpoint_of.is_some()
+    })
+    .await;
+    // Suspended, the first still owns the slot: its checkpoint belongs to it.
+    let suspend = |on: bool| {
+        let pipelines = pipelines.clone();
+        async move {
+            pipelines
+                .patch(
+                    "first",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"suspend": on}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    suspend(true).await;
+    wait_status(&pipelines, "first", "the first pipeline suspended", |s| {
+        s.phase.as_deref() == Some("Suspended")
     })
     .await;
     // Created a second later: the API server's creationTimestamp has one-second resolution.
@@ -722,10 +741,22 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
     .await;
     let message = &s.conditions[0].message;
     assert!(
-        message.contains("shared_slot") && message.contains("sameslot/first"),
+        message.contains("shared_slot")
+            && message.contains("sameslot/first")
+            && message.contains("running or not"),
         "{message}"
     );
     assert_eq!(s.phase.as_deref(), Some("Failed"));
+    suspend(false).await;
+    wait_status(
+        &pipelines,
+        "first",
+        "the first pipeline running again",
+        |s| s.phase.as_deref() == Some("Running"),
+    )
+    .await;
+    let s = pipelines.get("second").await.unwrap().status.unwrap();
+    assert_eq!(ready(&s), ("False".into(), "SlotConflict".into()));
     let metrics = op.metrics().await;
     assert!(
         metrics.contains(

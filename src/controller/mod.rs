@@ -20,7 +20,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -71,6 +71,8 @@ pub struct Context {
     pub supervisor: Arc<Supervisor>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Every `CdcPipeline` the controller watches, as last seen.
+    pub pipelines: Store<CdcPipeline>,
 }
 
 /// Options of `philotes controller`.
@@ -101,14 +103,15 @@ pub async fn run(
         controller: "philotes".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let controller = Controller::new(pipelines, watcher::Config::default());
+    let store = controller.store();
     let ctx = Arc::new(Context {
         client: client.clone(),
         supervisor: supervisor.clone(),
         metrics,
         recorder: Recorder::new(client, reporter),
+        pipelines: store.clone(),
     });
-    let controller = Controller::new(pipelines, watcher::Config::default());
-    let store = controller.store();
     ready.store(true, Ordering::Relaxed);
     controller
         // A changed secret re-reconciles the pipelines that reference it.
@@ -246,7 +249,12 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     .creation_timestamp
                     .as_ref()
                     .map_or(0, |t| t.0.as_second());
-                if let Some(taken) = ctx.supervisor.slot_taken(&key, &cfg, created).await {
+                let others = ctx.pipelines.state();
+                let recorded = slot_recorded_by(others.iter().map(|o| &**o), &key, &cfg, created);
+                if let Some(taken) = match recorded {
+                    Some(taken) => Some(taken),
+                    None => ctx.supervisor.slot_taken(&key, &cfg, created).await,
+                } {
                     ctx.supervisor.stop(&key).await;
                     let observed = Observed::Invalid("SlotConflict".into(), taken);
                     return finish(
@@ -306,6 +314,39 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         every,
     )
     .await
+}
+
+/// Another `CdcPipeline`, created before `key`, whose checkpoint belongs to the slot `cfg`
+/// names on the same source (its `status.checkpointOf`), whether it runs or not (suspended,
+/// failed): starting `cfg` would take the slot from under that checkpoint.
+fn slot_recorded_by<'a>(
+    others: impl Iterator<Item = &'a CdcPipeline>,
+    key: &str,
+    cfg: &PipelineConfig,
+    created: i64,
+) -> Option<String> {
+    let source = cfg.source.to_string();
+    others
+        .filter_map(|o| {
+            let other = self::key(o);
+            let of = o.status.as_ref()?.checkpoint_of.as_ref()?;
+            let when = o
+                .meta()
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second());
+            (other != key && of.source == source && of.slot == cfg.slot && (when, other.as_str()) < (created, key))
+                .then(|| (other.clone(), of.slot.clone()))
+        })
+        .map(|(other, slot)| {
+            format!(
+                "CdcPipeline {key} names slot {slot} on source {source}, which the checkpoint of CdcPipeline {other} (created first) \
+                 belongs to, running or not: two pipelines on one slot would each get only part of the changes. Give this one its own \
+                 spec.source.slot (or leave it unset for one derived from its namespace and name), or delete {other} \
+                 (slotDeletionPolicy: Retain keeps the slot for this one)"
+            )
+        })
+        .next()
 }
 
 fn previous_request(p: &CdcPipeline) -> Option<&str> {
@@ -531,6 +572,7 @@ mod mock_tests {
             supervisor: Supervisor::new(metrics.clone()),
             metrics,
             recorder: Recorder::new(client, "philotes-test".into()),
+            pipelines: kube::runtime::reflector::store().0,
         });
         (ctx, handle)
     }
