@@ -604,13 +604,15 @@ async fn a_write_the_buffer_refuses_for_good_stops_with_a_reason() {
 }
 
 /// A value the buffer refuses (here a trigger raising a data exception; a limit of the server
-/// would do the same) stops the pipeline with the reason, with the changes before the batch
-/// checkpointed, instead of retrying the same batch forever.
+/// would do the same) is found by writing one change per transaction from the checkpoint,
+/// everything before it lands, and then `poisonEvents` applies: `Fail` stops naming it,
+/// `DeadLetter` sets it aside and goes on. Never the same batch retried forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_value_the_buffer_refuses_stops_with_a_reason() {
+async fn a_value_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
     let (src, buf, source) =
         databases_with("refusedvalue", "CREATE TABLE t (id int PRIMARY KEY)").await;
-    let file = manifest_file(&manifest("refusedvalue", &src, &buf, &["t"], ""));
+    let text = manifest("refusedvalue", &src, &buf, &["t"], "");
+    let file = manifest_file(&text);
     assert_eq!(catch_up_cli(file.path()).0, 0);
     source
         .batch_execute("INSERT INTO t SELECT generate_series(1, 20)")
@@ -632,21 +634,62 @@ async fn a_value_the_buffer_refuses_stops_with_a_reason() {
         )
         .await
         .unwrap();
+    // One transaction: the refused row is in the middle of it.
     source
         .batch_execute("INSERT INTO t SELECT generate_series(21, 30)")
         .await
         .unwrap();
+    let ids = || async {
+        column::<i32>(
+            &buffer,
+            "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/refusedvalue' ORDER BY commit_lsn, seq",
+        )
+        .await
+    };
+
+    // Fail (the default): everything before it is written and confirmed, then it is named.
     let started = Instant::now();
     let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 1, "{out}");
-    assert!(started.elapsed() < Duration::from_secs(60), "no retrying");
-    for phrase in ["BufferNotReady", "id 25 is not welcome", "cannot be stored"] {
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    for phrase in [
+        "PoisonEvent",
+        "INSERT of public.t",
+        "the buffer refused it",
+        "id 25 is not welcome",
+        "Every change before it is in the buffer and confirmed",
+    ] {
         assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
     }
-    assert!(!out.contains("retrying"), "{out}");
-    // The 20 changes before it stay checkpointed; nothing of the refused batch is in.
-    assert_eq!(
-        events(&buffer, "philotes", "test/refusedvalue").await.len(),
-        20
+    assert_eq!(ids().await, (1..=24).collect::<Vec<_>>());
+    let (ckpt, confirmed) = checkpoint_and_confirmed(
+        &buffer,
+        &source,
+        "test/refusedvalue",
+        "philotes_test_refusedvalue",
+    )
+    .await;
+    assert_eq!(ckpt, confirmed, "what is written is confirmed");
+
+    // DeadLetter: set aside with the server's reason, the rest lands exactly once.
+    let dead = manifest_file(&text.replace("spec:\n", "spec:\n  poisonEvents: DeadLetter\n"));
+    let (code, out) = catch_up_cli(dead.path());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(ids().await, (1..=24).chain(26..=30).collect::<Vec<_>>());
+    let letters: Vec<String> = column(
+        &buffer,
+        "SELECT table_name || ' ' || operation || ': ' || reason FROM philotes.cdc_dead_letters WHERE pipeline = 'test/refusedvalue'",
+    )
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0].starts_with("t INSERT: the buffer refused it")
+            && letters[0].contains("id 25 is not welcome"),
+        "{letters:?}"
+    );
+    let (code, out) = run_cli(&["verify", "-f", dead.path().to_str().unwrap()]);
+    assert!(
+        out.contains("1 changes of public.t were set aside in cdc_dead_letters"),
+        "{code} {out}"
     );
 }

@@ -40,11 +40,9 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
             "the buffer schema's tables were dropped or altered by hand; restore them or use a new spec.buffer.schema"
         }
         // Data exceptions and program limits: the same batch would be refused again on every
-        // retry. Everything before the batch is checkpointed; nothing of it is confirmed.
+        // retry. The loop finds the change and applies poisonEvents to it.
         Some(code) if code.starts_with("22") || code.starts_with("54") => {
-            "a value in the batch being written cannot be stored (a trigger or constraint added to the buffer's tables, \
-             or a limit of the buffer server); the batch was rolled back and every change before it is checkpointed. \
-             Remove what refuses it and start again"
+            return Error::ValueRefused { message, at: None };
         }
         _ => return Error::Buffer(message),
     };

@@ -71,6 +71,15 @@ pub enum Error {
     /// `poisonEvents: Fail`.
     #[error("{0}")]
     PoisonEvent(String),
+    /// The buffer server refused a value of the batch being written (a data exception or a
+    /// limit, SQLSTATE 22xxx/54xxx). The loop then writes one change per transaction to
+    /// find it (`at`: its `(commit_lsn, seq)` once known) and applies `poisonEvents` to it;
+    /// this error stops a pipeline only when that cannot be done.
+    #[error("{message}")]
+    ValueRefused {
+        message: String,
+        at: Option<(u64, i32)>,
+    },
     /// The stream carried something the decoder does not understand.
     #[error("cannot decode the replication stream: {0}")]
     Decode(String),
@@ -96,6 +105,7 @@ impl Error {
             Error::SourceChanged(_) => "SourceChanged",
             Error::SlotConflict(_) => "SlotConflict",
             Error::PoisonEvent(_) => "PoisonEvent",
+            Error::ValueRefused { .. } => "BufferRefusedValue",
         }
     }
 

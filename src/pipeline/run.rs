@@ -39,7 +39,7 @@
 //! it: the buffer holds the durable state (its uncommitted transaction is rolled back when the
 //! writer dies with the task), and the next session starts from the checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -124,21 +124,42 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     progress: watch::Sender<Progress>,
 ) -> Result<Outcome> {
-    let mut buffer: Option<Buffer> = None;
-    let mut target: Option<u64> = None;
+    let mut carried = Carried {
+        buffer: None,
+        target: None,
+        started: false,
+    };
     let mut backoff = Backoff::new();
-    let mut started = false;
+    let mut isolation = Isolation::Off;
     loop {
         let result = session(
             &cfg,
             &opts,
-            &mut buffer,
-            &mut target,
+            &mut carried,
             &mut shutdown,
             &progress,
-            &mut started,
+            &isolation,
         )
         .await;
+        let result = match result {
+            Err(Error::ValueRefused { message, at }) => {
+                match isolate(&cfg, &isolation, message, at) {
+                    Ok(next) => {
+                        // The batch was rolled back and nothing of it confirmed: the next session
+                        // starts from the checkpoint before it.
+                        progress.send_modify(|p| {
+                            p.state = State::Retrying;
+                            p.last_error = Some(("BufferRefusedValue".into(), next.describe()));
+                        });
+                        tracing::warn!(pipeline = %cfg.id, "{}", next.describe());
+                        isolation = next;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
         match result {
             Ok(outcome) => {
                 progress.send_modify(|p| p.state = State::Stopped);
@@ -148,13 +169,15 @@ pub async fn run(
             // start: after a crash the old session lingers for a moment.
             Err(e)
                 if e.is_transient()
-                    && (started || opts.retry_setup || matches!(e, Error::SlotInUse(_))) =>
+                    && (carried.started
+                        || opts.retry_setup
+                        || matches!(e, Error::SlotInUse(_))) =>
             {
                 if matches!(e, Error::Buffer(_)) {
-                    buffer = None;
+                    carried.buffer = None;
                 }
-                if buffer.as_ref().is_some_and(|b| b.is_closed()) {
-                    buffer = None;
+                if carried.buffer.as_ref().is_some_and(|b| b.is_closed()) {
+                    carried.buffer = None;
                 }
                 let wait = backoff.next();
                 tracing::warn!(pipeline = %cfg.id, reason = e.reason(), error = %e, retry_in = ?wait, "pipeline interrupted; retrying");
@@ -185,6 +208,64 @@ pub async fn run(
     }
 }
 
+/// How the loop deals with a value the buffer server refused (SQLSTATE 22xxx/54xxx): the
+/// batch holding it was rolled back, so the changes before it are not written yet either.
+#[derive(Clone, Debug, PartialEq)]
+enum Isolation {
+    /// Batches as configured.
+    Off,
+    /// One change per buffer transaction, from the checkpoint on, until the refused one is
+    /// the only one rolled back: its position is then known.
+    Find { reason: String },
+    /// The change at `(commit_lsn, seq)` is refused: everything before it is written, then it
+    /// goes the way of `poisonEvents` (stop naming it, or set it aside), with the server's
+    /// `reason`.
+    At { at: (u64, i32), reason: String },
+}
+
+impl Isolation {
+    fn describe(&self) -> String {
+        match self {
+            Isolation::Off => String::new(),
+            Isolation::Find { reason } => format!(
+                "the buffer refused a value in a batch ({reason}); writing the changes after the checkpoint one at a time to find it"
+            ),
+            Isolation::At { at, reason } => format!(
+                "the buffer refuses the change at {} (seq {}): {reason}; everything before it is written first, then spec.poisonEvents applies",
+                super::lsn::format(at.0),
+                at.1
+            ),
+        }
+    }
+}
+
+/// The next isolation step after the buffer refused a value (`at`: the change, when the
+/// refused transaction held just one), or the error that stops the pipeline.
+fn isolate(
+    cfg: &PipelineConfig,
+    now: &Isolation,
+    reason: String,
+    at: Option<(u64, i32)>,
+) -> Result<Isolation> {
+    match (now, at) {
+        (Isolation::Find { .. }, Some(at)) => Ok(Isolation::At { at, reason }),
+        // The refused transaction held no change of a table (a table definition or a dead
+        // letter), or the change set aside was refused again: nothing left to isolate.
+        (Isolation::Find { .. }, None) => Err(Error::BufferSetup(format!(
+            "the buffer refused a write of pipeline {} that holds no change to set aside: {reason}; \
+             remove what refuses it (a trigger or constraint on the buffer's tables) and start again",
+            cfg.id
+        ))),
+        (Isolation::At { at: old, .. }, Some(at)) if *old == at => Err(Error::BufferSetup(format!(
+            "the buffer refused the change at {} of pipeline {} even set aside: {reason}",
+            super::lsn::format(at.0),
+            cfg.id
+        ))),
+        // A first refusal, or another change after the one already dealt with.
+        (Isolation::Off | Isolation::At { .. }, _) => Ok(Isolation::Find { reason }),
+    }
+}
+
 struct Backoff(Duration);
 
 impl Backoff {
@@ -206,16 +287,30 @@ struct OpenTx {
     seq: i32,
 }
 
+/// What one session hands the next.
+struct Carried {
+    /// The buffer connection (with the pipeline's writer lock), while it is usable.
+    buffer: Option<Buffer>,
+    /// `until_caught_up`'s target, fixed by the first session.
+    target: Option<u64>,
+    /// A session streamed: setup errors are retried from then on.
+    started: bool,
+}
+
 /// One connection's worth of streaming: provision, resume from the checkpoint, loop.
 async fn session(
     cfg: &PipelineConfig,
     opts: &RunOptions,
-    buffer_slot: &mut Option<Buffer>,
-    target: &mut Option<u64>,
+    carried: &mut Carried,
     shutdown: &mut watch::Receiver<bool>,
     progress: &watch::Sender<Progress>,
-    started: &mut bool,
+    isolation: &Isolation,
 ) -> Result<Outcome> {
+    let Carried {
+        buffer: buffer_slot,
+        target,
+        started,
+    } = carried;
     if buffer_slot.as_ref().is_none_or(|b| b.is_closed()) {
         *buffer_slot = Some(Buffer::open(cfg).await?);
     }
@@ -359,6 +454,8 @@ async fn session(
         writer: Writer::spawn(buffer),
         progress,
         heard: Instant::now(),
+        isolation: isolation.clone(),
+        in_flight: VecDeque::new(),
     };
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
@@ -366,6 +463,15 @@ async fn session(
     let (buffer, closed) = st.writer.close().await;
     *buffer_slot = buffer;
     match (result, closed) {
+        // Writing one change per transaction, the refused one is the oldest not committed.
+        (_, Err(Error::ValueRefused { message, at: None }))
+            if matches!(st.isolation, Isolation::Find { .. }) =>
+        {
+            Err(Error::ValueRefused {
+                message,
+                at: st.in_flight.front().copied().flatten(),
+            })
+        }
         // The loop only saw that the writer stopped; the writer knows why.
         (Err(Error::Buffer(_)), Err(e)) | (Ok(_), Err(e)) => Err(e),
         (result, _) => result,
@@ -393,6 +499,11 @@ struct Streamer<'a> {
     progress: &'a watch::Sender<Progress>,
     /// When the stream last delivered anything (a keepalive included).
     heard: Instant,
+    /// How a value the buffer refused is being dealt with.
+    isolation: Isolation,
+    /// Per commit request not yet reported committed, oldest first: the position of its one
+    /// change (kept while finding a refused value, one change per transaction).
+    in_flight: VecDeque<Option<(u64, i32)>>,
 }
 
 impl Streamer<'_> {
@@ -539,6 +650,20 @@ impl Streamer<'_> {
                     Decoded::Nothing => return Ok(()),
                     Decoded::Poison(poison) => return self.on_poison(poison, data, wal_start.0),
                 };
+                if let Isolation::At { at, reason } = &self.isolation {
+                    if self
+                        .tx
+                        .as_ref()
+                        .is_some_and(|t| (t.commit_lsn, t.seq) == *at)
+                    {
+                        let poison = Poison {
+                            relation: change.relation.clone(),
+                            operation: change.operation,
+                            reason: format!("the buffer refused it: {reason}"),
+                        };
+                        return self.on_poison(poison, data, wal_start.0);
+                    }
+                }
                 self.on_change(change, wal_start.0).await?;
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -576,8 +701,12 @@ impl Streamer<'_> {
                 permit.send(WriteOp::Rows(self.encoder.take()));
             }
         }
-        if self.pending.events >= self.cfg.batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES
-        {
+        // Finding a refused value: one change per transaction.
+        let batch_size = match self.isolation {
+            Isolation::Find { .. } => 1,
+            _ => self.cfg.batch_size,
+        };
+        if self.pending.events >= batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -701,6 +830,10 @@ impl Streamer<'_> {
             checkpoint: next,
             counts: std::mem::take(&mut pending.counts),
         };
+        let one_change = (pending.events == 1)
+            .then_some(pending.last_event)
+            .flatten();
+        self.in_flight.push_back(one_change);
         pending.events = 0;
         pending.image_bytes = 0;
         let (Some(rows), Some(end)) = (permits.next(), permits.next()) else {
@@ -723,6 +856,7 @@ impl Streamer<'_> {
         // the reliability tests crash in on purpose.
         failpoint("after-buffer-commit");
         debug_assert!(committed.checkpoint.lsn >= self.ckpt.lsn);
+        self.in_flight.pop_front();
         self.ckpt = committed.checkpoint;
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
         let ckpt = self.ckpt;
