@@ -367,6 +367,10 @@ async fn similar_pipeline_names_get_their_own_slots() {
         .await;
         assert_eq!(n[0], 200, "pipeline {id} captured every change");
     }
+    for cfg in [&one, &two] {
+        let report = philotes::verify::verify(cfg).await.expect("verify");
+        assert!(report.ok(), "{}: {report}", cfg.id);
+    }
 }
 
 /// The replication connection goes silent (a black-holing proxy or NAT: no data, no FIN, no
@@ -433,6 +437,8 @@ async fn a_silent_connection_is_noticed_and_reopened() {
     )
     .await;
     assert_eq!((ids[0], total[0]), (150, 150), "every row exactly once");
+    let report = philotes::verify::verify(&cfg).await.expect("verify");
+    assert!(report.ok(), "{report}");
 }
 
 /// A `SQL_ASCII` source holds text that is not UTF-8. It used to be retried forever, and not
