@@ -207,6 +207,12 @@ pub struct CdcPipelineStatus {
     /// `wal_status` of the slot (`reserved`, `extended`, `unreserved`, `lost`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_status: Option<String>,
+    /// Why the source invalidated the slot (`wal_removed`, `idle_timeout`, …; PostgreSQL 17+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidation_reason: Option<String>,
+    /// Since when no session streams from the slot (PostgreSQL 17+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive_since: Option<String>,
     /// Bytes of WAL that can still be written before the slot is in danger of being lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safe_wal_size_bytes: Option<i64>,

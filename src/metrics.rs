@@ -54,6 +54,14 @@ pub struct Metrics {
     pub not_ready: Family<ReasonLabels, Gauge>,
     /// The reason each not-Ready pipeline is reported under, to drop its series later.
     not_ready_reason: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// `safe_wal_size` of the pipeline's slot: WAL it can still take before
+    /// `max_slot_wal_keep_size` invalidates it.
+    pub slot_safe_wal_size_bytes: Family<PipelineLabels, Gauge>,
+    /// Seconds since no session streamed from the slot (PostgreSQL 17+); 0 while active.
+    pub slot_inactive_seconds: Family<PipelineLabels, Gauge>,
+    /// 1 for a slot the source invalidated, labelled with its `invalidation_reason`.
+    pub slot_invalidated: Family<ReasonLabels, Gauge>,
+    invalidated_reason: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Metrics {
@@ -103,8 +111,30 @@ impl Metrics {
             "1 while a pipeline is not Ready, labelled with the reason (SlotLost, SourceChanged, PoisonEvent, StreamTimeout, ...)",
             not_ready.clone(),
         );
+        let slot_safe_wal_size_bytes = Family::<PipelineLabels, Gauge>::default();
+        registry.register(
+            "slot_safe_wal_size_bytes",
+            "WAL the slot can still take before max_slot_wal_keep_size invalidates it (safe_wal_size)",
+            slot_safe_wal_size_bytes.clone(),
+        );
+        let slot_inactive_seconds = Family::<PipelineLabels, Gauge>::default();
+        registry.register(
+            "slot_inactive_seconds",
+            "Seconds since no session streamed from the slot (inactive_since, PostgreSQL 17+)",
+            slot_inactive_seconds.clone(),
+        );
+        let slot_invalidated = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "slot_invalidated",
+            "1 for a slot the source invalidated, labelled with its invalidation_reason (PostgreSQL 17+)",
+            slot_invalidated.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            slot_safe_wal_size_bytes,
+            slot_inactive_seconds,
+            slot_invalidated,
+            invalidated_reason: Default::default(),
             not_ready,
             not_ready_reason: Default::default(),
             events,
@@ -131,33 +161,54 @@ impl Metrics {
         };
         self.lag_bytes.remove(&labels);
         self.checkpoint_lsn.remove(&labels);
+        self.slot_safe_wal_size_bytes.remove(&labels);
+        self.slot_inactive_seconds.remove(&labels);
         self.set_not_ready(pipeline, None);
+        self.set_invalidated(pipeline, None);
     }
 
     /// Records why a pipeline is not Ready (`None`: it is), dropping the series of any
     /// earlier reason.
     pub fn set_not_ready(&self, pipeline: &str, reason: Option<&str>) {
-        let mut current = self
-            .not_ready_reason
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(old) = current.remove(pipeline) {
-            self.not_ready.remove(&ReasonLabels {
+        set_reason(&self.not_ready, &self.not_ready_reason, pipeline, reason);
+    }
+
+    /// Records why the source invalidated the pipeline's slot (`None`: it did not).
+    pub fn set_invalidated(&self, pipeline: &str, reason: Option<&str>) {
+        set_reason(
+            &self.slot_invalidated,
+            &self.invalidated_reason,
+            pipeline,
+            reason,
+        );
+    }
+}
+
+/// Sets the one series of `family` for `pipeline` to `reason` (1), dropping the series of an
+/// earlier reason; `None` drops it.
+fn set_reason(
+    family: &Family<ReasonLabels, Gauge>,
+    reasons: &std::sync::Mutex<std::collections::HashMap<String, String>>,
+    pipeline: &str,
+    reason: Option<&str>,
+) {
+    let mut current = reasons
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(old) = current.remove(pipeline) {
+        family.remove(&ReasonLabels {
+            pipeline: pipeline.to_string(),
+            reason: old,
+        });
+    }
+    if let Some(reason) = reason {
+        current.insert(pipeline.to_string(), reason.to_string());
+        family
+            .get_or_create(&ReasonLabels {
                 pipeline: pipeline.to_string(),
-                reason: old,
-            });
-        }
-        if let Some(reason) = reason {
-            current.insert(pipeline.to_string(), reason.to_string());
-        }
-        if let Some(reason) = reason {
-            self.not_ready
-                .get_or_create(&ReasonLabels {
-                    pipeline: pipeline.to_string(),
-                    reason: reason.to_string(),
-                })
-                .set(1);
-        }
+                reason: reason.to_string(),
+            })
+            .set(1);
     }
 }
 

@@ -903,3 +903,120 @@ async fn the_writer_commits_synchronously_whatever_the_buffer_says() {
     let seen: Vec<String> = column(&buffer, "SELECT DISTINCT setting FROM public.seen").await;
     assert_eq!(seen, ["on"]);
 }
+
+/// The status reads what each version tells of a slot in danger: `safe_wal_size` against
+/// `max_slot_wal_keep_size` (warned before the limit, `WalAtRisk`), and once the server
+/// invalidates the slot, `WalLost` with its `invalidation_reason` (PostgreSQL 17+).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_near_max_slot_wal_keep_size_is_reported_then_its_invalidation() {
+    let c = own_cluster(philotes::embedded::ClusterOptions {
+        extra_conf: vec![
+            "max_slot_wal_keep_size = '64MB'".into(),
+            "wal_keep_size = 0".into(),
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '64MB'".into(),
+        ],
+        ..Default::default()
+    });
+    let uri = fresh_db(&c, "risk").await;
+    let db = connect(&uri).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('risk', 'pgoutput')")
+        .await
+        .unwrap();
+    let version: i32 = db
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    let cfg = {
+        let mut cfg = config(&manifest("risk", &uri, &uri, &["t"], ""));
+        cfg.slot = "risk".into();
+        cfg
+    };
+    let streaming = philotes::pipeline::Progress {
+        state: philotes::pipeline::State::Streaming,
+        ..Default::default()
+    };
+    let assess = |stats: &philotes::pipeline::source::SlotStats| {
+        philotes::pipeline::status::assess(&cfg, &streaming, Some(stats), None)
+    };
+    // WAL the slot holds, one segment at a time, until less than a fifth of the limit is left.
+    let mut k = 0;
+    let stats = loop {
+        let stats = philotes::pipeline::source::slot_stats(&db, "risk")
+            .await
+            .unwrap();
+        assert_eq!(stats.max_slot_wal_keep_size, Some(64 * 1024 * 1024));
+        if stats
+            .safe_wal_size
+            .is_some_and(|s| s < 64 * 1024 * 1024 / 5)
+        {
+            break stats;
+        }
+        assert_eq!(assess(&stats).reason, "Streaming", "{stats:?}");
+        assert!(k < 10, "safe_wal_size never fell: {stats:?}");
+        db.batch_execute(&format!("INSERT INTO t VALUES ({k})"))
+            .await
+            .unwrap();
+        db.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+        k += 1;
+    };
+    let s = assess(&stats);
+    assert_eq!(s.reason, "WalAtRisk", "{stats:?}");
+    assert!(
+        s.message.contains("before max_slot_wal_keep_size"),
+        "{}",
+        s.message
+    );
+    // Past the limit and a checkpoint: the server invalidates the slot.
+    for i in 0..6 {
+        db.batch_execute(&format!("INSERT INTO t VALUES ({})", 100 + i))
+            .await
+            .unwrap();
+        db.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+    }
+    db.batch_execute("CHECKPOINT").await.unwrap();
+    let stats = philotes::pipeline::source::slot_stats(&db, "risk")
+        .await
+        .unwrap();
+    assert_eq!(stats.wal_status.as_deref(), Some("lost"), "{stats:?}");
+    let s = assess(&stats);
+    assert_eq!(s.reason, "WalLost");
+    if version >= 170000 {
+        assert_eq!(stats.invalidation_reason.as_deref(), Some("wal_removed"));
+        assert!(s.message.contains("(wal_removed)"), "{}", s.message);
+        assert!(stats.inactive_since.is_some(), "{stats:?}");
+    } else {
+        assert_eq!(stats.invalidation_reason, None);
+    }
+    // PostgreSQL 18 also invalidates slots idle for idle_replication_slot_timeout.
+    if version >= 180000 {
+        db.batch_execute("ALTER SYSTEM SET idle_replication_slot_timeout = '10min'")
+            .await
+            .unwrap();
+        db.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        db.batch_execute("SELECT pg_create_logical_replication_slot('idle', 'pgoutput')")
+            .await
+            .unwrap();
+        let stats = eventually("the timeout visible", Duration::from_secs(10), || {
+            let db = &db;
+            async move {
+                let s = philotes::pipeline::source::slot_stats(db, "idle")
+                    .await
+                    .unwrap();
+                s.idle_timeout_seconds.is_some().then_some(s)
+            }
+        })
+        .await;
+        assert_eq!(stats.idle_timeout_seconds, Some(600), "{stats:?}");
+        assert!(
+            !stats.active && stats.inactive_seconds.is_some(),
+            "{stats:?}"
+        );
+    }
+}

@@ -462,6 +462,25 @@ fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
     if let Some(lag) = status.lag_bytes {
         ctx.metrics.lag_bytes.get_or_create(&labels).set(lag);
     }
+    if let Some(safe) = status.safe_wal_size_bytes {
+        ctx.metrics
+            .slot_safe_wal_size_bytes
+            .get_or_create(&labels)
+            .set(safe);
+    }
+    let inactive = status
+        .inactive_since
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or(0, |t| {
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()
+        });
+    ctx.metrics
+        .slot_inactive_seconds
+        .get_or_create(&labels)
+        .set(inactive.max(0));
+    ctx.metrics
+        .set_invalidated(key, status.invalidation_reason.as_deref());
     if let Some(lsn) = status
         .confirmed_flush_lsn
         .as_deref()

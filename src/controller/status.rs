@@ -141,6 +141,8 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
             status.lag_bytes = s.lag_bytes;
             status.wal_status = s.wal_status.clone();
             status.safe_wal_size_bytes = s.safe_wal_size_bytes;
+            status.invalidation_reason = s.invalidation_reason.clone();
+            status.inactive_since = s.inactive_since.clone();
         }
     }
     status.conditions = vec![ready_condition(

@@ -397,12 +397,31 @@ pub struct SlotStats {
     pub wal_status: Option<String>,
     pub safe_wal_size: Option<i64>,
     pub active: bool,
+    /// Why the server invalidated the slot (`wal_removed`, `idle_timeout`, …; PostgreSQL 17+).
+    pub invalidation_reason: Option<String>,
+    /// Since when no session streams from the slot (PostgreSQL 17+), RFC 3339.
+    pub inactive_since: Option<String>,
+    /// Seconds since `inactive_since`.
+    pub inactive_seconds: Option<i64>,
+    /// `max_slot_wal_keep_size` in bytes, when set (not -1).
+    pub max_slot_wal_keep_size: Option<i64>,
+    /// `idle_replication_slot_timeout` in seconds, when set (PostgreSQL 18+, not 0).
+    pub idle_timeout_seconds: Option<i64>,
 }
 
 pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
     let row = client
         .query_one(
-            "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false) \
+            // Columns and settings of newer versions are read by name (to_jsonb, pg_settings),
+            // so one query serves 14 to 18.
+            "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false), \
+                    to_jsonb(s)->>'invalidation_reason', \
+                    to_char((to_jsonb(s)->>'inactive_since')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                    extract(epoch FROM now() - (to_jsonb(s)->>'inactive_since')::timestamptz)::bigint, \
+                    (SELECT (setting::numeric * CASE unit WHEN 'MB' THEN 1048576 WHEN 'kB' THEN 1024 ELSE 1 END)::bigint \
+                       FROM pg_settings WHERE name = 'max_slot_wal_keep_size' AND setting <> '-1'), \
+                    (SELECT (setting::numeric * CASE unit WHEN 'min' THEN 60 WHEN 'ms' THEN 0.001 ELSE 1 END)::bigint \
+                       FROM pg_settings WHERE name = 'idle_replication_slot_timeout' AND setting <> '0') \
              FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
             &[&slot],
         )
@@ -414,6 +433,11 @@ pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
         wal_status: row.get(2),
         safe_wal_size: row.get(3),
         active: row.get(4),
+        invalidation_reason: row.get(5),
+        inactive_since: row.get(6),
+        inactive_seconds: row.get(7),
+        max_slot_wal_keep_size: row.get(8),
+        idle_timeout_seconds: row.get(9),
     })
 }
 

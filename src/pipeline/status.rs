@@ -37,6 +37,10 @@ pub struct Snapshot {
     pub lag_bytes: Option<i64>,
     pub wal_status: Option<String>,
     pub safe_wal_size_bytes: Option<i64>,
+    /// Why the server invalidated the slot (PostgreSQL 17+).
+    pub invalidation_reason: Option<String>,
+    /// Since when no session streams from the slot (PostgreSQL 17+).
+    pub inactive_since: Option<String>,
     pub events_total: i64,
     pub last_checkpoint_time: Option<String>,
     #[serde(skip)]
@@ -91,9 +95,18 @@ pub fn assess(
         .last_error
         .clone()
         .unwrap_or_else(|| ("Unknown".into(), "no error recorded".into()));
+    let risk = stats.and_then(|s| wal_risk(cfg, s));
     let (health, reason, message) = match progress.state {
         State::Failed => (Health::Failed, error.0, error.1),
-        State::Retrying => (Health::Degraded, error.0, format!("retrying: {}", error.1)),
+        // While it retries the slot keeps WAL: say when that puts the slot at risk.
+        State::Retrying => (
+            Health::Degraded,
+            error.0,
+            match &risk {
+                Some(r) => format!("retrying: {}; {r}", error.1),
+                None => format!("retrying: {}", error.1),
+            },
+        ),
         State::Stopped => (Health::Stopped, "Stopped".into(), "the pipeline is not running".into()),
         State::Starting => (Health::Starting, "Starting".into(), "provisioning and connecting".into()),
         State::Streaming => match stats {
@@ -105,20 +118,24 @@ pub fn assess(
             Some(s) if s.wal_status.as_deref() == Some("lost") => (
                 Health::Failed,
                 "WalLost".into(),
-                format!("slot {} lost WAL it needed; changes were lost on the source", cfg.slot),
+                format!(
+                    "slot {} was invalidated{}; changes were lost on the source",
+                    cfg.slot,
+                    match &s.invalidation_reason {
+                        Some(r) => format!(" ({r})"),
+                        None => " (it lost WAL it needed)".into(),
+                    }
+                ),
             ),
             Some(s) if s.confirmed_flush_lsn.is_none() => (
                 Health::Failed,
                 "SlotMissing".into(),
                 format!("slot {} no longer exists on the source", cfg.slot),
             ),
-            Some(s) if s.wal_status.as_deref() == Some("unreserved") => (
+            Some(_) if risk.is_some() => (
                 Health::Degraded,
                 "WalAtRisk".into(),
-                format!(
-                    "slot {} holds more WAL than max_slot_wal_keep_size allows; it will be lost unless the pipeline catches up",
-                    cfg.slot
-                ),
+                risk.clone().unwrap_or_default(),
             ),
             Some(_) if stalled_refreshes >= 2 => (
                 Health::Degraded,
@@ -145,6 +162,8 @@ pub fn assess(
         lag_bytes,
         wal_status: stats.and_then(|s| s.wal_status.clone()),
         safe_wal_size_bytes: stats.and_then(|s| s.safe_wal_size),
+        invalidation_reason: stats.and_then(|s| s.invalidation_reason.clone()),
+        inactive_since: stats.and_then(|s| s.inactive_since.clone()),
         events_total: progress.events_total,
         last_checkpoint_time: progress
             .last_checkpoint_time
@@ -152,6 +171,45 @@ pub fn assess(
         checkpoint_raw: progress.checkpoint_lsn,
         stalled_refreshes,
     }
+}
+
+/// The share of `max_slot_wal_keep_size` (or of `idle_replication_slot_timeout`) left below
+/// which a slot is reported at risk.
+const RISK_SHARE: f64 = 0.2;
+
+/// Why the slot may soon be invalidated, if it may: the WAL it can still take before
+/// `max_slot_wal_keep_size` is reached is below a fifth of it, or it has been inactive for
+/// more than four fifths of `idle_replication_slot_timeout` (PostgreSQL 18).
+pub fn wal_risk(cfg: &PipelineConfig, s: &SlotStats) -> Option<String> {
+    if s.confirmed_flush_lsn.is_none() || s.wal_status.as_deref() == Some("lost") {
+        return None;
+    }
+    if let (Some(safe), Some(limit)) = (s.safe_wal_size, s.max_slot_wal_keep_size) {
+        if (safe as f64) < limit as f64 * RISK_SHARE {
+            return Some(format!(
+                "slot {} can take {safe} more bytes of WAL before max_slot_wal_keep_size ({limit} bytes) invalidates it; \
+                 the pipeline must catch up (or raise the limit)",
+                cfg.slot
+            ));
+        }
+    }
+    if s.wal_status.as_deref() == Some("unreserved") {
+        return Some(format!(
+            "slot {} holds more WAL than max_slot_wal_keep_size allows; it will be lost unless the pipeline catches up",
+            cfg.slot
+        ));
+    }
+    if let (false, Some(idle), Some(timeout)) =
+        (s.active, s.inactive_seconds, s.idle_timeout_seconds)
+    {
+        if idle as f64 > timeout as f64 * (1.0 - RISK_SHARE) {
+            return Some(format!(
+                "slot {} has been inactive for {idle} s; idle_replication_slot_timeout ({timeout} s) invalidates it at {timeout} s",
+                cfg.slot
+            ));
+        }
+    }
+    None
 }
 
 /// Refreshes the status every `statusInterval` until `progress` closes, publishing each
@@ -216,7 +274,63 @@ mod tests {
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
             active: true,
+            invalidation_reason: None,
+            inactive_since: None,
+            inactive_seconds: None,
+            max_slot_wal_keep_size: None,
+            idle_timeout_seconds: None,
         }
+    }
+
+    #[test]
+    fn a_slot_near_its_limits_is_at_risk() {
+        let cfg = cfg();
+        let p = Progress {
+            state: State::Streaming,
+            ..Progress::default()
+        };
+        let mut st = stats(1, 1);
+        st.max_slot_wal_keep_size = Some(1000);
+        st.safe_wal_size = Some(500);
+        assert_eq!(assess(&cfg, &p, Some(&st), None).reason, "Streaming");
+        st.safe_wal_size = Some(150);
+        let s = assess(&cfg, &p, Some(&st), None);
+        assert_eq!(s.reason, "WalAtRisk");
+        assert!(s.message.contains("150 more bytes"), "{}", s.message);
+        // Idle: only an inactive slot, past four fifths of the timeout.
+        let mut st = stats(1, 1);
+        st.idle_timeout_seconds = Some(100);
+        st.inactive_seconds = Some(90);
+        assert!(wal_risk(&cfg, &st).is_none(), "active");
+        st.active = false;
+        assert!(wal_risk(&cfg, &st).unwrap().contains("inactive for 90 s"));
+        st.inactive_seconds = Some(50);
+        assert!(wal_risk(&cfg, &st).is_none());
+        // Retrying: the risk is added to the error.
+        let p = Progress {
+            state: State::Retrying,
+            last_error: Some(("BufferError".into(), "down".into())),
+            ..Progress::default()
+        };
+        st.inactive_seconds = Some(95);
+        let s = assess(&cfg, &p, Some(&st), None);
+        assert_eq!(s.reason, "BufferError");
+        assert!(
+            s.message.contains("idle_replication_slot_timeout"),
+            "{}",
+            s.message
+        );
+        // Invalidated: the server's reason is named.
+        let p = Progress {
+            state: State::Streaming,
+            ..Progress::default()
+        };
+        let mut st = stats(1, 1);
+        st.wal_status = Some("lost".into());
+        st.invalidation_reason = Some("wal_removed".into());
+        let s = assess(&cfg, &p, Some(&st), None);
+        assert_eq!(s.reason, "WalLost");
+        assert!(s.message.contains("(wal_removed)"), "{}", s.message);
     }
 
     #[test]
