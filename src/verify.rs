@@ -304,20 +304,52 @@ async fn verify_table(
             }
         }
     }
-    let src_rows = source
-        .query(
-            &format!("SELECT to_jsonb(t) FROM {} t", table.quoted()),
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            Error::SourceSetup(format!("cannot read {table}: {}", describe_pg_error(&e)))
-        })?;
+    // A table captured in part is compared in part: its listed columns, and the rows its
+    // row filter selects, as the publication the pipeline streams holds it (printed by the
+    // server; read in a read-only transaction, one statement).
+    let filter = cfg.filters.get(table);
+    let row_filter = match filter.and_then(|f| f.row_filter.as_ref()) {
+        None => None,
+        Some(_) => crate::pipeline::source::published(source, &cfg.publication)
+            .await
+            .map_err(|e| Error::SourceSetup(describe_pg_error(&e)))?
+            .remove(&table.to_string())
+            .and_then(|(p, _)| p.row_filter),
+    };
+    let select = format!(
+        "SELECT to_jsonb(t) FROM {} t{}",
+        table.quoted(),
+        row_filter
+            .map(|w| format!(" WHERE {w}"))
+            .unwrap_or_default()
+    );
+    let read = async {
+        source.batch_execute("BEGIN READ ONLY").await?;
+        let rows = source.query(&select, &[]).await;
+        source.batch_execute("COMMIT").await?;
+        rows
+    };
+    let src_rows = read.await.map_err(|e| {
+        Error::SourceSetup(format!("cannot read {table}: {}", describe_pg_error(&e)))
+    })?;
+    if let Some(columns) = filter.and_then(|f| f.columns.as_ref()) {
+        for v in replayed.values_mut() {
+            if let Some(o) = v.as_object_mut() {
+                o.retain(|k, _| columns.contains(k));
+            }
+        }
+    }
     let mut src: BTreeMap<String, Value> = BTreeMap::new();
     for row in &src_rows {
         let v: Value = row
             .try_get(0)
             .map_err(|e| Error::Buffer(format!("cannot read a row of {table}: {e}")))?;
+        let mut v = v;
+        if let (Some(columns), Some(o)) =
+            (filter.and_then(|f| f.columns.as_ref()), v.as_object_mut())
+        {
+            o.retain(|k, _| columns.contains(k));
+        }
         if let Some(k) = key_of(&v, &key_columns) {
             src.insert(k, v);
         }

@@ -1020,3 +1020,160 @@ async fn a_slot_near_max_slot_wal_keep_size_is_reported_then_its_invalidation() 
         );
     }
 }
+
+/// A table listed with a column list and a row filter (PostgreSQL 15+): only those columns
+/// and the matching rows are captured (a row updated out of the filter arrives as a DELETE,
+/// into it as an INSERT), the pipeline adopts its own publication again, verify compares
+/// in part, a publication whose filter the spec does not ask for is refused, and a condition
+/// that tries to add a table leaves nothing behind. On 14: a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn column_lists_and_row_filters_capture_in_part() {
+    let (src, buf, source) = databases_with(
+        "filtered",
+        "CREATE TABLE f (id int PRIMARY KEY, name text, secret text, status text);
+         CREATE TABLE g (id int PRIMARY KEY);",
+    )
+    .await;
+    let version: i32 = source
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    let with_tables = |tables: &str| {
+        config(
+            &manifest("filtered", &src, &buf, &["f"], FAST)
+                .replace("tables: ['f']", &format!("tables: {tables}")),
+        )
+    };
+    let cfg = with_tables(r#"[{name: f, columns: [id, name, status], where: "id < 100"}]"#);
+    if version < 150000 {
+        let r = start(
+            cfg.clone(),
+            RunOptions {
+                until_caught_up: true,
+                ..RunOptions::default()
+            },
+        );
+        let err = r.handle.await.unwrap().expect_err("refused on 14");
+        assert!(
+            err.to_string().contains("needs PostgreSQL 15 or newer")
+                && err.to_string().contains("spec.source.tables[0]"),
+            "{err}"
+        );
+        return;
+    }
+    catch_up(&cfg).await;
+    source
+        .batch_execute(
+            "INSERT INTO f VALUES (1, 'a', 's1', 'ok'), (150, 'b', 's2', 'ok'), (3, 'c', 's3', 'ok');
+             UPDATE f SET id = 101 WHERE id = 1;
+             UPDATE f SET id = 50, name = 'b2' WHERE id = 150;
+             UPDATE f SET name = 'c2' WHERE id = 3;",
+        )
+        .await
+        .unwrap();
+    // The second start adopts the publication it created (same columns and filter).
+    catch_up(&cfg).await;
+    let buffer = connect(&buf).await;
+    let events = events(&buffer, "philotes", "test/filtered").await;
+    let ops: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| {
+            let image = e.after.as_ref().or(e.before.as_ref()).unwrap();
+            (e.operation.clone(), image["id"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("INSERT".to_string(), 1),
+            ("INSERT".to_string(), 3),
+            ("DELETE".to_string(), 1),
+            ("INSERT".to_string(), 50),
+            ("UPDATE".to_string(), 3),
+        ]
+    );
+    for e in &events {
+        if let Some(after) = &e.after {
+            assert!(after.get("secret").is_none(), "{after}");
+        }
+    }
+    let report = philotes::verify::verify(&cfg).await.unwrap();
+    assert!(report.ok(), "{report}");
+
+    // A publication filtering what the spec does not ask for captures less: refused.
+    source
+        .batch_execute("CREATE PUBLICATION narrower FOR TABLE f WHERE (id > 5)")
+        .await
+        .unwrap();
+    let mut plain = with_tables("[f]");
+    plain.id = "test/plain".into();
+    plain.slot = "plain_slot".into();
+    plain.publication = "narrower".into();
+    let r = start(
+        plain,
+        RunOptions {
+            until_caught_up: true,
+            ..RunOptions::default()
+        },
+    );
+    let err = r
+        .handle
+        .await
+        .unwrap()
+        .expect_err("a narrower publication is refused");
+    assert!(
+        err.to_string().contains("rows WHERE") && err.to_string().contains("rows all"),
+        "{err}"
+    );
+
+    // A condition on a column outside the replica identity would make the source refuse
+    // every UPDATE of the table: refused before anything is created.
+    let mut outside = with_tables(r#"[{name: f, where: "status <> 'hidden'"}]"#);
+    outside.id = "test/outside".into();
+    outside.slot = "outside_slot".into();
+    outside.publication = "outside_pub".into();
+    let r = start(
+        outside,
+        RunOptions {
+            until_caught_up: true,
+            ..RunOptions::default()
+        },
+    );
+    let err = r.handle.await.unwrap().expect_err("refused");
+    assert!(
+        err.to_string().contains("replica identity")
+            && err.to_string().contains("nothing was created"),
+        "{err}"
+    );
+    source
+        .batch_execute("UPDATE f SET status = 'still writable'")
+        .await
+        .expect("the source's updates still work");
+
+    // A condition that closes its parenthesis to add a table: nothing is left behind.
+    let mut sneaky = with_tables(r#"[{name: f, where: "true), TABLE g WHERE (true"}]"#);
+    sneaky.id = "test/sneaky".into();
+    sneaky.slot = "sneaky_slot".into();
+    sneaky.publication = "sneaky_pub".into();
+    let r = start(
+        sneaky,
+        RunOptions {
+            until_caught_up: true,
+            ..RunOptions::default()
+        },
+    );
+    let err = r.handle.await.unwrap().expect_err("refused");
+    assert!(err.to_string().contains("spec.source.tables"), "{err}");
+    let left: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname IN ('sneaky_pub', 'outside_pub')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::crd::{self, CdcPipelineSpec, SecretKeyRef};
+use crate::crd::{self, CdcPipelineSpec, SecretKeyRef, TableEntry};
 use crate::duration;
 
 use super::conn::ConnInfo;
@@ -95,6 +95,100 @@ impl fmt::Display for TableName {
     }
 }
 
+/// A column list and a row filter of one table (a publication's, PostgreSQL 15+).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableFilter {
+    /// Column names as stored (unquoted ones folded to lower case); `None`: all.
+    pub columns: Option<Vec<String>>,
+    /// The condition, as the user wrote it; `None`: every row.
+    pub row_filter: Option<String>,
+}
+
+impl TableFilter {
+    /// The entry at `field`, checked; an error is `(field, what is wrong)`.
+    fn parse(
+        field: &str,
+        f: &crd::FilteredTable,
+    ) -> std::result::Result<TableFilter, (String, String)> {
+        let invalid = |field: &str, why: String| (field.to_string(), why);
+        let columns = match &f.columns {
+            None => None,
+            Some(cols) if cols.is_empty() => {
+                return Err(invalid(
+                    &format!("{field}.columns"),
+                    "is empty; list the columns to capture, or leave it out for all".into(),
+                ))
+            }
+            Some(cols) => {
+                let mut names = Vec::new();
+                for (j, c) in cols.iter().enumerate() {
+                    let name = parse_identifier(c)
+                        .map_err(|e| invalid(&format!("{field}.columns[{j}]"), e))?;
+                    if names.contains(&name) {
+                        return Err(invalid(
+                            &format!("{field}.columns[{j}]"),
+                            format!("lists {name} twice"),
+                        ));
+                    }
+                    names.push(name);
+                }
+                Some(names)
+            }
+        };
+        let row_filter = match f.where_.as_deref().map(str::trim) {
+            None => None,
+            Some("") => {
+                return Err(invalid(
+                    &format!("{field}.where"),
+                    "is empty; write a condition, or leave it out for every row".into(),
+                ))
+            }
+            Some(w) => Some(w.to_string()),
+        };
+        Ok(TableFilter {
+            columns,
+            row_filter,
+        })
+    }
+
+    /// `(col, ...) WHERE (cond)` for `CREATE PUBLICATION ... FOR TABLE t <this>`.
+    pub fn publication_clause(&self) -> String {
+        let mut out = String::new();
+        if let Some(cols) = &self.columns {
+            out.push_str(" (");
+            out.push_str(
+                &cols
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            out.push(')');
+        }
+        if let Some(w) = &self.row_filter {
+            out.push_str(&format!(" WHERE ({w})"));
+        }
+        out
+    }
+}
+
+/// One identifier: quoted the SQL way, or folded to lower case.
+fn parse_identifier(input: &str) -> std::result::Result<String, String> {
+    let t = input.trim();
+    if let Some(inner) = t.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        if inner.is_empty() || inner.replace("\"\"", "").contains('"') {
+            return Err(format!("`{input}` is not a column name"));
+        }
+        return Ok(inner.replace("\"\"", "\""));
+    }
+    if t.is_empty() || t.contains(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$')) {
+        return Err(format!(
+            "`{input}` is not a column name (quote names that need it: \"Order Id\")"
+        ));
+    }
+    Ok(t.to_lowercase())
+}
+
 /// Quotes an SQL identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -113,6 +207,8 @@ pub struct PipelineConfig {
     pub source: ConnInfo,
     pub buffer: ConnInfo,
     pub tables: Vec<TableName>,
+    /// Column lists and row filters, for the tables that have one.
+    pub filters: BTreeMap<TableName, TableFilter>,
     pub publication: String,
     pub slot: String,
     pub buffer_schema: String,
@@ -195,14 +291,32 @@ impl PipelineConfig {
             ));
         }
         let mut tables = Vec::new();
+        let mut filters = BTreeMap::new();
         for (i, t) in spec.source.tables.iter().enumerate() {
-            let table =
-                TableName::parse(t).map_err(|e| invalid(&format!("spec.source.tables[{i}]"), e))?;
+            let field = format!("spec.source.tables[{i}]");
+            let (name, filter) = match t {
+                TableEntry::Name(name) => (name.as_str(), None),
+                TableEntry::Filtered(f) => (
+                    f.name.as_str(),
+                    Some(TableFilter::parse(&field, f).map_err(|(f, why)| invalid(&f, why))?),
+                ),
+                TableEntry::Invalid(v) => {
+                    let why = match serde_json::from_value::<crd::FilteredTable>(v.clone()) {
+                        Err(e) if v.is_object() => e.to_string(),
+                        _ => "it is neither a name nor an object".to_string(),
+                    };
+                    return Err(invalid(
+                        &field,
+                        format!("is not `schema.table` or {{name, columns, where}}: {why}"),
+                    ));
+                }
+            };
+            let table = TableName::parse(name).map_err(|e| invalid(&field, e))?;
             if tables.contains(&table) {
-                return Err(invalid(
-                    &format!("spec.source.tables[{i}]"),
-                    format!("lists {table} twice"),
-                ));
+                return Err(invalid(&field, format!("lists {table} twice")));
+            }
+            if let Some(filter) = filter {
+                filters.insert(table.clone(), filter);
             }
             tables.push(table);
         }
@@ -278,6 +392,7 @@ impl PipelineConfig {
             source,
             buffer,
             tables,
+            filters,
             publication,
             slot,
             buffer_schema,
@@ -303,6 +418,7 @@ impl PipelineConfig {
             source: conn.clone(),
             buffer: conn,
             tables: vec![],
+            filters: BTreeMap::new(),
             publication: "pub".into(),
             slot: "slot".into(),
             buffer_schema: "philotes".into(),
@@ -460,6 +576,41 @@ mod tests {
              buffer: {{connectionSecretRef: {{name: buf, key: dsn}}}}\n{extra}"
         ))
         .unwrap()
+    }
+
+    fn with_tables(tables: &str) -> Result<PipelineConfig> {
+        let spec: CdcPipelineSpec = serde_yaml::from_str(&format!(
+            "source: {{connectionSecretRef: {{name: src}}, tables: {tables}}}\n\
+             buffer: {{connectionSecretRef: {{name: buf, key: dsn}}}}\n"
+        ))
+        .unwrap();
+        PipelineConfig::resolve("shop", "orders", &spec, &secrets())
+    }
+
+    #[test]
+    fn table_entries_take_a_column_list_and_a_row_filter() {
+        let c =
+            with_tables(r#"[plain, {name: '"My T"', columns: [id, '"Name"'], where: "id > 1"}]"#)
+                .unwrap();
+        let t = TableName::parse(r#""My T""#).unwrap();
+        let f = &c.filters[&t];
+        assert_eq!(
+            f.columns.as_deref(),
+            Some(&["id".to_string(), "Name".to_string()][..])
+        );
+        assert_eq!(f.publication_clause(), r#" ("id", "Name") WHERE (id > 1)"#);
+        assert!(!c.filters.contains_key(&TableName::parse("plain").unwrap()));
+        for (tables, says) in [
+            ("[{name: t, colums: [a]}]", "spec.source.tables[0] is not `schema.table` or {name, columns, where}: unknown field `colums`"),
+            ("[t, 5]", "spec.source.tables[1] is not `schema.table` or {name, columns, where}: it is neither a name nor an object"),
+            ("[{name: t, columns: []}]", "spec.source.tables[0].columns is empty"),
+            ("[{name: t, columns: [a, A]}]", "spec.source.tables[0].columns[1] lists a twice"),
+            ("[{name: t, columns: ['a b']}]", "spec.source.tables[0].columns[0] `a b` is not a column name"),
+            ("[{name: t, where: ' '}]", "spec.source.tables[0].where is empty"),
+        ] {
+            let e = with_tables(tables).unwrap_err().to_string();
+            assert!(e.contains(says), "{tables}: {e}");
+        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! The source database over ordinary SQL: preflight checks, provisioning (or adopting) the
 //! publication and the replication slot, and the slot statistics status reports.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio_postgres::Client;
 
-use super::config::{quote_ident, quote_literal, PipelineConfig, TableName};
+use super::config::{quote_ident, quote_literal, PipelineConfig, TableFilter, TableName};
 use super::conn::describe_pg_error;
 use super::error::{Error, Result};
 use super::identity::{self, SlotState};
@@ -59,6 +59,14 @@ pub async fn provision(
 
     for table in &cfg.tables {
         check_table(client, cfg, table).await?;
+    }
+    if !cfg.filters.is_empty() {
+        let version = server_version(client).await.map_err(q)?;
+        for (i, table) in cfg.tables.iter().enumerate() {
+            if let Some(filter) = cfg.filters.get(table) {
+                check_filter(client, cfg, i, table, filter, version).await?;
+            }
+        }
     }
 
     let publication_created = ensure_publication(client, cfg).await?;
@@ -122,6 +130,226 @@ async fn check_table(client: &Client, cfg: &PipelineConfig, table: &TableName) -
     Ok(())
 }
 
+async fn server_version(client: &Client) -> std::result::Result<i32, tokio_postgres::Error> {
+    let v: String = client
+        .query_one("SHOW server_version_num", &[])
+        .await?
+        .get(0);
+    Ok(v.parse().unwrap_or(0))
+}
+
+/// A column list and row filter need PostgreSQL 15; the columns must exist and include the
+/// replica identity's (else the source refuses the table's UPDATEs and DELETEs).
+async fn check_filter(
+    client: &Client,
+    cfg: &PipelineConfig,
+    i: usize,
+    table: &TableName,
+    filter: &TableFilter,
+    version: i32,
+) -> Result<()> {
+    let field = format!("spec.source.tables[{i}]");
+    let src = &cfg.source;
+    if version < 150000 {
+        return Err(Error::SourceSetup(format!(
+            "{field} has a column list or row filter, which needs PostgreSQL 15 or newer; the source database {src} runs {}.{}; \
+             list the table by name only, or upgrade the source",
+            version / 10000,
+            version % 10000 / 100
+        )));
+    }
+    let Some(columns) = &filter.columns else {
+        return Ok(());
+    };
+    let q = |e: tokio_postgres::Error| {
+        Error::SourceSetup(format!("source database {src}: {}", describe_pg_error(&e)))
+    };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, \
+                    CASE c.relreplident \
+                      WHEN 'f' THEN true \
+                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident AND a.attnum = ANY (i.indkey)) \
+                      ELSE EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY (i.indkey)) \
+                    END \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(q)?;
+    let all: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    for (j, c) in columns.iter().enumerate() {
+        if !all.contains(c) {
+            return Err(Error::SourceSetup(format!(
+                "{field}.columns[{j}]: table {table} has no column {c} (it has {})",
+                all.join(", ")
+            )));
+        }
+    }
+    let missing: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1) && !columns.contains(&r.get::<_, String>(0)))
+        .map(|r| r.get(0))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::SourceSetup(format!(
+            "{field}.columns leaves out {} of the replica identity of {table}; the source would refuse its UPDATEs and DELETEs. \
+             Add them to the list",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// What a publication holds for one table: its column list (`None`: all) and row filter as
+/// the server prints it (`None`: every row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub columns: Option<Vec<String>>,
+    pub row_filter: Option<String>,
+}
+
+/// The tables publication `name` names (not its partitions), with their column lists and
+/// row filters (PostgreSQL 15+), and their kind.
+pub async fn published(
+    client: &Client,
+    name: &str,
+) -> std::result::Result<BTreeMap<String, (Published, String)>, tokio_postgres::Error> {
+    let filters = server_version(client).await? >= 150000;
+    let (columns, filter) = if filters {
+        (
+            "(SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a \
+              WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs))",
+            "pg_get_expr(pr.prqual, pr.prrelid)",
+        )
+    } else {
+        ("NULL::text[]", "NULL::text")
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, c.relkind::text, {columns}, {filter} \
+                 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1"
+            ),
+            &[&name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)),
+                (
+                    Published {
+                        columns: r.get(3),
+                        row_filter: r.get(4),
+                    },
+                    r.get::<_, String>(2),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// What `cfg` asks of each table, as [`published`] would show it once the server has
+/// printed the row filters: `expected` from a trial publication, in a transaction that is
+/// rolled back (the server parses and prints the condition; nothing else ever reads it).
+async fn expected(client: &Client, cfg: &PipelineConfig) -> Result<BTreeMap<String, Published>> {
+    let mut out: BTreeMap<String, Published> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let f = cfg.filters.get(t);
+            let mut columns = f.and_then(|f| f.columns.clone());
+            if let Some(c) = columns.as_mut() {
+                c.sort();
+            }
+            (
+                t.to_string(),
+                Published {
+                    columns,
+                    row_filter: None,
+                },
+            )
+        })
+        .collect();
+    if !cfg.filters.values().any(|f| f.row_filter.is_some()) {
+        return Ok(out);
+    }
+    let trial = format!("philotes_check_{}", std::process::id());
+    let printed = async {
+        client.batch_execute("BEGIN").await?;
+        client
+            .execute(&create_publication_sql(cfg, &trial), &[])
+            .await?;
+        published(client, &trial).await
+    }
+    .await;
+    let _ = client.batch_execute("ROLLBACK").await;
+    let printed = printed.map_err(|e| filter_error(cfg, &e))?;
+    for (table, (p, _)) in printed {
+        if let Some(o) = out.get_mut(&table) {
+            o.row_filter = p.row_filter;
+        }
+    }
+    Ok(out)
+}
+
+/// The source refused the publication's definition: with a column list or row filter, most
+/// likely because of them.
+fn filter_error(cfg: &PipelineConfig, e: &tokio_postgres::Error) -> Error {
+    if e.code().map(|c| c.code()) == Some("42P10") {
+        return Error::InvalidSpec(format!(
+            "spec.source.tables: a where condition or column list of publication {} does not fit a table's replica identity, \
+             so the source database {} would refuse every UPDATE and DELETE of it ({}); nothing was created. \
+             Use only replica identity (primary key) columns in where, list them in columns, or change the table's REPLICA IDENTITY",
+            cfg.publication,
+            cfg.source,
+            describe_pg_error(e)
+        ));
+    }
+    Error::SourceSetup(format!(
+        "the source database {} refused the publication {} for spec.source.tables{}: {}",
+        cfg.source,
+        cfg.publication,
+        if cfg.filters.is_empty() {
+            ""
+        } else {
+            " (check each entry's columns and where: the condition must be a valid SQL condition on the table's own columns)"
+        },
+        describe_pg_error(e)
+    ))
+}
+
+/// `CREATE PUBLICATION` for the listed tables, with their column lists and row filters,
+/// published via the partition root. One statement: it is sent with the extended protocol,
+/// which refuses a second one a row filter might try to smuggle in.
+fn create_publication_sql(cfg: &PipelineConfig, name: &str) -> String {
+    let list = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let clause = cfg
+                .filters
+                .get(t)
+                .map(TableFilter::publication_clause)
+                .unwrap_or_default();
+            format!("TABLE {}{clause}", t.quoted())
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Via the root: a partitioned table's changes arrive under its own name, from every
+    // partition, present and future.
+    format!(
+        "CREATE PUBLICATION {} FOR {list} WITH (publish_via_partition_root = true)",
+        quote_ident(name)
+    )
+}
+
 /// Returns whether the publication was created now.
 async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
     let name = &cfg.publication;
@@ -141,31 +369,73 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
         .map_err(err)?;
     let wanted: BTreeSet<String> = cfg.tables.iter().map(|t| t.to_string()).collect();
     let Some(row) = existing else {
-        let list = cfg
-            .tables
-            .iter()
-            .map(|t| t.quoted())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let created = client
-            .batch_execute(&format!(
-                // Via the root: a partitioned table's changes arrive under its own name, from
-                // every partition, present and future.
-                "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true); \
-                 COMMENT ON PUBLICATION {} IS {}",
-                quote_ident(name),
-                quote_ident(name),
-                quote_literal(&format!("created by philotes for {}", cfg.id))
-            ))
-            .await;
-        match created {
-            Ok(()) => return Ok(true),
-            // Created by a concurrent start: adopt it below like any other.
-            Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
-                return Box::pin(ensure_publication(client, cfg)).await
+        // Created and checked in one transaction: if the publication holds anything but the
+        // listed tables (a row filter that closed its parenthesis early), nothing stays.
+        let created = async {
+            client.batch_execute("BEGIN").await?;
+            client
+                .execute(&create_publication_sql(cfg, name), &[])
+                .await?;
+            // The source checks a table's replica identity against the row filter and
+            // column list when an UPDATE or DELETE starts, refusing every one of them if it
+            // does not cover them: ask it now, with statements that touch no row.
+            for t in cfg.tables.iter().filter(|t| cfg.filters.contains_key(*t)) {
+                let column: Option<String> = client
+                    .query_opt(
+                        "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                         AND attnum > 0 AND NOT attisdropped ORDER BY attnum LIMIT 1",
+                        &[&t.quoted()],
+                    )
+                    .await?
+                    .map(|r| r.get(0));
+                if let Some(c) = column {
+                    let c = quote_ident(&c);
+                    client
+                        .execute(
+                            &format!("UPDATE {} SET {c} = {c} WHERE false", t.quoted()),
+                            &[],
+                        )
+                        .await?;
+                    client
+                        .execute(&format!("DELETE FROM {} WHERE false", t.quoted()), &[])
+                        .await?;
+                }
             }
-            Err(e) => return Err(err(e)),
+            client
+                .execute(
+                    &format!(
+                        "COMMENT ON PUBLICATION {} IS {}",
+                        quote_ident(name),
+                        quote_literal(&format!("created by philotes for {}", cfg.id))
+                    ),
+                    &[],
+                )
+                .await?;
+            published(client, name).await
         }
+        .await;
+        let names = match created {
+            Ok(p) => p.into_keys().collect::<BTreeSet<String>>(),
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                // Created by a concurrent start: adopt it below like any other.
+                if e.code().map(|c| c.code()) == Some("42710") {
+                    return Box::pin(ensure_publication(client, cfg)).await;
+                }
+                return Err(filter_error(cfg, &e));
+            }
+        };
+        if names != wanted {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(Error::InvalidSpec(format!(
+                "spec.source.tables would make publication {name} publish [{}] instead of [{}]: \
+                 a where condition must be one condition on its own table",
+                names.into_iter().collect::<Vec<_>>().join(", "),
+                wanted.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        client.batch_execute("COMMIT").await.map_err(err)?;
+        return Ok(true);
     };
     let all_tables: bool = row.get(0);
     let missing_ops: Vec<&str> = [(1, "insert"), (2, "update"), (3, "delete"), (4, "truncate")]
@@ -184,25 +454,14 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
     }
     // The tables the publication names, not pg_publication_tables: that one lists the
     // partitions of a partitioned table unless it publishes via the root.
-    let rows = client
-        .query(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_publication_rel pr \
-             JOIN pg_publication p ON p.oid = pr.prpubid \
-             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE p.pubname = $1",
-            &[name],
-        )
-        .await
-        .map_err(err)?;
-    let published: BTreeSet<String> = rows
+    let named = published(client, name).await.map_err(err)?;
+    let published_tables: BTreeSet<String> = named.keys().cloned().collect();
+    let partitioned: Vec<String> = named
         .iter()
-        .map(|r| format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)))
+        .filter(|(_, (_, kind))| kind == "p")
+        .map(|(t, _)| t.clone())
         .collect();
-    let partitioned: Vec<String> = rows
-        .iter()
-        .filter(|r| r.get::<_, &str>(2) == "p")
-        .map(|r| format!("{}.{}", r.get::<_, &str>(0), r.get::<_, &str>(1)))
-        .collect();
+    let published = published_tables;
     if all_tables || published != wanted {
         let shown = if all_tables {
             "ALL TABLES".to_string()
@@ -216,6 +475,39 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             wanted.iter().cloned().collect::<Vec<_>>().join(", "),
             quote_ident(name)
         )));
+    }
+    // The same columns and rows: a filter in the publication the spec does not ask for
+    // would capture silently less.
+    let asked = expected(client, cfg).await?;
+    for (table, (has, _)) in &named {
+        let Some(want) = asked.get(table) else {
+            continue;
+        };
+        let mut has = has.clone();
+        if let Some(c) = has.columns.as_mut() {
+            c.sort();
+        }
+        if &has != want {
+            let show = |p: &Published| {
+                format!(
+                    "columns {}, rows {}",
+                    p.columns
+                        .as_ref()
+                        .map_or("all".to_string(), |c| format!("({})", c.join(", "))),
+                    p.row_filter
+                        .as_ref()
+                        .map_or("all".to_string(), |w| format!("WHERE {w}"))
+                )
+            };
+            return Err(Error::SourceSetup(format!(
+                "publication {name} on the source database {} publishes {table} with {}, but spec.source.tables asks for {}; \
+                 make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
+                cfg.source,
+                show(&has),
+                show(want),
+                quote_ident(name)
+            )));
+        }
     }
     let via_root: bool = row.get(5);
     if !via_root && !partitioned.is_empty() {
