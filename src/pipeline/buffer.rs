@@ -42,7 +42,11 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
         // Data exceptions and program limits: the same batch would be refused again on every
         // retry. The loop finds the change and applies poisonEvents to it.
         Some(code) if code.starts_with("22") || code.starts_with("54") => {
-            return Error::ValueRefused { message, at: None };
+            return Error::ValueRefused {
+                message,
+                at: None,
+                upto: None,
+            };
         }
         _ => return Error::Buffer(message),
     };
@@ -467,19 +471,30 @@ impl Writer {
 
     /// Lets the writer finish what is queued (an unfinished transaction is rolled back) and
     /// hands the buffer back, with the writer's error if it failed.
-    pub async fn close(mut self) -> (Option<Buffer>, Result<()>) {
+    /// Also returns the commits reported that the loop had not read yet.
+    pub async fn close(mut self) -> (Option<Buffer>, Result<()>, Vec<Committed>) {
         let Some(task) = self.task.take() else {
-            return (None, Err(Error::Buffer("the buffer writer is gone".into())));
+            return (
+                None,
+                Err(Error::Buffer("the buffer writer is gone".into())),
+                Vec::new(),
+            );
         };
+        let mut reports = std::mem::replace(&mut self.committed, mpsc::unbounded_channel().1);
         // The writer sees the end of its queue once this side is dropped.
         drop(self);
-        match task.await {
+        let (buffer, result) = match task.await {
             Ok((buffer, result)) => (Some(buffer), result),
             Err(e) => (
                 None,
                 Err(Error::Buffer(format!("the buffer writer failed: {e}"))),
             ),
+        };
+        let mut unread = Vec::new();
+        while let Ok(c) = reports.try_recv() {
+            unread.push(c);
         }
+        (buffer, result, unread)
     }
 }
 

@@ -79,6 +79,9 @@ pub enum Error {
     ValueRefused {
         message: String,
         at: Option<(u64, i32)>,
+        /// The last change handed to the writer when it failed: the refused one is at or
+        /// before it.
+        upto: Option<(u64, i32)>,
     },
     /// The stream carried something the decoder does not understand.
     #[error("cannot decode the replication stream: {0}")]

@@ -39,7 +39,7 @@
 //! it: the buffer holds the durable state (its uncommitted transaction is rolled back when the
 //! writer dies with the task), and the next session starts from the checkpoint.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -130,7 +130,7 @@ pub async fn run(
         started: false,
     };
     let mut backoff = Backoff::new();
-    let mut isolation = Isolation::Off;
+    let mut isolation = Isolation::default();
     loop {
         let result = session(
             &cfg,
@@ -142,17 +142,20 @@ pub async fn run(
         )
         .await;
         let result = match result {
-            Err(Error::ValueRefused { message, at }) => {
-                match isolate(&cfg, &isolation, message, at) {
-                    Ok(next) => {
-                        // The batch was rolled back and nothing of it confirmed: the next session
-                        // starts from the checkpoint before it.
+            Err(Error::ValueRefused { message, at, upto }) => {
+                match isolate(&cfg, &mut isolation, message, at, upto) {
+                    Ok(step) => {
+                        // The batch was rolled back and nothing of it confirmed: the next
+                        // session starts from the checkpoint before it.
+                        tracing::warn!(pipeline = %cfg.id, "{step}");
                         progress.send_modify(|p| {
                             p.state = State::Retrying;
-                            p.last_error = Some(("BufferRefusedValue".into(), next.describe()));
+                            p.last_error = Some(("BufferRefusedValue".into(), step));
                         });
-                        tracing::warn!(pipeline = %cfg.id, "{}", next.describe());
-                        isolation = next;
+                        if *shutdown.borrow() {
+                            progress.send_modify(|p| p.state = State::Stopped);
+                            return Ok(Outcome::Stopped);
+                        }
                         continue;
                     }
                     Err(e) => Err(e),
@@ -208,61 +211,63 @@ pub async fn run(
     }
 }
 
-/// How the loop deals with a value the buffer server refused (SQLSTATE 22xxx/54xxx): the
-/// batch holding it was rolled back, so the changes before it are not written yet either.
-#[derive(Clone, Debug, PartialEq)]
-enum Isolation {
-    /// Batches as configured.
-    Off,
-    /// One change per buffer transaction, from the checkpoint on, until the refused one is
-    /// the only one rolled back: its position is then known.
-    Find { reason: String },
-    /// The change at `(commit_lsn, seq)` is refused: everything before it is written, then it
-    /// goes the way of `poisonEvents` (stop naming it, or set it aside), with the server's
-    /// `reason`.
-    At { at: (u64, i32), reason: String },
+/// How the loop deals with values the buffer server refused (SQLSTATE 22xxx/54xxx): the
+/// batch holding one was rolled back, so the changes before it are not written yet either.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Isolation {
+    /// Changes found refused, at `(commit_lsn, seq)`, with the server's reason: each goes the
+    /// way of `poisonEvents` (stop naming it, or set it aside) when the stream reaches it.
+    refused: BTreeMap<(u64, i32), String>,
+    /// Finding the next one: one change (or set-aside change) per buffer transaction from
+    /// the checkpoint, until only the refused one is rolled back and so named; back to
+    /// batches once the checkpoint passes `until`, the last change taken before the failure
+    /// (the refusal went away).
+    finding: Option<Finding>,
 }
 
-impl Isolation {
-    fn describe(&self) -> String {
-        match self {
-            Isolation::Off => String::new(),
-            Isolation::Find { reason } => format!(
-                "the buffer refused a value in a batch ({reason}); writing the changes after the checkpoint one at a time to find it"
-            ),
-            Isolation::At { at, reason } => format!(
-                "the buffer refuses the change at {} (seq {}): {reason}; everything before it is written first, then spec.poisonEvents applies",
-                super::lsn::format(at.0),
-                at.1
-            ),
-        }
-    }
+#[derive(Clone, Debug, PartialEq)]
+struct Finding {
+    reason: String,
+    until: Option<(u64, i32)>,
 }
 
 /// The next isolation step after the buffer refused a value (`at`: the change, when the
-/// refused transaction held just one), or the error that stops the pipeline.
+/// refused transaction held just one; `upto`: the last change taken), or the error that
+/// stops the pipeline. Each step either names a new refused change or starts finding one,
+/// so a stream with n refused values takes at most 2n steps.
 fn isolate(
     cfg: &PipelineConfig,
-    now: &Isolation,
+    now: &mut Isolation,
     reason: String,
     at: Option<(u64, i32)>,
-) -> Result<Isolation> {
-    match (now, at) {
-        (Isolation::Find { .. }, Some(at)) => Ok(Isolation::At { at, reason }),
-        // The refused transaction held no change of a table (a table definition or a dead
-        // letter), or the change set aside was refused again: nothing left to isolate.
-        (Isolation::Find { .. }, None) => Err(Error::BufferSetup(format!(
-            "the buffer refused a write of pipeline {} that holds no change to set aside: {reason}; \
+    upto: Option<(u64, i32)>,
+) -> Result<String> {
+    if now.finding.is_none() {
+        now.finding = Some(Finding {
+            reason: reason.clone(),
+            until: upto,
+        });
+        return Ok(format!(
+            "the buffer refused a value in a batch ({reason}); writing the changes after the checkpoint one at a time to find it"
+        ));
+    }
+    match at {
+        Some(at) if !now.refused.contains_key(&at) => {
+            now.refused.insert(at, reason.clone());
+            now.finding = None;
+            Ok(format!(
+                "the buffer refuses the change at {} (seq {}): {reason}; everything before it is written first, then spec.poisonEvents applies",
+                super::lsn::format(at.0),
+                at.1
+            ))
+        }
+        // The refused transaction held a change already set aside, or no change of a table
+        // (a table definition): nothing left to set aside.
+        _ => Err(Error::BufferSetup(format!(
+            "the buffer refuses a write of pipeline {} that holds no change it could set aside: {reason}; \
              remove what refuses it (a trigger or constraint on the buffer's tables) and start again",
             cfg.id
         ))),
-        (Isolation::At { at: old, .. }, Some(at)) if *old == at => Err(Error::BufferSetup(format!(
-            "the buffer refused the change at {} of pipeline {} even set aside: {reason}",
-            super::lsn::format(at.0),
-            cfg.id
-        ))),
-        // A first refusal, or another change after the one already dealt with.
-        (Isolation::Off | Isolation::At { .. }, _) => Ok(Isolation::Find { reason }),
     }
 }
 
@@ -460,18 +465,23 @@ async fn session(
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
     // transaction is rolled back) before the next session reads the checkpoint.
-    let (buffer, closed) = st.writer.close().await;
+    let (buffer, closed, unread) = st.writer.close().await;
     *buffer_slot = buffer;
+    for _ in unread {
+        st.in_flight.pop_front();
+    }
     match (result, closed) {
         // Writing one change per transaction, the refused one is the oldest not committed.
-        (_, Err(Error::ValueRefused { message, at: None }))
-            if matches!(st.isolation, Isolation::Find { .. }) =>
-        {
-            Err(Error::ValueRefused {
-                message,
-                at: st.in_flight.front().copied().flatten(),
-            })
-        }
+        (_, Err(Error::ValueRefused { message, .. })) => Err(Error::ValueRefused {
+            message,
+            at: st
+                .isolation
+                .finding
+                .is_some()
+                .then(|| st.in_flight.front().copied().flatten())
+                .flatten(),
+            upto: st.pending.last_event,
+        }),
         // The loop only saw that the writer stopped; the writer knows why.
         (Err(Error::Buffer(_)), Err(e)) | (Ok(_), Err(e)) => Err(e),
         (result, _) => result,
@@ -643,26 +653,20 @@ impl Streamer<'_> {
                     Decoded::Change(c) => c,
                     Decoded::Truncate(cs) => {
                         for c in cs {
-                            self.on_change(c, wal_start.0).await?;
+                            match self.refused(&c) {
+                                Some(poison) => {
+                                    self.set_aside(poison, data.clone(), wal_start.0).await?
+                                }
+                                None => self.on_change(c, wal_start.0).await?,
+                            }
                         }
                         return Ok(());
                     }
                     Decoded::Nothing => return Ok(()),
                     Decoded::Poison(poison) => return self.on_poison(poison, data, wal_start.0),
                 };
-                if let Isolation::At { at, reason } = &self.isolation {
-                    if self
-                        .tx
-                        .as_ref()
-                        .is_some_and(|t| (t.commit_lsn, t.seq) == *at)
-                    {
-                        let poison = Poison {
-                            relation: change.relation.clone(),
-                            operation: change.operation,
-                            reason: format!("the buffer refused it: {reason}"),
-                        };
-                        return self.on_poison(poison, data, wal_start.0);
-                    }
+                if let Some(poison) = self.refused(&change) {
+                    return self.set_aside(poison, data, wal_start.0).await;
                 }
                 self.on_change(change, wal_start.0).await?;
             }
@@ -702,9 +706,9 @@ impl Streamer<'_> {
             }
         }
         // Finding a refused value: one change per transaction.
-        let batch_size = match self.isolation {
-            Isolation::Find { .. } => 1,
-            _ => self.cfg.batch_size,
+        let batch_size = match self.isolation.finding {
+            Some(_) => 1,
+            None => self.cfg.batch_size,
         };
         if self.pending.events >= batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES {
             self.flush().await?;
@@ -732,6 +736,42 @@ impl Streamer<'_> {
             .last_event
             .is_none_or(|last| position > last)
             .then_some(at))
+    }
+
+    /// The change about to be taken, as a poison change, if the buffer refused it before.
+    fn refused(&self, change: &Change) -> Option<Poison> {
+        let open = self.tx.as_ref()?;
+        let reason = self.isolation.refused.get(&(open.commit_lsn, open.seq))?;
+        Some(Poison {
+            relation: change.relation.clone(),
+            operation: change.operation,
+            reason: format!("the buffer refused it: {reason}"),
+        })
+    }
+
+    /// A refused change goes the way of `poisonEvents`; while finding one, a change set aside
+    /// is written in a transaction of its own, so a refusal of it is told apart.
+    async fn set_aside(&mut self, poison: Poison, data: Bytes, lsn: u64) -> Result<()> {
+        if self.isolation.finding.is_some() {
+            self.flush().await?;
+        }
+        self.on_poison(poison, data, lsn)?;
+        if self.isolation.finding.is_some() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Back to batches once the checkpoint passed the last change taken before the refusal
+    /// that started the search: the refusal went away.
+    fn stop_finding_once_past(&mut self) {
+        let past = self.isolation.finding.as_ref().is_some_and(|f| {
+            f.until
+                .is_some_and(|u| self.ckpt.last_event.is_some_and(|last| last >= u))
+        });
+        if past {
+            self.isolation.finding = None;
+        }
     }
 
     /// A change that cannot be stored as an event: set aside in the batch's dead letters, or
@@ -824,13 +864,14 @@ impl Streamer<'_> {
             last_event: pending.last_event,
             events_total: self.submitted.events_total + pending.events as i64,
         };
+        let commit_dead_letters = pending.dead_letters.len();
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
             dead_letters: std::mem::take(&mut pending.dead_letters),
             checkpoint: next,
             counts: std::mem::take(&mut pending.counts),
         };
-        let one_change = (pending.events == 1)
+        let one_change = (pending.events == 1 && commit_dead_letters == 0)
             .then_some(pending.last_event)
             .flatten();
         self.in_flight.push_back(one_change);
@@ -858,6 +899,7 @@ impl Streamer<'_> {
         debug_assert!(committed.checkpoint.lsn >= self.ckpt.lsn);
         self.in_flight.pop_front();
         self.ckpt = committed.checkpoint;
+        self.stop_finding_once_past();
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
         let ckpt = self.ckpt;
         self.progress.send_modify(|p| {
