@@ -148,3 +148,20 @@ async fn verify_full_refuses_a_certificate_for_another_name() {
     assert_eq!(err.reason(), "TlsError", "{err}");
     assert!(!err.is_transient());
 }
+
+/// `sslmode=require` against a server without TLS is refused for good (TlsError), not
+/// retried as if the network were down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_against_a_server_without_tls_is_a_tls_error() {
+    let uri = shared()
+        .uri("postgres")
+        .replace("sslmode=disable", "sslmode=require");
+    assert!(uri.contains("sslmode=require"), "{uri}");
+    let info = philotes::pipeline::conn::ConnInfo::parse(&uri, "test").unwrap();
+    let err = info
+        .connect("source")
+        .await
+        .expect_err("no TLS on the server");
+    assert_eq!(err.reason(), "TlsError", "{err}");
+    assert!(!err.is_transient());
+}

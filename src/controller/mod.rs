@@ -239,55 +239,68 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                     .unwrap_or_default()
                     .hash(&mut h);
                 secrets.fingerprint(&mut h);
-                if let Some(request) = p.annotations().get(RECOVER) {
-                    if previous_request(p) != Some(request.as_str()) {
-                        recovered = recover(p, ctx, &key, &cfg, request).await;
-                    }
-                }
                 let created = p
                     .meta()
                     .creation_timestamp
                     .as_ref()
                     .map_or(0, |t| t.0.as_second());
-                let others = ctx.pipelines.state();
-                let recorded = slot_recorded_by(others.iter().map(|o| &**o), &key, &cfg, created);
-                if let Some(taken) = match recorded {
-                    Some(taken) => Some(taken),
-                    None => ctx.supervisor.slot_taken(&key, &cfg, created).await,
-                } {
-                    ctx.supervisor.stop(&key).await;
-                    let observed = Observed::Invalid("SlotConflict".into(), taken);
-                    return finish(
-                        p,
-                        ctx,
-                        observed,
-                        Some(cfg),
-                        None,
-                        recovered.as_deref(),
-                        every,
-                    )
-                    .await;
-                }
+                // The identity guard first: a refused change leaves everything as it runs
+                // (no recovery, no slot taken from anyone).
                 let recorded = p.status.as_ref().and_then(|s| s.checkpoint_of.as_ref());
                 refused = ctx.supervisor.refuses(&key, &cfg, recorded).await;
-                let outcome = match &refused {
-                    Some(_) => supervisor::Started::AlreadyRunning,
-                    None => {
-                        ctx.supervisor
-                            .ensure(&key, cfg.clone(), h.finish(), created)
-                            .await
+                let mut held: Option<(String, String)> = None;
+                if refused.is_none() {
+                    if let Some(request) = p.annotations().get(RECOVER) {
+                        if previous_request(p) != Some(request.as_str()) {
+                            match recover(p, ctx, &key, &cfg, request).await {
+                                Recover::Settled(r) => recovered = Some(r),
+                                Recover::Retry(reason, why) => held = Some((reason, why)),
+                            }
+                        }
                     }
-                };
-                match outcome {
-                    supervisor::Started::Started => {
-                        tracing::info!(pipeline = %key, "pipeline started")
+                    let others = ctx.pipelines.state();
+                    let taken =
+                        match slot_recorded_by(others.iter().map(|o| &**o), &key, &cfg, created) {
+                            Some(taken) => Err(taken),
+                            // A recovery to be retried: nothing is started meanwhile.
+                            None if held.is_some() => Ok(supervisor::Started::AlreadyRunning),
+                            // The running pipelines' slots are checked under the same lock that
+                            // starts this one, so two cannot both start on one slot.
+                            None => {
+                                ctx.supervisor
+                                    .ensure(&key, cfg.clone(), h.finish(), created)
+                                    .await
+                            }
+                        };
+                    match taken {
+                        Err(taken) => {
+                            ctx.supervisor.stop(&key).await;
+                            let observed = Observed::Invalid("SlotConflict".into(), taken);
+                            return finish(
+                                p,
+                                ctx,
+                                observed,
+                                Some(cfg),
+                                None,
+                                recovered.as_deref(),
+                                every,
+                            )
+                            .await;
+                        }
+                        Ok(supervisor::Started::Started) => {
+                            tracing::info!(pipeline = %key, "pipeline started")
+                        }
+                        Ok(supervisor::Started::Restarted) => {
+                            tracing::info!(pipeline = %key, "spec or secret changed: pipeline restarted")
+                        }
+                        Ok(supervisor::Started::AlreadyRunning) => {}
                     }
-                    supervisor::Started::Restarted => {
-                        tracing::info!(pipeline = %key, "spec or secret changed: pipeline restarted")
-                    }
-                    supervisor::Started::AlreadyRunning => {}
                 }
                 let observed = match (ctx.supervisor.observe(&key).await, &refused) {
+                    (_, _) if held.is_some() => {
+                        let (reason, why) = held.unwrap_or_default();
+                        Observed::Invalid(reason, why)
+                    }
                     (Some(observed), _) => observed,
                     // Nothing runs, and the spec may not: say why.
                     (None, Some(why)) => {
@@ -357,21 +370,44 @@ fn previous_request(p: &CdcPipeline) -> Option<&str> {
 /// `SourceChanged`) only: stops the ended task, runs [`pipeline::lifecycle::recover`] and
 /// publishes an Event with what was done or why not. Returns the request once it is settled
 /// (done, or refused for good), `None` when it is to be tried again at the next reconcile.
+/// What became of a `philotes.io/recover` request.
+enum Recover {
+    /// Done, or refused for good (an Event says which): not to be acted on again.
+    Settled(String),
+    /// Failed on something passing: to be tried at the next reconcile, with the pipeline
+    /// not started meanwhile (`reason`, `message` for its status).
+    Retry(String, String),
+}
+
 async fn recover(
     p: &CdcPipeline,
     ctx: &Context,
     key: &str,
     cfg: &PipelineConfig,
     request: &str,
-) -> Option<String> {
-    let (type_, reason, note) = match ctx.supervisor.ended(key).await.as_deref() {
-        Some("SlotLost" | "SourceChanged") => {
+) -> Recover {
+    // Stopped at a gap: the task ended so, or none runs and the status says so (a request
+    // retried, or the operator restarted).
+    let stopped_at = match ctx.supervisor.ended(key).await {
+        Some(reason) => Some(reason),
+        None if !ctx.supervisor.has(key).await => p
+            .status
+            .as_ref()
+            .and_then(status::ready)
+            .map(|c| c.reason.clone()),
+        None => None,
+    };
+    let (type_, reason, note) = match stopped_at.as_deref() {
+        Some(gap @ ("SlotLost" | "SourceChanged")) => {
             ctx.supervisor.stop(key).await;
             match pipeline::lifecycle::recover(cfg).await {
                 Ok(r) => (EventType::Normal, "GapRecovered", r.describe(key)),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(pipeline = %key, reason = e.reason(), "recover request {request}: {e}; trying again");
-                    return None;
+                    return Recover::Retry(
+                        gap.to_string(),
+                        format!("{RECOVER}={request} is retried: {e}"),
+                    );
                 }
                 Err(e) => (
                     EventType::Warning,
@@ -399,7 +435,7 @@ async fn recover(
     if let Err(e) = ctx.recorder.publish(&event, &p.object_ref(&())).await {
         tracing::warn!(pipeline = %key, error = %e, "cannot publish event");
     }
-    Some(request.to_string())
+    Recover::Settled(request.to_string())
 }
 
 /// Status from what was observed, metrics, Events; the next reconcile in `every`.
@@ -431,7 +467,17 @@ async fn finish(
     // change is refused even while the pipeline does not run.
     let checkpoint_of = match (&observed, &cfg, refused) {
         (Observed::Task { progress, .. }, Some(c), None) if progress.checkpoint_lsn > 0 => {
-            Some(supervisor::checkpoint_of(c))
+            // The names it streams (a checkpointed pipeline keeps those it recorded).
+            let of = supervisor::checkpoint_of(c);
+            Some(if progress.slot.is_empty() {
+                of
+            } else {
+                crate::crd::CheckpointOf {
+                    slot: progress.slot.clone(),
+                    publication: progress.publication.clone(),
+                    ..of
+                }
+            })
         }
         _ => None,
     };

@@ -58,15 +58,52 @@ impl Supervisor {
     }
 
     /// Makes sure a task runs `cfg`; restarts one that runs something else, or that failed
-    /// more than [`FAILED_RETRY`] ago.
+    /// more than [`FAILED_RETRY`] ago. Refused (`Err`, why) when another running pipeline
+    /// created earlier streams from the slot `cfg` names on the same source (`host:port/
+    /// dbname`; ties: the smaller key): two pipelines on one slot would each get part of the
+    /// changes. A running pipeline created later gives the slot up instead: it is stopped
+    /// (flushed and confirmed), and its next reconcile finds it refused. Checked and started
+    /// under one lock, so two pipelines cannot both start on one slot. Two addresses of one
+    /// server are caught when the pipeline starts (the checkpoint's identity, the slot's
+    /// position, or PostgreSQL reporting the slot active).
     pub async fn ensure(
         &self,
         key: &str,
         cfg: PipelineConfig,
         fingerprint: u64,
         created: i64,
-    ) -> Started {
+    ) -> std::result::Result<Started, String> {
         let mut tasks = self.tasks.lock().await;
+        let source = cfg.source.to_string();
+        let mut later = Vec::new();
+        for (other, task) in tasks.iter_mut() {
+            if other == key {
+                continue;
+            }
+            reap(task).await;
+            if task.ended.is_some() || task.cfg.source.to_string() != source {
+                continue;
+            }
+            if streamed_names(task).0 != cfg.slot {
+                continue;
+            }
+            if (task.created, other.as_str()) <= (created, key) {
+                return Err(format!(
+                    "CdcPipeline {key} names slot {} on source {source}, which CdcPipeline {other} (created first) streams from: \
+                     two pipelines on one slot would each get only part of the changes. Give this one its own spec.source.slot \
+                     (or leave it unset for one derived from its namespace and name), or delete one of the two",
+                    cfg.slot
+                ));
+            }
+            later.push(other.clone());
+        }
+        for other in later {
+            if let Some(task) = tasks.remove(&other) {
+                tracing::warn!(pipeline = %other, slot = %cfg.slot, "CdcPipeline {key}, created earlier, names the same slot: stopping this one");
+                self.metrics.forget_pipeline(&other);
+                stop_task(task).await;
+            }
+        }
         let mut restarted = false;
         if let Some(task) = tasks.get_mut(key) {
             reap(task).await;
@@ -75,7 +112,7 @@ impl Supervisor {
                 .as_ref()
                 .is_some_and(|(_, _, at)| at.elapsed() >= FAILED_RETRY);
             if task.fingerprint == fingerprint && !stale_failure {
-                return Started::AlreadyRunning;
+                return Ok(Started::AlreadyRunning);
             }
             if let Some(old) = tasks.remove(key) {
                 stop_task(old).await;
@@ -83,11 +120,16 @@ impl Supervisor {
             restarted = true;
         }
         tasks.insert(key.to_string(), self.spawn(cfg, fingerprint, created));
-        if restarted {
+        Ok(if restarted {
             Started::Restarted
         } else {
             Started::Started
-        }
+        })
+    }
+
+    /// Whether a task exists for `key` (running or ended).
+    pub async fn has(&self, key: &str) -> bool {
+        self.tasks.lock().await.contains_key(key)
     }
 
     fn spawn(&self, cfg: PipelineConfig, fingerprint: u64, created: i64) -> Task {
@@ -170,14 +212,20 @@ impl Supervisor {
             match tasks.get_mut(key) {
                 Some(task) => {
                     reap(task).await;
-                    (task.ended.is_none() && task.progress.borrow().checkpoint_lsn > 0)
-                        .then(|| checkpoint_of(&task.cfg))
+                    (task.ended.is_none() && task.progress.borrow().checkpoint_lsn > 0).then(|| {
+                        let (slot, publication) = streamed_names(task);
+                        CheckpointOf {
+                            slot,
+                            publication,
+                            ..checkpoint_of(&task.cfg)
+                        }
+                    })
                 }
                 None => None,
             }
         };
         let old = running.or_else(|| recorded.cloned())?;
-        let changes = identity_changes(&old, &checkpoint_of(cfg));
+        let changes = identity_changes(&old, cfg);
         (!changes.is_empty()).then(|| {
             format!(
                 "CdcPipeline {key}: the pipeline has a checkpoint, and a checkpoint belongs to one slot, publication, source and buffer: \
@@ -185,61 +233,6 @@ impl Supervisor {
                 changes.join(", ")
             )
         })
-    }
-
-    /// Why `cfg` may not run: another pipeline streams from the slot it names on the same
-    /// source (`host:port/dbname`), and that one was created first (ties: the smaller key).
-    /// Two pipelines on one slot would each get part of the changes. A running pipeline
-    /// created after `key` gives the slot up instead: it is stopped (flushed and confirmed),
-    /// and its next reconcile finds it refused. The source is compared by address; two
-    /// addresses of one server are caught when the pipeline starts (the buffer's checkpoint
-    /// or the slot's position does not match, or PostgreSQL reports the slot active).
-    pub async fn slot_taken(
-        &self,
-        key: &str,
-        cfg: &PipelineConfig,
-        created: i64,
-    ) -> Option<String> {
-        let mut tasks = self.tasks.lock().await;
-        let source = cfg.source.to_string();
-        let mut later = Vec::new();
-        for (other, task) in tasks.iter_mut() {
-            if other == key {
-                continue;
-            }
-            reap(task).await;
-            if task.ended.is_some() || task.cfg.source.to_string() != source {
-                continue;
-            }
-            // A checkpointed pipeline streams from the slot it recorded.
-            let slot = {
-                let p = task.progress.borrow();
-                if p.slot.is_empty() {
-                    task.cfg.slot.clone()
-                } else {
-                    p.slot.clone()
-                }
-            };
-            if slot != cfg.slot {
-                continue;
-            }
-            if (task.created, other.as_str()) <= (created, key) {
-                return Some(format!(
-                    "CdcPipeline {key} names slot {slot} on source {source}, which CdcPipeline {other} (created first) streams from: \
-                     two pipelines on one slot would each get only part of the changes. Give this one its own spec.source.slot \
-                     (or leave it unset for one derived from its namespace and name), or delete one of the two"
-                ));
-            }
-            later.push(other.clone());
-        }
-        for other in later {
-            if let Some(task) = tasks.remove(&other) {
-                tracing::warn!(pipeline = %other, slot = %cfg.slot, "CdcPipeline {key}, created earlier, names the same slot: stopping this one");
-                self.metrics.forget_pipeline(&other);
-                stop_task(task).await;
-            }
-        }
-        None
     }
 
     /// The reason the task of `key` ended with, if it ended.
@@ -306,29 +299,46 @@ pub fn checkpoint_of(cfg: &PipelineConfig) -> CheckpointOf {
     }
 }
 
-/// The fields of `new` that change what a checkpoint of `old` belongs to, described.
-pub fn identity_changes(old: &CheckpointOf, new: &CheckpointOf) -> Vec<String> {
+/// The slot and publication a task streams from: those it reported (a checkpointed pipeline
+/// keeps the names it recorded), else its spec's.
+fn streamed_names(task: &Task) -> (String, String) {
+    let p = task.progress.borrow();
+    if p.slot.is_empty() {
+        (task.cfg.slot.clone(), task.cfg.publication.clone())
+    } else {
+        (p.slot.clone(), p.publication.clone())
+    }
+}
+
+/// The fields of `new` that change what a checkpoint of `old` belongs to, described. A slot
+/// or publication left to its default is no change: a checkpointed pipeline keeps streaming
+/// the names it recorded (README: Upgrading from 0.1); one set explicitly must be those.
+pub fn identity_changes(old: &CheckpointOf, new: &PipelineConfig) -> Vec<String> {
     let mut changes = Vec::new();
     let mut check = |field: &str, a: &str, b: &str| {
         if a != b {
             changes.push(format!("changing {field} from {a} to {b}"));
         }
     };
-    check("spec.source.slot", &old.slot, &new.slot);
-    check(
-        "spec.source.publication",
-        &old.publication,
-        &new.publication,
-    );
+    if new.legacy_slot.is_none() {
+        check("spec.source.slot", &old.slot, &new.slot);
+    }
+    if new.legacy_publication.is_none() {
+        check(
+            "spec.source.publication",
+            &old.publication,
+            &new.publication,
+        );
+    }
     check(
         "the source server (spec.source.connectionSecretRef)",
         &old.source,
-        &new.source,
+        &new.source.to_string(),
     );
     check(
         "the buffer server (spec.buffer.connectionSecretRef)",
         &old.buffer,
-        &new.buffer,
+        &new.buffer.to_string(),
     );
     check("spec.buffer.schema", &old.buffer_schema, &new.buffer_schema);
     changes
@@ -342,13 +352,13 @@ mod tests {
     fn identity_changes_name_each_field() {
         let old = PipelineConfig::example();
         let of = checkpoint_of(&old);
-        assert!(identity_changes(&of, &of).is_empty());
+        assert!(identity_changes(&of, &old).is_empty());
         let mut new = old.clone();
         new.slot = "other".into();
         new.buffer_schema = "events".into();
         new.batch_size = 99;
         assert_eq!(
-            identity_changes(&of, &checkpoint_of(&new)),
+            identity_changes(&of, &new),
             [
                 "changing spec.source.slot from slot to other",
                 "changing spec.buffer.schema from philotes to events"

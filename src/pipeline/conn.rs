@@ -208,7 +208,9 @@ impl ConnInfo {
     fn connect_error(&self, target: &'static str, e: &tokio_postgres::Error) -> Error {
         let message = describe_pg_error(e);
         let endpoint = self.to_string();
-        if refused_by_tls(e) {
+        // A certificate the sslmode refuses, or a server without TLS where `require` asks
+        // for it: the same answer until someone changes the server or the URI.
+        if refused_by_tls(e) || message.contains("does not support TLS") {
             return Error::Tls {
                 target,
                 endpoint,

@@ -1117,11 +1117,17 @@ fn stream_error(cfg: &PipelineConfig, e: PgWireError) -> Error {
             _ => Error::Stream(text),
         },
         // A certificate the sslmode refuses stays refused.
-        PgWireError::Tls(m) if m.to_lowercase().contains("certificate") => Error::Tls {
+        PgWireError::Tls(m)
+            if ["certificate", "config", "not support", "unsupported"]
+                .iter()
+                .any(|w| m.to_lowercase().contains(w)) =>
+        {
+            Error::Tls {
             target: "source",
             endpoint: cfg.source.to_string(),
             message: m,
-        },
+        }
+        }
         PgWireError::Io(_) | PgWireError::Tls(_) => Error::Unreachable {
             target: "source",
             endpoint: cfg.source.to_string(),
