@@ -145,6 +145,11 @@ pub struct SourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub stream_timeout: Option<String>,
+    /// Create the slot with `failover = true` (PostgreSQL 17+), so a standby with
+    /// `sync_replication_slots = on` keeps a synchronised copy and the pipeline continues
+    /// exactly once after a failover to it. Default false; refused on older sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_slot: Option<bool>,
 }
 
 /// One entry of `spec.source.tables`: a name, or a name with a column list and a row

@@ -202,6 +202,80 @@ impl Cluster {
         self.dir.path().join("data")
     }
 
+    /// A hot standby of `primary`, from a copy of its data directory taken while it is
+    /// stopped (the primary is started again): streaming from it with `primary_conninfo`,
+    /// plus `extra_conf` (e.g. `primary_slot_name`, `sync_replication_slots`).
+    pub fn standby_of(primary: &mut Cluster, extra_conf: &[String]) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("philotes-pg-").tempdir()?;
+        let standby = Cluster {
+            dir,
+            bindir: primary.bindir.clone(),
+            port: free_port()?,
+            password: primary.password.clone(),
+            as_postgres: primary.as_postgres,
+            running: false,
+        };
+        if standby.as_postgres {
+            chown_to_postgres(standby.dir.path())?;
+        }
+        primary.stop_server("fast")?;
+        let copied = {
+            let mut cp = if standby.as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--", "cp"]);
+                c
+            } else {
+                Command::new("cp")
+            };
+            cp.arg("-a")
+                .arg(primary.data_dir())
+                .arg(standby.data_dir())
+                .status()
+        };
+        primary.start_server()?;
+        if !copied.is_ok_and(|s| s.success()) {
+            bail!("cannot copy the primary's data directory");
+        }
+        let data = standby.data_dir();
+        // As pg_basebackup does: the primary's slots are its own (a standby gets copies of
+        // failover slots from its slot sync worker).
+        for slot in std::fs::read_dir(data.join("pg_replslot"))? {
+            std::fs::remove_dir_all(slot?.path())?;
+        }
+        let mut conf = vec![
+            format!("port = {}", standby.port),
+            format!(
+                "unix_socket_directories = '{}'",
+                path_str(standby.dir.path())?
+            ),
+            format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres password={} dbname=postgres'",
+                primary.port, primary.password
+            ),
+            "hot_standby = on".into(),
+        ];
+        conf.extend(extra_conf.iter().cloned());
+        append(&data.join("postgresql.conf"), &conf.join("\n"))?;
+        let signal = data.join("standby.signal");
+        std::fs::write(&signal, "")?;
+        if standby.as_postgres {
+            chown_to_postgres(&signal)?;
+        }
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let mut standby = standby;
+        standby.start_server()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (a new timeline), waiting until it is one.
+    pub fn promote(&self) -> Result<()> {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&data)?, "-w", "-t", "60", "promote"],
+        )
+    }
+
     pub fn password(&self) -> &str {
         &self.password
     }

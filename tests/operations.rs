@@ -737,3 +737,143 @@ async fn a_value_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
         .get(0);
     assert_eq!(letters, 2, "nothing more set aside");
 }
+
+/// `spec.source.failoverSlot` (PostgreSQL 17+): the slot is created with `failover = true`, a
+/// standby with `sync_replication_slots` keeps a copy, and after the standby is promoted and
+/// the pipeline pointed at it, it continues exactly once (same system, new timeline). On
+/// 14-16 the option is refused with the version needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_survives_promoting_a_standby() {
+    let mut primary = own_cluster(philotes::embedded::ClusterOptions::default());
+    let src = fresh_db(&primary, "fo_src").await;
+    let buf = fresh_db(shared(), "fo_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let version: i32 = db
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    let with_failover = |source: &str| {
+        manifest("failover", source, &buf, &["t"], "flushInterval: 100ms")
+            .replace("    tables: [", "    failoverSlot: true\n    tables: [")
+    };
+    let file = manifest_file(&with_failover(&src));
+    if version < 170000 {
+        let (code, out) = catch_up_cli(file.path());
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("spec.source.failoverSlot needs PostgreSQL 17 or newer"),
+            "{out}"
+        );
+        return;
+    }
+    // The standby's physical slot.
+    db.batch_execute("SELECT pg_create_physical_replication_slot('standby')")
+        .await
+        .unwrap();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    let failover: bool = db
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'philotes_test_failover'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failover);
+    drop(db);
+    let standby = philotes::embedded::Cluster::standby_of(
+        &mut primary,
+        &[
+            "primary_slot_name = 'standby'".into(),
+            "hot_standby_feedback = on".into(),
+            "sync_replication_slots = on".into(),
+        ],
+    )
+    .expect("a standby");
+    let db = connect(&src).await;
+    let insert = |from: i32, to: i32| {
+        let db = &db;
+        async move {
+            db.batch_execute(&format!(
+                "INSERT INTO t SELECT generate_series({from}, {to})"
+            ))
+            .await
+            .unwrap();
+        }
+    };
+    insert(1, 100).await;
+    // The standby persists its copy of the slot once the slot has moved past where the
+    // standby began: a running-transactions record for it to move to, then consume.
+    db.batch_execute("SELECT pg_log_standby_snapshot()")
+        .await
+        .unwrap();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    // Written on the primary, not yet captured: the standby must carry them over.
+    insert(101, 150).await;
+    let target: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let standby_db = connect(&standby.uri("fo_src")).await;
+    eventually(
+        "the standby to replay everything and hold a synchronised slot",
+        Duration::from_secs(90),
+        || {
+            let (s, target) = (&standby_db, &target);
+            async move {
+                let ok: bool = s
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn
+                            AND EXISTS (SELECT 1 FROM pg_replication_slots
+                                        WHERE slot_name = 'philotes_test_failover' AND synced AND NOT temporary)",
+                        &[target],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                ok.then_some(())
+            }
+        },
+    )
+    .await;
+    drop(db);
+    primary.stop_server("fast").unwrap();
+    standby.promote().expect("promote");
+
+    // The Secret now points at the new primary: same system, a new timeline.
+    let moved = manifest_file(&with_failover(&standby.uri("fo_src")));
+    let (code, out) = catch_up_cli(moved.path());
+    assert_eq!(code, 0, "{out}");
+    standby_db
+        .batch_execute("INSERT INTO t SELECT generate_series(151, 200)")
+        .await
+        .unwrap();
+    let (code, out) = catch_up_cli(moved.path());
+    assert_eq!(code, 0, "{out}");
+    let buffer = connect(&buf).await;
+    let ids: Vec<i32> = column(
+        &buffer,
+        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/failover' ORDER BY commit_lsn, seq",
+    )
+    .await;
+    assert_eq!(ids, (1..=200).collect::<Vec<_>>(), "every row exactly once");
+    let timeline: Vec<Option<i32>> = column(
+        &buffer,
+        "SELECT timeline FROM philotes.cdc_checkpoints WHERE pipeline = 'test/failover'",
+    )
+    .await;
+    assert_eq!(timeline, [Some(2)], "the promoted standby's timeline");
+    let report = philotes::verify::verify(&config(&with_failover(&standby.uri("fo_src"))))
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report}");
+}

@@ -209,6 +209,8 @@ pub struct PipelineConfig {
     pub tables: Vec<TableName>,
     /// Column lists and row filters, for the tables that have one.
     pub filters: BTreeMap<TableName, TableFilter>,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
     pub publication: String,
     pub slot: String,
     pub buffer_schema: String,
@@ -393,6 +395,7 @@ impl PipelineConfig {
             buffer,
             tables,
             filters,
+            failover_slot: spec.source.failover_slot.unwrap_or(false),
             publication,
             slot,
             buffer_schema,
@@ -419,6 +422,7 @@ impl PipelineConfig {
             buffer: conn,
             tables: vec![],
             filters: BTreeMap::new(),
+            failover_slot: false,
             publication: "pub".into(),
             slot: "slot".into(),
             buffer_schema: "philotes".into(),

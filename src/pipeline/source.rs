@@ -60,6 +60,17 @@ pub async fn provision(
     for table in &cfg.tables {
         check_table(client, cfg, table).await?;
     }
+    if cfg.failover_slot {
+        let version = server_version(client).await.map_err(q)?;
+        if version < 170000 {
+            return Err(Error::SourceSetup(format!(
+                "spec.source.failoverSlot needs PostgreSQL 17 or newer (failover slots); the source database {src} runs {}.{}; \
+                 leave it unset, or upgrade the source",
+                version / 10000,
+                version % 10000 / 100
+            )));
+        }
+    }
     if !cfg.filters.is_empty() {
         let version = server_version(client).await.map_err(q)?;
         for (i, table) in cfg.tables.iter().enumerate() {
@@ -526,6 +537,8 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
 /// A slot as `pg_replication_slots` shows it.
 struct SlotRow {
     kind: String,
+    /// Created with `failover = true` (PostgreSQL 17+).
+    failover: bool,
     plugin: Option<String>,
     database: Option<String>,
     state: SlotState,
@@ -546,7 +559,8 @@ async fn slot_row(client: &Client, cfg: &PipelineConfig) -> Result<Option<SlotRo
     let row = client
         .query_opt(
             "SELECT slot_type, plugin, database, wal_status, confirmed_flush_lsn::text, \
-                    to_jsonb(s)->>'conflicting', to_jsonb(s)->>'invalidation_reason' \
+                    to_jsonb(s)->>'conflicting', to_jsonb(s)->>'invalidation_reason', \
+                    coalesce((to_jsonb(s)->>'failover')::boolean, false) \
              FROM pg_replication_slots s WHERE slot_name = $1",
             &[&cfg.slot],
         )
@@ -569,6 +583,7 @@ async fn slot_row(client: &Client, cfg: &PipelineConfig) -> Result<Option<SlotRo
             kind: row.get(0),
             plugin: row.get(1),
             database: row.get(2),
+            failover: row.get(7),
             state: SlotState {
                 confirmed_flush_lsn: row.get::<_, Option<&str>>(4).and_then(lsn::parse),
                 invalidated,
@@ -583,10 +598,20 @@ pub async fn slot_state(client: &Client, cfg: &PipelineConfig) -> Result<Option<
 }
 
 /// Creates the pipeline's logical slot; returns where it begins.
+/// The statement that creates the pipeline's slot (`$1`: its name), as a failover slot when
+/// `spec.source.failoverSlot` asks (PostgreSQL 17+).
+fn create_slot_sql(cfg: &PipelineConfig) -> &'static str {
+    if cfg.failover_slot {
+        "SELECT * FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT * FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    }
+}
+
 pub async fn create_slot(client: &Client, cfg: &PipelineConfig) -> Result<u64> {
     let row = client
         .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &format!("SELECT lsn::text FROM ({}) created", create_slot_sql(cfg)),
             &[&cfg.slot],
         )
         .await
@@ -631,12 +656,7 @@ async fn ensure_slot(
         if let Some(lsn) = checkpoint {
             identity::check_slot(cfg, lsn, None)?;
         }
-        let created = client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[slot],
-            )
-            .await;
+        let created = client.execute(create_slot_sql(cfg), &[slot]).await;
         return match created {
             Ok(_) => Ok(true),
             Err(e) if e.code().map(|c| c.code()) == Some("42710") => {
@@ -650,7 +670,16 @@ async fn ensure_slot(
         plugin,
         database,
         state,
+        failover,
     } = row;
+    if cfg.failover_slot && !failover {
+        return Err(Error::SourceSetup(format!(
+            "replication slot {slot} on the source database {} is not a failover slot, but spec.source.failoverSlot asks for one; \
+             make it one (ALTER_REPLICATION_SLOT {slot} (FAILOVER true) on a replication connection, with the slot not in use) \
+             or unset spec.source.failoverSlot",
+            cfg.source
+        )));
+    }
     if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
         return Err(Error::SourceSetup(format!(
             "replication slot {slot} already exists on the source database {} as a {kind} slot with plugin {}; \
