@@ -147,7 +147,10 @@ pub async fn verify(cfg: &PipelineConfig) -> Result<Report> {
         .map_err(q)?
         .map(|r| r.get(0));
     let current: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(
+            &format!("SELECT {}::text", crate::pipeline::source::CURRENT_WAL_LSN),
+            &[],
+        )
         .await
         .map_err(|e| Error::Stream(describe_pg_error(&e)))?
         .get(0);

@@ -877,3 +877,155 @@ async fn a_failover_slot_survives_promoting_a_standby() {
         .unwrap();
     assert!(report.ok(), "{report}");
 }
+
+/// A hot standby as the source (PostgreSQL 16+): the slot is the standby's own, the
+/// publication comes from the primary (a missing one is named with the statement to run
+/// there), and the changes made on the primary arrive exactly once. On 14-15: refused with
+/// the version needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_a_source() {
+    let mut primary = own_cluster(philotes::embedded::ClusterOptions::default());
+    let src = fresh_db(&primary, "sb_src").await;
+    let buf = fresh_db(shared(), "sb_buf").await;
+    let db = connect(&src).await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         SELECT pg_create_physical_replication_slot('standby');",
+    )
+    .await
+    .unwrap();
+    drop(db);
+    let standby = philotes::embedded::Cluster::standby_of(
+        &mut primary,
+        &[
+            "primary_slot_name = 'standby'".into(),
+            "hot_standby_feedback = on".into(),
+        ],
+    )
+    .expect("a standby");
+    let db = connect(&src).await;
+    let version: i32 = db
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    let on_standby = manifest(
+        "fromstandby",
+        &standby.uri("sb_src"),
+        &buf,
+        &["t"],
+        "flushInterval: 100ms",
+    )
+    .replace(
+        "    tables: [",
+        "    publication: standby_pub\n    tables: [",
+    );
+    let file = manifest_file(&on_standby);
+    if version < 160000 {
+        let (code, out) = catch_up_cli(file.path());
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("logical decoding on a standby needs PostgreSQL 16 or newer"),
+            "{out}"
+        );
+        return;
+    }
+    // No publication yet: a standby cannot create one; the message says what to run where.
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("is a standby (read-only)")
+            && out.contains("CREATE PUBLICATION \"standby_pub\" FOR TABLE \"public\".\"t\""),
+        "{out}"
+    );
+    db.batch_execute(
+        "CREATE PUBLICATION standby_pub FOR TABLE t WITH (publish_via_partition_root = true)",
+    )
+    .await
+    .unwrap();
+    // A slot on a standby waits for the primary to log the running transactions.
+    let nudge = {
+        let src = src.clone();
+        tokio::spawn(async move {
+            let db = connect(&src).await;
+            loop {
+                let _ = db.batch_execute("SELECT pg_log_standby_snapshot()").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let standby_db = connect(&standby.uri("sb_src")).await;
+    eventually(
+        "the publication on the standby",
+        Duration::from_secs(30),
+        || {
+            let s = &standby_db;
+            async move {
+                let n: i64 = s
+                    .query_one(
+                        "SELECT count(*) FROM pg_publication WHERE pubname = 'standby_pub'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let target: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually(
+        "the standby to replay the writes",
+        Duration::from_secs(30),
+        || {
+            let (s, target) = (&standby_db, &target);
+            async move {
+                let ok: bool = s
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[target],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                ok.then_some(())
+            }
+        },
+    )
+    .await;
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    nudge.abort();
+    let buffer = connect(&buf).await;
+    let ids: Vec<i32> = column(
+        &buffer,
+        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/fromstandby' ORDER BY commit_lsn, seq",
+    )
+    .await;
+    assert_eq!(ids, (1..=100).collect::<Vec<_>>(), "every row exactly once");
+    let slot_on_standby: i64 = standby_db
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'philotes_test_fromstandby'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slot_on_standby, 1);
+    let report = philotes::verify::verify(&config(&on_standby))
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report}");
+}

@@ -23,6 +23,11 @@ pub struct Provisioned {
     pub current_wal_lsn: u64,
 }
 
+/// The source's WAL position: where it writes, or on a standby (PostgreSQL 16+ decodes on
+/// one), what it has replayed.
+pub const CURRENT_WAL_LSN: &str =
+    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)";
+
 /// Checks the source can stream the listed tables, then creates or adopts the publication and
 /// the slot. Every refusal names the object and what to change. `checkpoint` is where the
 /// pipeline's buffer is complete up to, if it has a checkpoint: its slot must then exist, be
@@ -57,6 +62,24 @@ pub async fn provision(
         )));
     }
 
+    // A standby decodes from PostgreSQL 16 on (the slot is its own; the publication comes
+    // from the primary, since a standby is read-only).
+    let standby: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    if standby {
+        let version = server_version(client).await.map_err(q)?;
+        if version < 160000 {
+            return Err(Error::SourceSetup(format!(
+                "the source database {src} is a standby running {}.{}; logical decoding on a standby needs PostgreSQL 16 or newer: \
+                 point the pipeline at the primary, or upgrade",
+                version / 10000,
+                version % 10000 / 100
+            )));
+        }
+    }
     for table in &cfg.tables {
         check_table(client, cfg, table).await?;
     }
@@ -85,7 +108,9 @@ pub async fn provision(
 
     let row = client
         .query_one(
-            "SELECT confirmed_flush_lsn::text, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT confirmed_flush_lsn::text, {CURRENT_WAL_LSN}::text FROM pg_replication_slots WHERE slot_name = $1"
+            ),
             &[&cfg.slot],
         )
         .await
@@ -379,6 +404,19 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
         .await
         .map_err(err)?;
     let wanted: BTreeSet<String> = cfg.tables.iter().map(|t| t.to_string()).collect();
+    let read_only: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    if existing.is_none() && read_only {
+        return Err(Error::SourceSetup(format!(
+            "the source database {} is a standby (read-only), and publication {name} does not exist there: create it on the primary \
+             (it reaches the standby by replication): {}",
+            cfg.source,
+            create_publication_sql(cfg, name)
+        )));
+    }
     let Some(row) = existing else {
         // Created and checked in one transaction: if the publication holds anything but the
         // listed tables (a row filter that closed its parenthesis early), nothing stays.
@@ -735,7 +773,7 @@ pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
         .query_one(
             // Columns and settings of newer versions are read by name (to_jsonb, pg_settings),
             // so one query serves 14 to 18.
-            "SELECT pg_current_wal_lsn()::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false), \
+            &format!("SELECT {CURRENT_WAL_LSN}::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size, coalesce(s.active, false), \
                     to_jsonb(s)->>'invalidation_reason', \
                     to_char((to_jsonb(s)->>'inactive_since')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                     extract(epoch FROM now() - (to_jsonb(s)->>'inactive_since')::timestamptz)::bigint, \
@@ -743,7 +781,7 @@ pub async fn slot_stats(client: &Client, slot: &str) -> Result<SlotStats> {
                        FROM pg_settings WHERE name = 'max_slot_wal_keep_size' AND setting <> '-1'), \
                     (SELECT (setting::numeric * CASE unit WHEN 'min' THEN 60 WHEN 'ms' THEN 0.001 ELSE 1 END)::bigint \
                        FROM pg_settings WHERE name = 'idle_replication_slot_timeout' AND setting <> '0') \
-             FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+             FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1"),
             &[&slot],
         )
         .await
