@@ -1029,3 +1029,73 @@ async fn a_standby_is_a_source() {
         .unwrap();
     assert!(report.ok(), "{report}");
 }
+
+/// A standby that was behind is promoted and the pipeline pointed at it: its new timeline
+/// branched off before the pipeline's checkpoint (the old primary's last transactions, in the
+/// buffer, never reached it). That history is reported (`SourceChanged`), never merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_that_was_behind_is_refused() {
+    let mut primary = own_cluster(philotes::embedded::ClusterOptions::default());
+    let src = fresh_db(&primary, "behind_src").await;
+    let buf = fresh_db(shared(), "behind_buf").await;
+    connect(&src)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut standby =
+        philotes::embedded::Cluster::standby_of(&mut primary, &[]).expect("a standby");
+    let file = manifest_file(&manifest(
+        "behind",
+        &src,
+        &buf,
+        &["t"],
+        "flushInterval: 100ms",
+    ));
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    // The standby stops following; the primary goes on, and the pipeline captures it.
+    standby.stop_server("fast").unwrap();
+    connect(&src)
+        .await
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 50)")
+        .await
+        .unwrap();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 0, "{out}");
+    primary.stop_server("immediate").unwrap();
+    standby.start_server().unwrap();
+    standby.promote().expect("promote");
+    let moved = manifest_file(&manifest(
+        "behind",
+        &standby.uri("behind_src"),
+        &buf,
+        &["t"],
+        "flushInterval: 100ms",
+    ));
+    let (code, out) = catch_up_cli(moved.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("SourceChanged"), "{out}");
+    assert!(out.contains("a promoted replica that was behind"), "{out}");
+    // Once the new primary has written past the checkpoint, its timeline's history says where
+    // it branched off: still refused.
+    connect(&standby.uri("behind_src"))
+        .await
+        .batch_execute("INSERT INTO t SELECT generate_series(1000, 3000)")
+        .await
+        .unwrap();
+    let (code, out) = catch_up_cli(moved.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("SourceChanged") && out.contains("timeline"), "{out}");
+    // Nothing of the new timeline was written.
+    let buffer = connect(&buf).await;
+    let n: i64 = buffer
+        .query_one(
+            "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/behind'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+}
