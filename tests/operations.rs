@@ -1086,7 +1086,10 @@ async fn a_promoted_standby_that_was_behind_is_refused() {
         .unwrap();
     let (code, out) = catch_up_cli(moved.path());
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("SourceChanged") && out.contains("timeline"), "{out}");
+    assert!(
+        out.contains("SourceChanged") && out.contains("timeline"),
+        "{out}"
+    );
     // Nothing of the new timeline was written.
     let buffer = connect(&buf).await;
     let n: i64 = buffer
