@@ -715,19 +715,7 @@ async fn an_edited_migration_is_refused() {
         .batch_execute("UPDATE philotes._sqlx_migrations SET checksum = '\\x00' WHERE version = 2")
         .await
         .unwrap();
-    let r = start(
-        cfg.clone(),
-        RunOptions {
-            until_caught_up: true,
-            retry_setup: false,
-            ..RunOptions::default()
-        },
-    );
-    let err = tokio::time::timeout(Duration::from_secs(60), r.handle)
-        .await
-        .expect("the start ends within 60s")
-        .expect("pipeline task")
-        .expect_err("an edited migration is refused");
+    let err = start_fails(cfg.clone(), "an edited migration is refused").await;
     assert_eq!(err.reason(), "BufferNotReady", "{err}");
     let message = err.to_string();
     assert!(
@@ -926,13 +914,7 @@ async fn a_slot_near_max_slot_wal_keep_size_is_reported_then_its_invalidation() 
     db.batch_execute("SELECT pg_create_logical_replication_slot('risk', 'pgoutput')")
         .await
         .unwrap();
-    let version: i32 = db
-        .query_one("SHOW server_version_num", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let version = server_version(&db).await;
     let cfg = {
         let mut cfg = config(&manifest("risk", &uri, &uri, &["t"], ""));
         cfg.slot = "risk".into();
@@ -1034,13 +1016,7 @@ async fn column_lists_and_row_filters_capture_in_part() {
          CREATE TABLE g (id int PRIMARY KEY);",
     )
     .await;
-    let version: i32 = source
-        .query_one("SHOW server_version_num", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let version = server_version(&source).await;
     let with_tables = |tables: &str| {
         config(
             &manifest("filtered", &src, &buf, &["f"], FAST)
@@ -1049,14 +1025,7 @@ async fn column_lists_and_row_filters_capture_in_part() {
     };
     let cfg = with_tables(r#"[{name: f, columns: [id, name, status], where: "id < 100"}]"#);
     if version < 150000 {
-        let r = start(
-            cfg.clone(),
-            RunOptions {
-                until_caught_up: true,
-                ..RunOptions::default()
-            },
-        );
-        let err = r.handle.await.unwrap().expect_err("refused on 14");
+        let err = start_fails(cfg.clone(), "refused on 14").await;
         assert!(
             err.to_string().contains("needs PostgreSQL 15 or newer")
                 && err.to_string().contains("spec.source.tables[0]"),
@@ -1112,18 +1081,7 @@ async fn column_lists_and_row_filters_capture_in_part() {
     plain.id = "test/plain".into();
     plain.slot = "plain_slot".into();
     plain.publication = "narrower".into();
-    let r = start(
-        plain,
-        RunOptions {
-            until_caught_up: true,
-            ..RunOptions::default()
-        },
-    );
-    let err = r
-        .handle
-        .await
-        .unwrap()
-        .expect_err("a narrower publication is refused");
+    let err = start_fails(plain, "a narrower publication is refused").await;
     assert!(
         err.to_string().contains("rows WHERE") && err.to_string().contains("rows all"),
         "{err}"
@@ -1135,14 +1093,7 @@ async fn column_lists_and_row_filters_capture_in_part() {
     outside.id = "test/outside".into();
     outside.slot = "outside_slot".into();
     outside.publication = "outside_pub".into();
-    let r = start(
-        outside,
-        RunOptions {
-            until_caught_up: true,
-            ..RunOptions::default()
-        },
-    );
-    let err = r.handle.await.unwrap().expect_err("refused");
+    let err = start_fails(outside, "refused").await;
     assert!(
         err.to_string().contains("replica identity")
             && err.to_string().contains("nothing was created"),
@@ -1158,14 +1109,7 @@ async fn column_lists_and_row_filters_capture_in_part() {
     sneaky.id = "test/sneaky".into();
     sneaky.slot = "sneaky_slot".into();
     sneaky.publication = "sneaky_pub".into();
-    let r = start(
-        sneaky,
-        RunOptions {
-            until_caught_up: true,
-            ..RunOptions::default()
-        },
-    );
-    let err = r.handle.await.unwrap().expect_err("refused");
+    let err = start_fails(sneaky, "refused").await;
     assert!(err.to_string().contains("spec.source.tables"), "{err}");
     let left: i64 = source
         .query_one(

@@ -123,29 +123,7 @@ async fn large_transaction_streams_in_bounded_memory() {
         ))
         .await
         .unwrap();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = spawn_run(file.path(), &["--until-caught-up"], log.path());
-    let pid = child.id();
-    let mut peak_kib = 0;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(kib) = peak_rss_kib(pid) {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no catch-up after 300s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(log.path()).unwrap_or_default()
-    );
+    let peak_kib = catch_up_measuring_rss(file.path()).await;
     let buffer = connect(&buf).await;
     let n: i64 = buffer
         .query_one(
@@ -184,29 +162,7 @@ async fn a_backlog_of_wide_rows_streams_in_memory_bounded_by_bytes() {
             .await
             .unwrap();
     }
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = spawn_run(file.path(), &["--until-caught-up"], log.path());
-    let pid = child.id();
-    let mut peak_kib = 0;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(kib) = peak_rss_kib(pid) {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no catch-up after 300s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(log.path()).unwrap_or_default()
-    );
+    let peak_kib = catch_up_measuring_rss(file.path()).await;
     let buffer = connect(&buf).await;
     let (n, bytes): (i64, i64) = buffer
         .query_one(

@@ -751,13 +751,7 @@ async fn a_failover_slot_survives_promoting_a_standby() {
     db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await
         .unwrap();
-    let version: i32 = db
-        .query_one("SHOW server_version_num", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let version = server_version(&db).await;
     let with_failover = |source: &str| {
         manifest("failover", source, &buf, &["t"], "flushInterval: 100ms")
             .replace("    tables: [", "    failoverSlot: true\n    tables: [")
@@ -904,13 +898,7 @@ async fn a_standby_is_a_source() {
     )
     .expect("a standby");
     let db = connect(&src).await;
-    let version: i32 = db
-        .query_one("SHOW server_version_num", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0)
-        .parse()
-        .unwrap();
+    let version = server_version(&db).await;
     let on_standby = manifest(
         "fromstandby",
         &standby.uri("sb_src"),

@@ -680,3 +680,59 @@ pub fn catch_up_cli(file: &std::path::Path) -> (i32, String) {
         "--until-caught-up",
     ])
 }
+
+/// `server_version_num` of the server behind `client` (e.g. 170004).
+pub async fn server_version(client: &Client) -> i32 {
+    client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .expect("SHOW server_version_num")
+        .get::<_, String>(0)
+        .parse()
+        .expect("a number")
+}
+
+/// Runs `cfg` in-process to its catch-up and returns the error it must stop with.
+pub async fn start_fails(cfg: PipelineConfig, what: &str) -> pipeline::Error {
+    let r = start(
+        cfg,
+        RunOptions {
+            until_caught_up: true,
+            ..RunOptions::default()
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(120), r.handle)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still running after 120s"))
+        .expect("pipeline task")
+        .expect_err(what)
+}
+
+/// Runs `philotes run -f <file> --until-caught-up` to its end, sampling its peak resident
+/// memory (peak KiB). Panics with its log when it fails or runs over 300 s.
+pub async fn catch_up_measuring_rss(file: &std::path::Path) -> u64 {
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let mut child = spawn_run(file, &["--until-caught-up"], log.path());
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("wait for philotes") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no catch-up after 300s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    peak_kib
+}
