@@ -959,7 +959,10 @@ async fn a_lost_slot_is_recovered_by_annotation() {
                 .collect::<Vec<_>>()
         }
     };
-    assert!(reasons().await.contains(&"GapRecovered".to_string()));
+    let seen = reasons().await;
+    for reason in ["SlotLost", "GapRecovered"] {
+        assert!(seen.contains(&reason.to_string()), "{reason}: {seen:?}");
+    }
 
     // A new request while nothing is lost changes nothing.
     annotate("r2").await;
