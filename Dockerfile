@@ -5,6 +5,9 @@
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
+# The shipped binary carries no debug info and no symbols (about 21 MB instead of about
+# 150 MB); the release profile in Cargo.toml keeps line tables for local profiling.
+ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 # 1. Dependencies only, against a stub crate.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src migrations examples \
