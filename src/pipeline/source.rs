@@ -374,14 +374,14 @@ fn create_publication_sql(cfg: &PipelineConfig, name: &str) -> String {
                 .get(t)
                 .map(TableFilter::publication_clause)
                 .unwrap_or_default();
-            format!("TABLE {}{clause}", t.quoted())
+            format!("{}{clause}", t.quoted())
         })
         .collect::<Vec<_>>()
         .join(", ");
     // Via the root: a partitioned table's changes arrive under its own name, from every
     // partition, present and future.
     format!(
-        "CREATE PUBLICATION {} FOR {list} WITH (publish_via_partition_root = true)",
+        "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
         quote_ident(name)
     )
 }
