@@ -136,6 +136,17 @@ fn pipeline(name: &str, tables: &[&str], extra: serde_json::Value) -> CdcPipelin
     .unwrap()
 }
 
+/// Sets `spec.suspend` of pipeline `name`.
+async fn set_suspend(api: &Api<CdcPipeline>, name: &str, on: bool) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"suspend": on}})),
+    )
+    .await
+    .unwrap();
+}
+
 /// Waits until the pipeline's status satisfies `done`; panics with the last status.
 async fn wait_status(
     api: &Api<CdcPipeline>,
@@ -710,20 +721,7 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
     })
     .await;
     // Suspended, the first still owns the slot: its checkpoint belongs to it.
-    let suspend = |on: bool| {
-        let pipelines = pipelines.clone();
-        async move {
-            pipelines
-                .patch(
-                    "first",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"suspend": on}})),
-                )
-                .await
-                .unwrap();
-        }
-    };
-    suspend(true).await;
+    set_suspend(&pipelines, "first", true).await;
     wait_status(&pipelines, "first", "the first pipeline suspended", |s| {
         s.phase.as_deref() == Some("Suspended")
     })
@@ -747,7 +745,7 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
         "{message}"
     );
     assert_eq!(s.phase.as_deref(), Some("Failed"));
-    suspend(false).await;
+    set_suspend(&pipelines, "first", false).await;
     wait_status(
         &pipelines,
         "first",
@@ -861,20 +859,7 @@ async fn a_lost_slot_is_recovered_by_annotation() {
         async move { (events_count(b, "recover/p").await == 10).then_some(()) }
     })
     .await;
-    let suspend = |on: bool| {
-        let pipelines = pipelines.clone();
-        async move {
-            pipelines
-                .patch(
-                    "p",
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"suspend": on}})),
-                )
-                .await
-                .unwrap();
-        }
-    };
-    suspend(true).await;
+    set_suspend(&pipelines, "p", true).await;
     wait_status(&pipelines, "p", "suspended", |s| {
         s.phase.as_deref() == Some("Suspended")
     })
@@ -890,7 +875,7 @@ async fn a_lost_slot_is_recovered_by_annotation() {
     db.batch_execute("INSERT INTO t SELECT generate_series(11, 15)")
         .await
         .unwrap();
-    suspend(false).await;
+    set_suspend(&pipelines, "p", false).await;
     let s = wait_status(&pipelines, "p", "SlotLost", |s| {
         ready(s) == ("False".into(), "SlotLost".into())
     })
