@@ -19,6 +19,7 @@ pub const DEFAULT_STATUS_INTERVAL: &str = "10s";
 pub const DEFAULT_STREAM_TIMEOUT: &str = "60s";
 pub const DEFAULT_BUFFER_SCHEMA: &str = "philotes";
 pub const DEFAULT_SECRET_KEY: &str = "uri";
+pub const DEFAULT_SNAPSHOT_CHUNK_SIZE: u32 = 10_000;
 
 /// Pattern every duration field must match: the Kubernetes/Go form such as `250ms`, `5s`, `1m30s`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
@@ -80,6 +81,53 @@ pub struct CdcPipelineSpec {
     /// pipeline's checkpoint (its events stay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_deletion_policy: Option<SlotDeletionPolicy>,
+    /// Copying the rows the tables already hold (README: Snapshots). By default a new
+    /// pipeline copies every listed table, and a table added later is copied when it is
+    /// added, while the other tables keep streaming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSpec>,
+}
+
+/// How existing rows are copied.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// `Initial` (default): a new pipeline, and a table added to `spec.source.tables`, is
+    /// copied first (as `SNAPSHOT` events) while changes keep streaming. `Never`: only
+    /// changes made after the slot exists are captured. A pipeline that already has a
+    /// checkpoint is not copied again when this changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<SnapshotMode>,
+    /// Rows read from the source per chunk, at most (each chunk is one short read-only
+    /// transaction on the source; memory is bounded by one chunk, at most 16 MB of rows).
+    /// Default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub chunk_size: Option<u32>,
+    /// Copy these tables again, while the others stream. Carried out once per `id`: change
+    /// the id to ask again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncSpec>,
+}
+
+/// A request to copy some tables again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResyncSpec {
+    /// Names this request; a table is copied once per id.
+    #[schemars(length(min = 1))]
+    pub id: String,
+    /// Tables to copy again, as in `spec.source.tables` (names only); each must be listed
+    /// there.
+    #[schemars(length(min = 1))]
+    pub tables: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotMode {
+    #[default]
+    Initial,
+    Never,
 }
 
 /// What happens to a change the buffer cannot store as an event (a text value that is not
@@ -289,9 +337,29 @@ pub struct CdcPipelineStatus {
     /// carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recover_request: Option<String>,
+    /// Snapshots of existing rows, per table (README: Snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<TableSnapshotStatus>,
     /// Latest observations of the pipeline's state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One table's snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TableSnapshotStatus {
+    /// `schema.table`.
+    pub table: String,
+    /// `Pending`, `Copying`, `Done`, or `Skipped` (captured without a snapshot).
+    pub phase: String,
+    /// Rows copied so far.
+    pub rows_copied: i64,
+    /// The source's estimate of the table's rows (`pg_class.reltuples`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_estimate: Option<i64>,
+    /// What asked for it (`initial`, `added`, `resync:<id>`, `gap:<lsn>`, `cli:<time>`).
+    pub request: String,
 }
 
 /// The source, buffer and names a checkpoint belongs to (no credentials).

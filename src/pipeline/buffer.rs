@@ -25,6 +25,9 @@ use super::decode::{write_json_string, Change, Operation, Relation};
 use super::error::{Error, Result};
 use super::identity::Recorded;
 use super::lsn;
+use super::snapshot::{Phase, TableState};
+use super::config::TableName;
+use crate::crd::SnapshotMode;
 
 /// Classifies an error of the buffer: what retrying can heal (the server restarting,
 /// read-only for a while, the network) is [`Error::Buffer`]; a write the buffer refuses for
@@ -237,6 +240,98 @@ impl Buffer {
         Ok(())
     }
 
+    /// The snapshots this start has to carry out, after recording what the spec asks for:
+    /// every listed table of a new pipeline (`spec.snapshot.mode: Initial`), a table added
+    /// to a pipeline that has snapshots, and the tables of a `spec.snapshot.resync` request
+    /// not carried out yet. A pipeline of an earlier release (a checkpoint, no snapshots
+    /// recorded) has its tables recorded as `Skipped`: upgrading copies nothing.
+    /// Returns every listed table's state.
+    pub async fn snapshot_states(
+        &self,
+        cfg: &PipelineConfig,
+        new_pipeline: bool,
+    ) -> Result<Vec<TableState>> {
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
+        let schema = &self.schema;
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT schema_name, table_name, request, phase, last_key::text, reread::text, rows_copied, range_done, \
+                     done_lsn::text FROM {schema}.cdc_snapshots WHERE pipeline = $1"
+                ),
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(err)?;
+        let mut known: HashMap<TableName, TableState> = HashMap::new();
+        for r in &rows {
+            let table = TableName {
+                schema: r.get(0),
+                name: r.get(1),
+            };
+            let parse = |i: usize| -> Option<serde_json::Value> {
+                r.get::<_, Option<String>>(i)
+                    .and_then(|t| serde_json::from_str(&t).ok())
+            };
+            known.insert(
+                table.clone(),
+                TableState {
+                    table,
+                    request: r.get(2),
+                    phase: Phase::parse(r.get(3)),
+                    last_key: parse(4).and_then(|v| serde_json::from_value(v).ok()),
+                    reread: parse(5)
+                        .and_then(|v| serde_json::from_value(v).ok())
+                        .unwrap_or_default(),
+                    rows_copied: r.get(6),
+                    range_done: r.get(7),
+                    done_lsn: r.get::<_, Option<&str>>(8).and_then(lsn::parse),
+                },
+            );
+        }
+        let upgraded = !new_pipeline && known.is_empty();
+        let mut states = Vec::new();
+        for table in &cfg.tables {
+            let resync = cfg
+                .snapshot
+                .resync
+                .as_ref()
+                .filter(|(_, tables)| tables.contains(table))
+                .map(|(id, _)| format!("resync:{id}"));
+            let asked = match known.get(table) {
+                Some(s) if resync.as_ref().is_some_and(|r| *r != s.request) => resync,
+                Some(s) => {
+                    states.push(s.clone());
+                    continue;
+                }
+                None if upgraded || cfg.snapshot.mode == SnapshotMode::Never => {
+                    resync.or(Some("skipped".to_string()))
+                }
+                None if new_pipeline => resync.or(Some("initial".to_string())),
+                None => resync.or(Some("added".to_string())),
+            };
+            let Some(request) = asked else { continue };
+            let state = TableState::requested(table.clone(), request);
+            save_request(&self.client, schema, &self.pipeline, &state)
+                .await
+                .map_err(err)?;
+            states.push(state);
+        }
+        Ok(states)
+    }
+
+    /// Asks for the tables to be copied again (`philotes snapshot`, and after a gap).
+    pub async fn request_snapshot(&self, tables: &[TableName], request: &str) -> Result<()> {
+        for table in tables {
+            let state = TableState::requested(table.clone(), request.to_string());
+            save_request(&self.client, &self.schema, &self.pipeline, &state)
+                .await
+                .map_err(|e| buffer_error(&e))?;
+        }
+        Ok(())
+    }
+
     /// Removes the pipeline's checkpoint (its events stay for consumers).
     pub async fn delete_checkpoint(&self) -> Result<()> {
         self.client
@@ -349,6 +444,11 @@ impl Buffer {
                                 .await
                                 .map_err(err)?;
                         }
+                        for t in &commit.snapshots {
+                            save_snapshot(&tx, &self.schema, &self.pipeline, t)
+                                .await
+                                .map_err(err)?;
+                        }
                         upsert_checkpoint(
                             &tx,
                             &self.upsert_checkpoint,
@@ -402,6 +502,8 @@ pub struct DeadLetter {
 
 pub struct Commit {
     pub relations: Vec<RelationRecord>,
+    /// Tables whose snapshot advanced with this transaction's rows (`cdc_snapshots`).
+    pub snapshots: Vec<TableState>,
     pub dead_letters: Vec<DeadLetter>,
     pub checkpoint: Checkpoint,
     pub counts: Vec<Count>,
@@ -599,6 +701,56 @@ async fn insert_dead_letter(
                 &d.operation.as_str(),
                 &d.reason,
                 &d.message.as_ref(),
+            ],
+        )
+        .await
+}
+
+/// Records a snapshot request (a table recorded `skipped` is captured without one).
+async fn save_request(
+    client: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    t: &TableState,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.cdc_snapshots (pipeline, schema_name, table_name, request, phase) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (pipeline, schema_name, table_name) DO UPDATE SET request = excluded.request, phase = excluded.phase, \
+                 last_key = NULL, reread = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, requested_at = now(), updated_at = now()"
+            ),
+            &[&pipeline, &t.table.schema, &t.table.name, &t.request, &t.phase.as_str()],
+        )
+        .await
+}
+
+/// Records how far a table's snapshot got, with the chunk's rows.
+async fn save_snapshot(
+    client: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    t: &TableState,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let last_key = t.last_key.as_ref().map(|k| serde_json::json!(k).to_string());
+    let reread = (!t.reread.is_empty()).then(|| serde_json::json!(t.reread).to_string());
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.cdc_snapshots SET phase = $4, last_key = $5::text::json, reread = $6::text::json, rows_copied = $7, \
+                 range_done = $8, done_lsn = $9::text::pg_lsn, updated_at = now() \
+                 WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
+            ),
+            &[
+                &pipeline,
+                &t.table.schema,
+                &t.table.name,
+                &t.phase.as_str(),
+                &last_key,
+                &reread,
+                &t.rows_copied,
+                &t.range_done,
+                &t.done_lsn.map(lsn::format),
             ],
         )
         .await

@@ -221,11 +221,32 @@ pub struct PipelineConfig {
     /// Silence on the replication stream after which the connection is reopened.
     pub stream_timeout: Duration,
     pub poison_events: crd::PoisonEventPolicy,
+    /// How existing rows are copied (`spec.snapshot`).
+    pub snapshot: SnapshotConfig,
     /// When the slot name is derived: the name releases before 0.2 derived, which a pipeline
     /// that checkpointed under it keeps (see [`crate::pipeline::identity::names`]).
     pub legacy_slot: Option<String>,
     /// Likewise for the publication.
     pub legacy_publication: Option<String>,
+}
+
+/// `spec.snapshot`, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotConfig {
+    pub mode: crd::SnapshotMode,
+    pub chunk_size: usize,
+    /// `spec.snapshot.resync`: its id and tables.
+    pub resync: Option<(String, Vec<TableName>)>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> SnapshotConfig {
+        SnapshotConfig {
+            mode: crd::SnapshotMode::Initial,
+            chunk_size: crd::DEFAULT_SNAPSHOT_CHUNK_SIZE as usize,
+            resync: None,
+        }
+    }
 }
 
 /// Where secret values come from: the manifest's own `Secret` documents when standalone, the
@@ -377,6 +398,38 @@ impl PipelineConfig {
             .map_err(|why| invalid("spec.flushInterval", why))?;
         let status_interval =
             status_interval(spec).map_err(|why| invalid("spec.statusInterval", why))?;
+        let snapshot_spec = spec.snapshot.clone().unwrap_or_default();
+        let chunk_size = positive(
+            "spec.snapshot.chunkSize",
+            snapshot_spec.chunk_size,
+            crd::DEFAULT_SNAPSHOT_CHUNK_SIZE,
+        )?;
+        let resync = match snapshot_spec.resync {
+            None => None,
+            Some(r) => {
+                let mut listed = Vec::new();
+                for (i, t) in r.tables.iter().enumerate() {
+                    let field = format!("spec.snapshot.resync.tables[{i}]");
+                    let table = TableName::parse(t).map_err(|e| invalid(&field, e))?;
+                    if !tables.contains(&table) {
+                        return Err(invalid(
+                            &field,
+                            format!("names {table}, which spec.source.tables does not list; only captured tables can be copied again"),
+                        ));
+                    }
+                    listed.push(table);
+                }
+                if r.id.is_empty() {
+                    return Err(invalid("spec.snapshot.resync.id", "must not be empty".into()));
+                }
+                Some((r.id, listed))
+            }
+        };
+        let snapshot = SnapshotConfig {
+            mode: snapshot_spec.mode.unwrap_or_default(),
+            chunk_size,
+            resync,
+        };
         let source = conn_from_secret(
             namespace,
             &spec.source.connection_secret_ref,
@@ -405,6 +458,7 @@ impl PipelineConfig {
             status_interval,
             stream_timeout,
             poison_events: spec.poison_events.unwrap_or_default(),
+            snapshot,
             legacy_slot,
             legacy_publication,
         })
@@ -432,6 +486,7 @@ impl PipelineConfig {
             status_interval: Duration::from_secs(1),
             stream_timeout: Duration::from_secs(60),
             poison_events: crd::PoisonEventPolicy::Fail,
+            snapshot: SnapshotConfig::default(),
             legacy_slot: None,
             legacy_publication: None,
         }

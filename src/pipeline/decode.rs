@@ -48,6 +48,8 @@ pub enum Operation {
     Update,
     Delete,
     Truncate,
+    /// A row as a snapshot read it from the table (README: Snapshots).
+    Snapshot,
 }
 
 impl Operation {
@@ -57,6 +59,7 @@ impl Operation {
             Operation::Update => "UPDATE",
             Operation::Delete => "DELETE",
             Operation::Truncate => "TRUNCATE",
+            Operation::Snapshot => "SNAPSHOT",
         }
     }
 }

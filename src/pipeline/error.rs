@@ -83,6 +83,10 @@ pub enum Error {
         /// before it.
         upto: Option<(u64, i32)>,
     },
+    /// Existing rows of a table cannot be copied (no key to read it in chunks by, no
+    /// privilege to read it, a standby source); nothing is copied until the user acts.
+    #[error("{0}")]
+    Snapshot(String),
     /// The stream carried something the decoder does not understand.
     #[error("cannot decode the replication stream: {0}")]
     Decode(String),
@@ -109,6 +113,7 @@ impl Error {
             Error::SlotConflict(_) => "SlotConflict",
             Error::PoisonEvent(_) => "PoisonEvent",
             Error::ValueRefused { .. } => "BufferRefusedValue",
+            Error::Snapshot(_) => "SnapshotFailed",
         }
     }
 

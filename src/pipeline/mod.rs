@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod lsn;
 pub mod migrate;
 mod run;
+pub mod snapshot;
 pub mod source;
 pub mod status;
 

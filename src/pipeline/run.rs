@@ -56,6 +56,7 @@ use super::config::PipelineConfig;
 use super::decode::{Change, Decoded, Decoder, Poison, Relation};
 use super::error::{Error, Result};
 use super::identity::{self, Recorded, SourceNow};
+use super::snapshot::{self, Closed, Link, Phase, TableProgress, TableState, Watermark, Window};
 use super::source;
 use crate::crd::PoisonEventPolicy;
 use bytes::Bytes;
@@ -114,6 +115,8 @@ pub struct Progress {
     /// recorded); empty until the first session read its checkpoint.
     pub slot: String,
     pub publication: String,
+    /// Snapshots of existing rows, per listed table.
+    pub snapshots: Vec<TableProgress>,
 }
 
 /// Runs the pipeline until shutdown is signalled (or, with `until_caught_up`, until caught up),
@@ -326,6 +329,7 @@ async fn session(
     // Identity before position: the names the checkpoint was taken under, the slot it was
     // taken on, and the source system it came from are checked before anything streams.
     let stored = buffer.checkpoint().await?;
+    let new_pipeline = stored.is_none();
     let cfg = &identity::streamed(cfg, stored.as_ref().map(|(_, r)| r))?;
     progress.send_modify(|p| {
         p.slot.clone_from(&cfg.slot);
@@ -413,13 +417,33 @@ async fn session(
         } else {
             ckpt.lsn
         });
+    // What to copy is recorded before the checkpoint exists, so a new pipeline that stops
+    // before its first checkpoint still copies its tables when it starts again.
+    let tables = buffer.snapshot_states(cfg, new_pipeline).await?;
+    let todo: Vec<TableState> = tables.iter().filter(|t| t.to_copy()).cloned().collect();
+    progress.send_modify(|p| {
+        p.snapshots = tables
+            .iter()
+            .map(|t| TableProgress {
+                table: t.table.to_string(),
+                phase: t.phase,
+                rows_copied: t.rows_copied,
+                rows_estimate: p
+                    .snapshots
+                    .iter()
+                    .find(|s| s.table == t.table.to_string())
+                    .and_then(|s| s.rows_estimate),
+                request: t.request.clone(),
+            })
+            .collect();
+    });
     let identity = Recorded::of(now, cfg, slot_start);
     if identity != recorded {
         buffer.save_identity(&ckpt, &identity).await?;
     }
     on_source(cfg, "START_REPLICATION", stream.start()).await?;
     on_source(cfg, "START_REPLICATION", stream.wait_started()).await?;
-    if opts.until_caught_up && ckpt.lsn >= target {
+    if opts.until_caught_up && ckpt.lsn >= target && todo.is_empty() {
         // Nothing committed since the checkpoint: confirm it (a crash may have left the slot
         // behind it) and stop.
         stream.update_applied_lsn(Lsn(ckpt.lsn));
@@ -436,6 +460,22 @@ async fn session(
     let Some(buffer) = buffer_slot.take() else {
         return Err(Error::Buffer("buffer connection missing".into()));
     };
+    // The snapshot task runs beside the loop and dies with the session: its state is what
+    // the loop wrote to the buffer with each chunk.
+    let (snap, _copying) = if todo.is_empty() {
+        (None, None)
+    } else {
+        let token = session_token();
+        let (link, task) = snapshot::link(token.clone());
+        let handle = tokio::spawn(snapshot::copy(
+            cfg.clone(),
+            token,
+            todo,
+            task,
+            progress.clone(),
+        ));
+        (Some(link), Some(AbortOnDrop(handle)))
+    };
     let mut st = Streamer {
         cfg,
         opts,
@@ -450,6 +490,7 @@ async fn session(
             counts: Vec::new(),
             relations: Vec::new(),
             dead_letters: Vec::new(),
+            snapshots: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
             deadline: None,
@@ -461,6 +502,7 @@ async fn session(
         heard: Instant::now(),
         isolation: isolation.clone(),
         in_flight: VecDeque::new(),
+        snap,
     };
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
@@ -514,6 +556,30 @@ struct Streamer<'a> {
     /// Per commit request not yet reported committed, oldest first: the position of its one
     /// change (kept while finding a refused value, one change per transaction).
     in_flight: VecDeque<Option<(u64, i32)>>,
+    /// The link with this session's snapshot task, while it has tables to copy.
+    snap: Option<Link>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Tells this session's watermarks from those of earlier sessions streamed again.
+fn session_token() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{nanos:x}-{:x}-{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 impl Streamer<'_> {
@@ -540,6 +606,12 @@ impl Streamer<'_> {
                     Some(c) => self.on_committed(c, stream),
                     None => return Err(Error::Buffer("the buffer writer stopped".into())),
                 },
+                // The snapshot task's messages: a chunk before its close watermark arrives is
+                // kept for it; a failure ends the session. A receive not taken loses nothing.
+                message = self.snap.as_mut().map_or_else(|| futures_util::future::pending().boxed(), |l| l.chunks.recv().boxed()),
+                    if self.snap.as_ref().is_some_and(|l| !l.finished && l.ready.is_none()) => {
+                    self.on_snapshot_message(message)?;
+                }
                 // 3. Flush deadline: no received event waits longer than flushInterval.
                 _ = sleep_until(self.pending.deadline.unwrap_or_else(Instant::now)), if self.pending.deadline.is_some() => {
                     self.flush().await?;
@@ -603,7 +675,126 @@ impl Streamer<'_> {
     }
 
     fn caught_up(&self) -> bool {
-        self.opts.until_caught_up && self.tx.is_none() && self.ckpt.lsn >= self.target
+        self.opts.until_caught_up
+            && self.tx.is_none()
+            && self.ckpt.lsn >= self.target
+            && self.snap.as_ref().is_none_or(|l| l.finished)
+            && self.ckpt == self.submitted
+            && self.pending.snapshots.is_empty()
+            && self.pending.events == 0
+    }
+
+    fn on_snapshot_message(&mut self, message: Option<snapshot::Message>) -> Result<()> {
+        let Some(link) = self.snap.as_mut() else {
+            return Ok(());
+        };
+        match message {
+            Some(snapshot::Message::Chunk(c)) => link.ready = Some(c),
+            Some(snapshot::Message::Failed(e)) => return Err(e),
+            None => link.finished = true,
+        }
+        Ok(())
+    }
+
+    /// A snapshot watermark: opens a chunk's window, or closes it and writes the chunk's
+    /// rows that are not stale (see [`snapshot`]) as SNAPSHOT events of the close
+    /// watermark's transaction, with the table's progress.
+    async fn on_watermark(&mut self, content: &[u8], lsn: u64) -> Result<()> {
+        let Some(link) = self.snap.as_mut() else {
+            return Ok(());
+        };
+        let (token, chunk_id) = match Watermark::parse(content) {
+            Some(Watermark::Open {
+                token,
+                chunk,
+                relation_id,
+                key_names,
+            }) => {
+                if token == link.token {
+                    link.window = Some(Window::open(chunk, relation_id, key_names));
+                }
+                return Ok(());
+            }
+            Some(Watermark::Close { token, chunk }) => (token, chunk),
+            None => return Ok(()),
+        };
+        if token != link.token {
+            return Ok(());
+        }
+        let Some(window) = link.window.take().filter(|w| w.chunk == chunk_id) else {
+            return Ok(());
+        };
+        // The task hands the chunk over before it writes the close watermark, so it is
+        // queued by now (or the task failed and said so).
+        let chunk = match link.ready.take() {
+            Some(c) => c,
+            None => match link.chunks.recv().await {
+                Some(snapshot::Message::Chunk(c)) => c,
+                Some(snapshot::Message::Failed(e)) => return Err(e),
+                None => {
+                    link.finished = true;
+                    return Ok(());
+                }
+            },
+        };
+        if chunk.id != chunk_id {
+            return Ok(());
+        }
+        let (rows, reread) = match window.close(&chunk) {
+            Closed::Redo(why) => {
+                tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk again: {why}");
+                let _ = link.results.send(chunk.before.clone());
+                return Ok(());
+            }
+            Closed::Write { rows, reread } => (rows, reread),
+        };
+        let Some(open) = self.tx.as_ref() else {
+            return Err(Error::Decode(
+                "a snapshot watermark outside a transaction".into(),
+            ));
+        };
+        let (commit_lsn, seq) = (open.commit_lsn, open.seq);
+        let rel = chunk.plan.relation.clone();
+        let known = self
+            .written_relations
+            .get(&rel.id)
+            .is_some_and(|r| **r == *rel);
+        if !known && self.pending.last_event.is_none_or(|last| (commit_lsn, seq) > last) {
+            self.written_relations.insert(rel.id, rel.clone());
+            self.pending.relations.push(RelationRecord {
+                commit_lsn,
+                seq,
+                relation: rel.clone(),
+            });
+        }
+        let written = rows.len();
+        for row in rows {
+            let change = Change {
+                relation: rel.clone(),
+                operation: super::decode::Operation::Snapshot,
+                before: None,
+                after: Some(row.image),
+            };
+            self.on_change(change, lsn).await?;
+        }
+        let next = chunk.advance(written, reread, commit_lsn);
+        let table = next.table.to_string();
+        let (phase, rows_copied) = (next.phase, next.rows_copied);
+        self.progress.send_modify(|p| {
+            if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
+                t.phase = phase;
+                t.rows_copied = rows_copied;
+            }
+        });
+        if phase == Phase::Done {
+            tracing::info!(pipeline = %self.cfg.id, table = %table, rows = rows_copied, "snapshot done");
+        }
+        self.pending.snapshots.push(next.clone());
+        self.arm_deadline();
+        if let Some(link) = self.snap.as_mut() {
+            let _ = link.results.send(next);
+        }
+        Ok(())
     }
 
     fn arm_deadline(&mut self) {
@@ -652,6 +843,9 @@ impl Streamer<'_> {
                     }
                     Decoded::Change(c) => c,
                     Decoded::Truncate(cs) => {
+                        for c in &cs {
+                            self.note_in_window(c);
+                        }
                         for c in cs {
                             match self.refused(&c) {
                                 Some(poison) => {
@@ -665,6 +859,7 @@ impl Streamer<'_> {
                     Decoded::Nothing => return Ok(()),
                     Decoded::Poison(poison) => return self.on_poison(poison, data, wal_start.0),
                 };
+                self.note_in_window(&change);
                 if let Some(poison) = self.refused(&change) {
                     return self.set_aside(poison, data, wal_start.0).await;
                 }
@@ -681,12 +876,28 @@ impl Streamer<'_> {
                     self.advance(wal_end.0).await?;
                 }
             }
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                ..
+            } if prefix == snapshot::PREFIX => self.on_watermark(&content, lsn.0).await?,
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {
                 return Err(Error::Stream("the stream stopped unexpectedly".into()));
             }
         }
         Ok(())
+    }
+
+    /// Notes a change in the open snapshot window, if any.
+    fn note_in_window(&mut self, change: &Change) {
+        if let (Some(window), Some(open)) = (
+            self.snap.as_mut().and_then(|l| l.window.as_mut()),
+            self.tx.as_ref(),
+        ) {
+            window.record(open.xid, change);
+        }
     }
 
     /// One change of the open transaction: skipped if the buffer has it already, else encoded
@@ -842,6 +1053,7 @@ impl Streamer<'_> {
         if self.pending.events == 0
             && self.pending.relations.is_empty()
             && self.pending.dead_letters.is_empty()
+            && self.pending.snapshots.is_empty()
             && self.pending.safe_lsn <= self.submitted.lsn
         {
             self.pending.deadline = None;
@@ -867,6 +1079,7 @@ impl Streamer<'_> {
         let commit_dead_letters = pending.dead_letters.len();
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
+            snapshots: std::mem::take(&mut pending.snapshots),
             dead_letters: std::mem::take(&mut pending.dead_letters),
             checkpoint: next,
             counts: std::mem::take(&mut pending.counts),
@@ -953,6 +1166,8 @@ struct Pending {
     relations: Vec<RelationRecord>,
     /// Changes set aside (`poisonEvents: DeadLetter`), written with the batch.
     dead_letters: Vec<DeadLetter>,
+    /// Snapshot progress of the chunks in the batch, written with their rows.
+    snapshots: Vec<TableState>,
     /// The LSN the next checkpoint may claim (see the LSN rules above).
     safe_lsn: u64,
     /// The last event accepted: written, or in the batch.

@@ -386,6 +386,66 @@ fn create_publication_sql(cfg: &PipelineConfig, name: &str) -> String {
     )
 }
 
+/// Whether the publication is one Philotes created for this pipeline (its comment says so).
+async fn owned_by(client: &Client, cfg: &PipelineConfig) -> std::result::Result<bool, tokio_postgres::Error> {
+    let comment: Option<String> = client
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    Ok(comment.as_deref() == Some(format!("created by philotes for {}", cfg.id).as_str()))
+}
+
+/// Adds the listed tables a publication Philotes owns lacks, and drops those it no longer
+/// lists, in one transaction.
+async fn sync_owned_publication(
+    client: &Client,
+    cfg: &PipelineConfig,
+    published: &BTreeSet<String>,
+    wanted: &BTreeSet<String>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let name = quote_ident(&cfg.publication);
+    let extra = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), n.nspname || '.' || c.relname \
+             FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
+            &[&cfg.publication],
+        )
+        .await?;
+    client.batch_execute("BEGIN").await?;
+    let result = async {
+        for t in cfg.tables.iter().filter(|t| !published.contains(&t.to_string())) {
+            let clause = cfg
+                .filters
+                .get(t)
+                .map(TableFilter::publication_clause)
+                .unwrap_or_default();
+            client
+                .execute(&format!("ALTER PUBLICATION {name} ADD TABLE {}{clause}", t.quoted()), &[])
+                .await?;
+            tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication, "table added to the publication");
+        }
+        for r in &extra {
+            let (quoted, plain): (String, String) = (r.get(0), r.get(1));
+            if !wanted.contains(&plain) {
+                client
+                    .execute(&format!("ALTER PUBLICATION {name} DROP TABLE {quoted}"), &[])
+                    .await?;
+                tracing::info!(pipeline = %cfg.id, table = %plain, publication = %cfg.publication, "table dropped from the publication");
+            }
+        }
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
 /// Returns whether the publication was created now.
 async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
     let name = &cfg.publication;
@@ -510,7 +570,20 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
         .filter(|(_, (_, kind))| kind == "p")
         .map(|(t, _)| t.clone())
         .collect();
-    let published = published_tables;
+    let mut published = published_tables;
+    if !all_tables && published != wanted && owned_by(client, cfg).await.map_err(err)? {
+        // A publication Philotes created for this pipeline follows spec.source.tables: a
+        // table added is published from now on (and copied, README: Snapshots), a table
+        // removed no longer is.
+        sync_owned_publication(client, cfg, &published, &wanted)
+            .await
+            .map_err(|e| filter_error(cfg, &e))?;
+        published = super::source::published(client, name)
+            .await
+            .map_err(err)?
+            .into_keys()
+            .collect();
+    }
     if all_tables || published != wanted {
         let shown = if all_tables {
             "ALL TABLES".to_string()

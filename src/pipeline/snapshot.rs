@@ -1,0 +1,1214 @@
+//! Snapshots: the rows a table already holds, copied as `SNAPSHOT` events while every table
+//! keeps streaming.
+//!
+//! # Watermarks
+//!
+//! The scheme is the one of Netflix's DBLog ("DBLog: A Watermark Based Change-Data-Capture
+//! Framework", 2019), which Debezium's incremental snapshots also use, with PostgreSQL's
+//! snapshot visibility instead of a low watermark. A table is read in chunks ordered by its
+//! key. For each chunk the snapshot task, on a connection of its own:
+//!
+//! 1. writes an *open* watermark into the WAL (`pg_logical_emit_message`, transactional, so
+//!    its commit returns once the WAL before it is flushed), and waits until every
+//!    transaction the source already marked committed is also visible to new snapshots
+//!    (one held back by synchronous replication is committed before it is visible);
+//! 2. reads the chunk in a `REPEATABLE READ READ ONLY` transaction: the next `chunkSize`
+//!    rows after the last key copied, and the transaction's snapshot `S`
+//!    (`pg_current_snapshot()`), then commits (no transaction stays open longer than one
+//!    chunk, so no `xmin` is held for a whole table);
+//! 3. hands the chunk to the loop and writes a *close* watermark.
+//!
+//! The loop sees the watermarks in the stream, in WAL order among the transactions. Between
+//! them it notes every change of the table with its transaction's id ([`Window`]). At the
+//! close watermark a chunk row is stale exactly when a transaction the chunk's snapshot does
+//! not see changed that key: such a transaction committed before the close watermark, so its
+//! change is already in the event log, and it is newer than the row read. Those keys are
+//! dropped from the chunk; the other rows are written as `SNAPSHOT` events inside the close
+//! watermark's transaction, so they sort after everything the rows already reflect and
+//! before everything they do not. Changes committed after the close watermark follow them.
+//!
+//! A transaction that committed before the open watermark and that `S` does not see would be
+//! missed by the window; step 1's wait rules it out for every transaction the source shows
+//! as committed. What remains is a backend that wrote and flushed its commit record before
+//! the open watermark and had not yet marked it in the commit log by the time the task asked
+//! (after the watermark's own commit returned): a window of a few instructions.
+//!
+//! A dropped row whose newer image is incomplete (an UPDATE that left an unchanged TOASTed
+//! column out) is read again in a later chunk of its own (`reread`), so every row ends with
+//! a whole image.
+//!
+//! # Durability
+//!
+//! A chunk's events and the table's progress in `cdc_snapshots` are written in one buffer
+//! transaction, so a restart resumes after the last chunk written. The watermarks carry a
+//! token of the task that wrote them: watermarks of an earlier session, streamed again after
+//! a restart, are ignored. Nothing here confirms anything to the source.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use super::config::{quote_ident, quote_literal, PipelineConfig, TableName};
+use super::conn::describe_pg_error;
+use super::decode::{oid, write_json_string, write_value, Change, Column, Operation, Relation};
+use super::error::{Error, Result};
+use super::run::Progress;
+
+/// The prefix of Philotes's watermark messages.
+pub const PREFIX: &str = "philotes.snapshot";
+
+/// A chunk holds at most this many bytes of row images, whatever `chunkSize` says.
+pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+
+/// Rows fetched from the chunk's cursor per round trip.
+const FETCH_ROWS: usize = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Copying,
+    Done,
+    Skipped,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Copying => "Copying",
+            Phase::Done => "Done",
+            Phase::Skipped => "Skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Phase {
+        match s {
+            "Copying" => Phase::Copying,
+            "Done" => Phase::Done,
+            "Skipped" => Phase::Skipped,
+            _ => Phase::Pending,
+        }
+    }
+}
+
+/// A table's snapshot, as `cdc_snapshots` records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableState {
+    pub table: TableName,
+    pub request: String,
+    pub phase: Phase,
+    /// The key of the last row copied, as text values in key order.
+    pub last_key: Option<Vec<String>>,
+    /// Keys to read again before going on.
+    pub reread: Vec<Vec<String>>,
+    pub rows_copied: i64,
+    /// The chunks in key order reached the end of the table (rows to read again may remain).
+    pub range_done: bool,
+    /// Set once done: the commit position of the chunk that completed it.
+    pub done_lsn: Option<u64>,
+}
+
+impl TableState {
+    /// A table to copy (or, with request `skipped`, captured without a copy).
+    pub fn requested(table: TableName, request: String) -> TableState {
+        TableState {
+            table,
+            phase: if request == "skipped" {
+                Phase::Skipped
+            } else {
+                Phase::Pending
+            },
+            request,
+            last_key: None,
+            reread: Vec::new(),
+            rows_copied: 0,
+            range_done: false,
+            done_lsn: None,
+        }
+    }
+
+    /// Still to copy.
+    pub fn to_copy(&self) -> bool {
+        matches!(self.phase, Phase::Pending | Phase::Copying)
+    }
+}
+
+/// What the operator and the status line show of one table's snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableProgress {
+    pub table: String,
+    pub phase: Phase,
+    pub rows_copied: i64,
+    pub rows_estimate: Option<i64>,
+    pub request: String,
+}
+
+/// A table as a snapshot reads it.
+#[derive(Debug)]
+pub struct Plan {
+    pub table: TableName,
+    /// As pgoutput describes it: the published columns, the replica identity's flagged.
+    pub relation: Arc<Relation>,
+    /// Indexes into `relation.columns` of the key the chunks are ordered by.
+    pub key: Vec<usize>,
+    /// `FROM` clause target: `ONLY t` for a plain table (its inheritance children are
+    /// published on their own), the table for a partitioned one (its partitions are
+    /// published under its name).
+    from: String,
+    /// The publication's row filter as the server prints it.
+    row_filter: Option<String>,
+    pub estimate: Option<i64>,
+}
+
+impl Plan {
+    fn key_names(&self) -> Vec<&str> {
+        self.key
+            .iter()
+            .map(|&i| self.relation.columns[i].name.as_str())
+            .collect()
+    }
+
+    fn key_list(&self) -> String {
+        let names: Vec<String> = self.key_names().into_iter().map(quote_ident).collect();
+        format!("({})", names.join(", "))
+    }
+
+    fn tuple(values: &[String]) -> String {
+        let v: Vec<String> = values.iter().map(|s| quote_literal(s)).collect();
+        format!("({})", v.join(", "))
+    }
+
+    /// The query of one chunk.
+    fn query(&self, chunk: &ChunkKind, limit: usize) -> String {
+        let columns: Vec<String> = self
+            .relation
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let mut conditions = Vec::new();
+        match chunk {
+            ChunkKind::After(Some(last)) => {
+                conditions.push(format!("{} > {}", self.key_list(), Plan::tuple(last)))
+            }
+            ChunkKind::After(None) => {}
+            ChunkKind::Reread(keys) => {
+                let keys: Vec<String> = keys.iter().map(|k| Plan::tuple(k)).collect();
+                conditions.push(format!("{} IN ({})", self.key_list(), keys.join(", ")));
+            }
+        }
+        if let Some(f) = &self.row_filter {
+            conditions.push(format!("({f})"));
+        }
+        let order: Vec<String> = self.key_names().into_iter().map(quote_ident).collect();
+        format!(
+            "SELECT {} FROM {}{} ORDER BY {} LIMIT {limit}",
+            columns.join(", "),
+            self.from,
+            if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            },
+            order.join(", ")
+        )
+    }
+
+    /// A row read by a chunk as an event image, its key as the loop compares keys, and its
+    /// key's text values.
+    fn row(&self, values: &[Option<&str>]) -> Result<Row> {
+        let mut image = String::with_capacity(64 + values.iter().flatten().map(|v| v.len()).sum::<usize>());
+        image.push('{');
+        for (i, (col, value)) in self.relation.columns.iter().zip(values).enumerate() {
+            if i > 0 {
+                image.push(',');
+            }
+            write_json_string(&mut image, &col.name);
+            image.push(':');
+            match value {
+                None => image.push_str("null"),
+                Some(text) => write_value(&mut image, col.type_oid, text),
+            }
+        }
+        image.push('}');
+        let mut key = String::from("[");
+        let mut key_text = Vec::with_capacity(self.key.len());
+        for (n, &i) in self.key.iter().enumerate() {
+            let Some(text) = values.get(i).copied().flatten() else {
+                return Err(Error::Snapshot(format!(
+                    "a row of {} has no value in key column {}",
+                    self.table, self.relation.columns[i].name
+                )));
+            };
+            if n > 0 {
+                key.push(',');
+            }
+            write_value(&mut key, self.relation.columns[i].type_oid, text);
+            key_text.push(text.to_string());
+        }
+        key.push(']');
+        Ok(Row {
+            key,
+            key_text,
+            image,
+        })
+    }
+}
+
+/// One row of a chunk.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The key's values as JSON, in key order: `[1,"a"]`.
+    pub key: String,
+    pub key_text: Vec<String>,
+    pub image: String,
+}
+
+/// Which rows a chunk reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChunkKind {
+    /// The next rows after this key (from the start when `None`).
+    After(Option<Vec<String>>),
+    /// These keys again.
+    Reread(Vec<Vec<String>>),
+}
+
+/// What a snapshot of the source can see: `pg_current_snapshot()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    xip: HashSet<u64>,
+}
+
+impl Visibility {
+    /// Parses `xmin:xmax:xip,...`.
+    pub fn parse(s: &str) -> Option<Visibility> {
+        let mut parts = s.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => HashSet::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<HashSet<u64>>>()?,
+        };
+        Some(Visibility { xmin, xmax, xip })
+    }
+
+    /// Whether the snapshot sees the committed transaction `xid` (32 bits, as the stream
+    /// carries it; its epoch is the one nearest to the snapshot's).
+    pub fn sees(&self, xid: u32) -> bool {
+        let epoch = self.xmax & !0xffff_ffff;
+        let mut full = epoch | u64::from(xid);
+        if full > self.xmax + (1 << 31) && full >= (1 << 32) {
+            full -= 1 << 32;
+        } else if full + (1 << 31) < self.xmax {
+            full += 1 << 32;
+        }
+        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    }
+}
+
+/// One chunk, read and handed to the loop before its close watermark is written.
+#[derive(Debug)]
+pub struct Chunk {
+    pub id: u64,
+    pub plan: Arc<Plan>,
+    pub kind: ChunkKind,
+    pub visibility: Visibility,
+    pub rows: Vec<Row>,
+    /// A range chunk that reached the end of the table.
+    pub end: bool,
+    /// The table's state before this chunk.
+    pub before: TableState,
+}
+
+impl Chunk {
+    /// The table's state once the chunk's kept rows (`written` of them) are written and
+    /// `reread` keys are left to read again; `at` is the position they are written at.
+    pub fn advance(&self, written: usize, reread: Vec<Vec<String>>, at: u64) -> TableState {
+        let mut next = self.before.clone();
+        next.rows_copied += written as i64;
+        match &self.kind {
+            ChunkKind::After(_) => {
+                if let Some(last) = self.rows.last() {
+                    next.last_key = Some(last.key_text.clone());
+                }
+                next.range_done = self.end;
+            }
+            ChunkKind::Reread(taken) => {
+                next.reread.drain(..taken.len().min(next.reread.len()));
+            }
+        }
+        next.reread.extend(reread);
+        if next.range_done && next.reread.is_empty() {
+            next.phase = Phase::Done;
+            next.done_lsn = Some(at);
+        } else {
+            next.phase = Phase::Copying;
+        }
+        next
+    }
+}
+
+/// What the loop made of a chunk at its close watermark.
+#[derive(Debug)]
+pub enum Closed {
+    /// Write these rows; read these keys again later.
+    Write {
+        rows: Vec<Row>,
+        reread: Vec<Vec<String>>,
+    },
+    /// The window saw a change it cannot place (a key it could not read from the image):
+    /// read the same chunk again.
+    Redo(String),
+}
+
+/// One change of the table seen in a window.
+#[derive(Debug)]
+struct Touch {
+    xid: u32,
+    /// `None` for TRUNCATE (every key).
+    key: Option<String>,
+    /// The key's text values, to read it again.
+    key_text: Vec<String>,
+    /// The image is the whole row (an INSERT, or an UPDATE that left nothing out).
+    whole: bool,
+    deleted: bool,
+    /// The new key of an UPDATE that changed the key.
+    moved_in: bool,
+}
+
+/// The changes of one table between a chunk's watermarks.
+#[derive(Debug)]
+pub struct Window {
+    pub chunk: u64,
+    pub relation_id: u32,
+    key_names: Vec<String>,
+    touches: Vec<Touch>,
+    /// Transactions with a change whose key could not be read.
+    unknown: Vec<u32>,
+}
+
+impl Window {
+    pub fn open(chunk: u64, relation_id: u32, key_names: Vec<String>) -> Window {
+        Window {
+            chunk,
+            relation_id,
+            key_names,
+            touches: Vec::new(),
+            unknown: Vec::new(),
+        }
+    }
+
+    /// Notes a change of the window's table by transaction `xid`.
+    pub fn record(&mut self, xid: u32, change: &Change) {
+        if change.relation.id != self.relation_id {
+            return;
+        }
+        let rel = &change.relation;
+        let key_types: Vec<u32> = self
+            .key_names
+            .iter()
+            .map(|k| {
+                rel.columns
+                    .iter()
+                    .find(|c| &c.name == k)
+                    .map_or(0, |c| c.type_oid)
+            })
+            .collect();
+        match change.operation {
+            Operation::Truncate => self.touches.push(Touch {
+                xid,
+                key: None,
+                key_text: Vec::new(),
+                whole: true,
+                deleted: true,
+                moved_in: false,
+            }),
+            Operation::Snapshot => {}
+            op => {
+                let whole_after = change
+                    .after
+                    .as_deref()
+                    .map(|a| image_columns(a) == Some(rel.columns.len()));
+                // (old key, new key) of an UPDATE that sent its old key.
+                let old_key = match (op, &change.before, &change.after) {
+                    (Operation::Update, Some(b), Some(a)) => image_key(b, &self.key_names, &key_types)
+                        .zip(image_key(a, &self.key_names, &key_types))
+                        .map(|((o, _), (n, _))| (o, n)),
+                    _ => None,
+                };
+                for (image, is_after) in [(&change.before, false), (&change.after, true)] {
+                    let Some(image) = image else { continue };
+                    match image_key(image, &self.key_names, &key_types) {
+                        Some((key, key_text)) => {
+                            let deleted = op == Operation::Delete
+                                || (!is_after && old_key.as_ref().is_some_and(|(_, new)| *new != key));
+                            let moved_in = is_after
+                                && op == Operation::Update
+                                && old_key.as_ref().is_some_and(|(old, _)| *old != key);
+                            self.touches.push(Touch {
+                                moved_in,
+                                xid,
+                                key: Some(key),
+                                key_text,
+                                whole: is_after
+                                    && (op == Operation::Insert || whole_after == Some(true)),
+                                deleted,
+                            });
+                        }
+                        // The old image of an UPDATE carries the key only when it changed.
+                        None if !is_after && op == Operation::Update => {}
+                        None => self.unknown.push(xid),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides the chunk at its close watermark (see the module's documentation).
+    pub fn close(self, chunk: &Chunk) -> Closed {
+        let vis = &chunk.visibility;
+        if let Some(xid) = self.unknown.iter().find(|x| !vis.sees(**x)) {
+            return Closed::Redo(format!(
+                "transaction {xid} changed a row of {} whose key its image does not show",
+                chunk.plan.table
+            ));
+        }
+        let truncated = self
+            .touches
+            .iter()
+            .any(|t| t.key.is_none() && !vis.sees(t.xid));
+        // Per key: changed by a transaction the chunk does not see; whole image seen; the
+        // last change deleted it.
+        let mut keys: HashMap<&str, (bool, bool, bool, &[String])> = HashMap::new();
+        let mut moved_in: HashSet<&str> = HashSet::new();
+        for t in &self.touches {
+            let Some(k) = &t.key else { continue };
+            if t.moved_in {
+                moved_in.insert(k.as_str());
+            }
+            let e = keys
+                .entry(k.as_str())
+                .or_insert((false, false, false, &t.key_text));
+            e.0 |= !vis.sees(t.xid);
+            e.1 |= t.whole;
+            e.2 = t.deleted;
+        }
+        let mut reread = Vec::new();
+        let mut rows = Vec::new();
+        for row in &chunk.rows {
+            match keys.get(row.key.as_str()) {
+                Some((true, whole, deleted, _)) => {
+                    if !whole && !deleted && !truncated {
+                        reread.push(row.key_text.clone());
+                    }
+                }
+                _ if truncated => {}
+                _ => rows.push(row.clone()),
+            }
+        }
+        // A key the chunk did not hold that an UPDATE moved a row to, leaving columns out:
+        // the row never had a whole image (any other key not in the chunk is copied by its
+        // own chunk, or was, whole).
+        let in_chunk: HashSet<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
+        for (k, (unseen, whole, deleted, text)) in &keys {
+            if *unseen && !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
+                reread.push(text.to_vec());
+            }
+        }
+        Closed::Write { rows, reread }
+    }
+}
+
+/// The number of top-level members of a JSON object image, if it is one.
+fn image_columns(image: &str) -> Option<usize> {
+    serde_json::from_str::<HashMap<String, &RawValue>>(image)
+        .ok()
+        .map(|m| m.len())
+}
+
+/// The key of a row image as the loop compares keys (`[v1,v2]`, each value's JSON text as
+/// written), and its text values; `None` if the image lacks a key column.
+pub fn image_key(image: &str, names: &[String], types: &[u32]) -> Option<(String, Vec<String>)> {
+    let fields: HashMap<String, &RawValue> = serde_json::from_str(image).ok()?;
+    let mut key = String::from("[");
+    let mut text = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let raw = fields.get(name)?.get();
+        if i > 0 {
+            key.push(',');
+        }
+        key.push_str(raw);
+        text.push(json_text(raw, types.get(i).copied().unwrap_or(0))?);
+    }
+    key.push(']');
+    Some((key, text))
+}
+
+/// PostgreSQL's text for a value written by [`write_value`].
+fn json_text(raw: &str, type_oid: u32) -> Option<String> {
+    match raw {
+        "null" => None,
+        _ if type_oid == oid::JSON || type_oid == oid::JSONB => Some(raw.to_string()),
+        "true" => Some("t".into()),
+        "false" => Some("f".into()),
+        _ if raw.starts_with('"') => serde_json::from_str::<String>(raw).ok(),
+        _ => Some(raw.to_string()),
+    }
+}
+
+/// Reads what a snapshot of `table` needs from the source's catalog.
+pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> Result<Plan> {
+    let err = |e: tokio_postgres::Error| {
+        Error::Snapshot(format!(
+            "cannot read the definition of {table} on the source database {} for its snapshot: {}",
+            cfg.source,
+            describe_pg_error(&e)
+        ))
+    };
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.relkind::text, has_table_privilege(c.oid, 'SELECT'), current_user::text, \
+                    (SELECT CASE WHEN bool_and(p.reltuples >= 0) THEN sum(p.reltuples)::int8 END \
+                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid WHERE t.isleaf), \
+                    pg_is_in_recovery() \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(err)?
+        .ok_or_else(|| {
+            Error::Snapshot(format!(
+                "table {table} does not exist on the source database {}",
+                cfg.source
+            ))
+        })?;
+    let relid: u32 = row.get(0);
+    let identity: String = row.get(1);
+    let kind: String = row.get(2);
+    let can_select: bool = row.get(3);
+    let user: String = row.get(4);
+    let estimate: Option<i64> = row.get(5);
+    let standby: bool = row.get(6);
+    if standby {
+        return Err(Error::Snapshot(format!(
+            "cannot copy the existing rows of {table}: the source database {} is a standby, and a snapshot writes its \
+             watermarks into the WAL; copy from the primary, or set spec.snapshot.mode: Never",
+            cfg.source
+        )));
+    }
+    if !can_select {
+        return Err(Error::Snapshot(format!(
+            "cannot copy the existing rows of {table}: the source user {user} lacks the SELECT privilege on it; \
+             run GRANT SELECT ON {} TO {} on the source, or set spec.snapshot.mode: Never",
+            table.quoted(),
+            quote_ident(&user)
+        )));
+    }
+    let columns = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+            &[&relid],
+        )
+        .await
+        .map_err(err)?;
+    let indexes = client
+        .query(
+            "SELECT i.indisprimary, i.indisreplident, i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+                    AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid \
+                                    AND a.attnum = ANY (i.indkey::int2[]) AND NOT a.attnotnull), \
+                    i.indkey::int2[] \
+             FROM pg_index i WHERE i.indrelid = $1 AND i.indisvalid ORDER BY i.indnatts, i.indexrelid",
+            &[&relid],
+        )
+        .await
+        .map_err(err)?;
+    let listed = cfg.filters.get(table).and_then(|f| f.columns.clone());
+    let kept: Vec<(String, u32, i32, i16)> = columns
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .filter(|(name, ..): &(String, u32, i32, i16)| {
+            listed.as_ref().is_none_or(|l| l.contains(name))
+        })
+        .collect();
+    let index_cols = |pick: &dyn Fn(&tokio_postgres::Row) -> bool| -> Option<Vec<i16>> {
+        indexes
+            .iter()
+            .find(|r| pick(r))
+            .map(|r| r.get::<_, Vec<i16>>(3))
+    };
+    let primary = index_cols(&|r| r.get(0));
+    let replident = index_cols(&|r| r.get(1));
+    let identity_cols: Option<Vec<i16>> = match identity.as_str() {
+        "d" => primary.clone(),
+        "i" => replident.clone(),
+        _ => None,
+    };
+    let full = identity == "f";
+    let relation = Arc::new(Relation {
+        id: relid,
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        replica_identity: identity.chars().next().unwrap_or('d'),
+        columns: kept
+            .iter()
+            .map(|(name, type_oid, type_modifier, attnum)| Column {
+                name: name.clone(),
+                type_oid: *type_oid,
+                type_modifier: *type_modifier,
+                key: full || identity_cols.as_ref().is_some_and(|k| k.contains(attnum)),
+            })
+            .collect(),
+    });
+    // The key the chunks are ordered by: the replica identity's index when it has one (its
+    // columns are in every old image), else the primary key, else a unique index over
+    // columns that cannot be null (under REPLICA IDENTITY FULL every image holds them).
+    let position = |attnums: &[i16]| -> Option<Vec<usize>> {
+        attnums
+            .iter()
+            .map(|n| kept.iter().position(|(.., a)| a == n))
+            .collect()
+    };
+    let candidates = [
+        identity_cols.clone(),
+        primary,
+        if full {
+            index_cols(&|r| r.get(2))
+        } else {
+            None
+        },
+    ];
+    let key = candidates
+        .iter()
+        .flatten()
+        .find_map(|cols| position(cols))
+        .ok_or_else(|| {
+            Error::Snapshot(format!(
+                "cannot copy the existing rows of {table}: it has no primary key, replica identity index, or unique index \
+                 over NOT NULL columns among the captured columns, and a snapshot reads a table in chunks ordered by such a \
+                 key (README: Snapshots); add a primary key, or set spec.snapshot.mode: Never"
+            ))
+        })?;
+    let row_filter = match cfg.filters.get(table).and_then(|f| f.row_filter.as_ref()) {
+        None => None,
+        Some(_) => super::source::published(client, &cfg.publication)
+            .await
+            .map_err(err)?
+            .remove(&table.to_string())
+            .and_then(|(p, _)| p.row_filter),
+    };
+    Ok(Plan {
+        table: table.clone(),
+        relation,
+        key,
+        from: if kind == "p" {
+            table.quoted()
+        } else {
+            format!("ONLY {}", table.quoted())
+        },
+        row_filter,
+        estimate,
+    })
+}
+
+/// The snapshot task's end of the link with the loop.
+pub struct Task {
+    pub chunks: mpsc::Sender<Message>,
+    pub results: mpsc::UnboundedReceiver<TableState>,
+}
+
+/// From the snapshot task to the loop.
+#[derive(Debug)]
+pub enum Message {
+    Chunk(Chunk),
+    Failed(Error),
+}
+
+/// The loop's end of the link.
+pub struct Link {
+    pub token: String,
+    pub chunks: mpsc::Receiver<Message>,
+    pub results: mpsc::UnboundedSender<TableState>,
+    /// A chunk received before its close watermark.
+    pub ready: Option<Chunk>,
+    pub window: Option<Window>,
+    /// The task ended: every table is copied (or it failed and said so).
+    pub finished: bool,
+}
+
+/// Starts a link; the task side goes to [`copy`].
+pub fn link(token: String) -> (Link, Task) {
+    let (chunks_tx, chunks_rx) = mpsc::channel(1);
+    let (results_tx, results_rx) = mpsc::unbounded_channel();
+    (
+        Link {
+            token,
+            chunks: chunks_rx,
+            results: results_tx,
+            ready: None,
+            window: None,
+            finished: false,
+        },
+        Task {
+            chunks: chunks_tx,
+            results: results_rx,
+        },
+    )
+}
+
+/// A watermark as written into the WAL: `open <token> <chunk> <relation id> <key json>` or
+/// `close <token> <chunk>`.
+#[derive(Debug, PartialEq)]
+pub enum Watermark {
+    Open {
+        token: String,
+        chunk: u64,
+        relation_id: u32,
+        key_names: Vec<String>,
+    },
+    Close {
+        token: String,
+        chunk: u64,
+    },
+}
+
+impl Watermark {
+    pub fn parse(content: &[u8]) -> Option<Watermark> {
+        let text = std::str::from_utf8(content).ok()?;
+        let mut parts = text.splitn(5, ' ');
+        match parts.next()? {
+            "open" => Some(Watermark::Open {
+                token: parts.next()?.to_string(),
+                chunk: parts.next()?.parse().ok()?,
+                relation_id: parts.next()?.parse().ok()?,
+                key_names: serde_json::from_str(parts.next()?).ok()?,
+            }),
+            "close" => Some(Watermark::Close {
+                token: parts.next()?.to_string(),
+                chunk: parts.next()?.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The snapshot task: copies every table in `todo`, chunk by chunk, in turn. Runs beside the
+/// loop of one session and ends with it (it is aborted then: all its state is in the buffer,
+/// written by the loop with each chunk).
+pub async fn copy(
+    cfg: PipelineConfig,
+    token: String,
+    todo: Vec<TableState>,
+    mut task: Task,
+    progress: watch::Sender<Progress>,
+) {
+    if let Err(e) = copy_tables(&cfg, &token, todo, &mut task, &progress).await {
+        let _ = task.chunks.send(Message::Failed(e)).await;
+    }
+}
+
+async fn copy_tables(
+    cfg: &PipelineConfig,
+    token: &str,
+    todo: Vec<TableState>,
+    task: &mut Task,
+    progress: &watch::Sender<Progress>,
+) -> Result<()> {
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let client = cfg.source.connect("source").await?;
+    client
+        .batch_execute("SET standard_conforming_strings = on; SET statement_timeout = 0")
+        .await
+        .map_err(|e| source_error(cfg, &e))?;
+    let mut chunk_id = 0u64;
+    for mut state in todo {
+        let plan = Arc::new(plan(&client, cfg, &state.table).await?);
+        let table = state.table.to_string();
+        progress.send_modify(|p| {
+            if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
+                t.rows_estimate = plan.estimate;
+            }
+        });
+        tracing::info!(pipeline = %cfg.id, table = %table, request = %state.request, "copying existing rows");
+        while state.phase != Phase::Done {
+            chunk_id += 1;
+            let kind = if state.reread.is_empty() {
+                ChunkKind::After(state.last_key.clone())
+            } else {
+                ChunkKind::Reread(
+                    state
+                        .reread
+                        .iter()
+                        .take(cfg.snapshot.chunk_size)
+                        .cloned()
+                        .collect(),
+                )
+            };
+            emit(&client, cfg, &format!(
+                "open {token} {chunk_id} {} {}",
+                plan.relation.id,
+                serde_json::to_string(&plan.key_names()).unwrap_or_default()
+            ))
+            .await?;
+            wait_committed_visible(&client, cfg).await?;
+            let (visibility, rows, end) = read_chunk(&client, cfg, &plan, &kind).await?;
+            let chunk = Chunk {
+                id: chunk_id,
+                plan: plan.clone(),
+                kind,
+                visibility,
+                rows,
+                end,
+                before: state.clone(),
+            };
+            if task.chunks.send(Message::Chunk(chunk)).await.is_err() {
+                return Ok(());
+            }
+            emit(&client, cfg, &format!("close {token} {chunk_id}")).await?;
+            // The loop answers once it met the close watermark: the table's next state (the
+            // same one when the chunk has to be read again).
+            match task.results.recv().await {
+                Some(next) => state = next,
+                None => return Ok(()),
+            }
+        }
+        tracing::info!(pipeline = %cfg.id, table = %table, rows = state.rows_copied, "existing rows copied");
+    }
+    Ok(())
+}
+
+fn source_error(cfg: &PipelineConfig, e: &tokio_postgres::Error) -> Error {
+    let message = format!(
+        "snapshot read on the source database {} failed: {}",
+        cfg.source,
+        describe_pg_error(e)
+    );
+    match e.code().map(|c| c.code()) {
+        Some("42501") => Error::Snapshot(format!(
+            "{message}; grant the source user SELECT on the captured tables and EXECUTE on pg_logical_emit_message"
+        )),
+        Some(c) if c.starts_with("42") => Error::Snapshot(message),
+        _ => Error::Stream(message),
+    }
+}
+
+/// Writes a watermark: a transactional logical message, whose commit returns once the WAL
+/// before it is flushed.
+async fn emit(client: &Client, cfg: &PipelineConfig, content: &str) -> Result<()> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&PREFIX, &content],
+        )
+        .await
+        .map(drop)
+        .map_err(|e| source_error(cfg, &e))
+}
+
+/// Waits until the transactions the source has marked committed but not yet made visible
+/// (waiting for a synchronous standby, or between the two steps) are visible.
+async fn wait_committed_visible(client: &Client, cfg: &PipelineConfig) -> Result<()> {
+    let err = |e: tokio_postgres::Error| source_error(cfg, &e);
+    let committed: Vec<String> = client
+        .query(
+            "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'",
+            &[],
+        )
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut wait = Duration::from_millis(1);
+    let mut left = committed;
+    while !left.is_empty() {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
+        let running: HashSet<String> = client
+            .query(
+                "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x",
+                &[],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        left.retain(|x| running.contains(x));
+    }
+    Ok(())
+}
+
+/// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
+async fn read_chunk(
+    client: &Client,
+    cfg: &PipelineConfig,
+    plan: &Plan,
+    kind: &ChunkKind,
+) -> Result<(Visibility, Vec<Row>, bool)> {
+    let limit = match kind {
+        ChunkKind::After(_) => cfg.snapshot.chunk_size,
+        ChunkKind::Reread(keys) => keys.len(),
+    };
+    let result = read_chunk_in_tx(client, cfg, plan, kind, limit).await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
+async fn read_chunk_in_tx(
+    client: &Client,
+    cfg: &PipelineConfig,
+    plan: &Plan,
+    kind: &ChunkKind,
+    limit: usize,
+) -> Result<(Visibility, Vec<Row>, bool)> {
+    let err = |e: tokio_postgres::Error| source_error(cfg, &e);
+    let mut sql = String::from(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text; ",
+    );
+    let _ = write!(
+        sql,
+        "DECLARE philotes_chunk NO SCROLL CURSOR FOR {}",
+        plan.query(kind, limit)
+    );
+    let opened = client.simple_query(&sql).await.map_err(err)?;
+    let visibility = opened
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(Visibility::parse),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Stream("the source returned no snapshot for a chunk".into()))?;
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    let mut exhausted = false;
+    // Few rows first, then as many as fit the byte bound at the size seen so far: a chunk
+    // of wide rows stays near MAX_CHUNK_BYTES.
+    let mut fetch = 16usize;
+    while rows.len() < limit && bytes < MAX_CHUNK_BYTES {
+        let want = fetch.min(limit - rows.len());
+        let fetched = client
+            .simple_query(&format!("FETCH {want} FROM philotes_chunk"))
+            .await
+            .map_err(err)?;
+        let mut n = 0;
+        for m in &fetched {
+            if let SimpleQueryMessage::Row(r) = m {
+                n += 1;
+                let values: Vec<Option<&str>> = (0..r.len()).map(|i| r.get(i)).collect();
+                let row = plan.row(&values)?;
+                bytes += row.image.len();
+                rows.push(row);
+            }
+        }
+        if n < want {
+            exhausted = true;
+            break;
+        }
+        let average = bytes / rows.len().max(1) + 1;
+        fetch = ((MAX_CHUNK_BYTES - bytes.min(MAX_CHUNK_BYTES)) / 4 / average).clamp(1, FETCH_ROWS);
+    }
+    client.batch_execute("COMMIT").await.map_err(err)?;
+    let end = exhausted && matches!(kind, ChunkKind::After(_));
+    Ok((visibility, rows, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel() -> Arc<Relation> {
+        Arc::new(Relation {
+            id: 7,
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: 'd',
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_oid: oid::INT4,
+                    type_modifier: -1,
+                    key: true,
+                },
+                Column {
+                    name: "v".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                    key: false,
+                },
+            ],
+        })
+    }
+
+    fn plan() -> Arc<Plan> {
+        Arc::new(Plan {
+            table: TableName::parse("t").unwrap(),
+            relation: rel(),
+            key: vec![0],
+            from: "ONLY public.t".into(),
+            row_filter: None,
+            estimate: None,
+        })
+    }
+
+    fn state() -> TableState {
+        TableState {
+            table: TableName::parse("t").unwrap(),
+            request: "initial".into(),
+            phase: Phase::Pending,
+            last_key: None,
+            reread: vec![],
+            rows_copied: 0,
+            range_done: false,
+            done_lsn: None,
+        }
+    }
+
+    fn chunk(ids: &[i32], snapshot: &str) -> Chunk {
+        let p = plan();
+        let rows = ids
+            .iter()
+            .map(|i| p.row(&[Some(&i.to_string()), Some("old")]).unwrap())
+            .collect();
+        Chunk {
+            id: 1,
+            plan: p,
+            kind: ChunkKind::After(None),
+            visibility: Visibility::parse(snapshot).unwrap(),
+            rows,
+            end: true,
+            before: state(),
+        }
+    }
+
+    fn change(op: Operation, before: Option<&str>, after: Option<&str>) -> Change {
+        Change {
+            relation: rel(),
+            operation: op,
+            before: before.map(String::from),
+            after: after.map(String::from),
+        }
+    }
+
+    fn kept(closed: Closed) -> (Vec<String>, Vec<Vec<String>>) {
+        match closed {
+            Closed::Write { rows, reread } => (rows.into_iter().map(|r| r.key).collect(), reread),
+            Closed::Redo(why) => panic!("redo: {why}"),
+        }
+    }
+
+    #[test]
+    fn visibility_follows_the_snapshot() {
+        let v = Visibility::parse("100:105:101,103").unwrap();
+        assert!(v.sees(99) && v.sees(100) && v.sees(102) && v.sees(104));
+        assert!(!v.sees(101) && !v.sees(103) && !v.sees(105) && !v.sees(200));
+        // The stream's 32-bit ids against a snapshot in a later epoch.
+        let v = Visibility::parse("4294967396:4294967400:").unwrap();
+        assert!(v.sees(99) && !v.sees(104));
+        assert!(v.sees(u32::MAX - 5));
+    }
+
+    #[test]
+    fn rows_changed_by_transactions_the_chunk_does_not_see_are_dropped() {
+        // Transactions 1-9 are visible, 10 and up are not.
+        let c = chunk(&[1, 2, 3, 4, 5], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        // Seen by the chunk: the row read is at least as new.
+        w.record(5, &change(Operation::Update, None, Some(r#"{"id":1,"v":"a"}"#)));
+        // Not seen: the stream's image is newer.
+        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2,"v":"b"}"#)));
+        w.record(12, &change(Operation::Delete, Some(r#"{"id":3}"#), None));
+        // A key moved: both the old and the new key are newer in the stream.
+        w.record(
+            13,
+            &change(Operation::Update, Some(r#"{"id":4}"#), Some(r#"{"id":40,"v":"x"}"#)),
+        );
+        let (rows, reread) = kept(w.close(&c));
+        assert_eq!(rows, vec!["[1]", "[5]"]);
+        assert!(reread.is_empty(), "{reread:?}");
+    }
+
+    #[test]
+    fn an_incomplete_newer_image_is_read_again() {
+        let c = chunk(&[1, 2], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        // An UPDATE that left the TOASTed column v out.
+        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
+        let (rows, reread) = kept(w.close(&c));
+        assert_eq!(rows, vec!["[1]"]);
+        assert_eq!(reread, vec![vec!["2".to_string()]]);
+    }
+
+    #[test]
+    fn a_truncate_the_chunk_does_not_see_drops_it_and_unknown_keys_redo_it() {
+        let c = chunk(&[1, 2], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.record(11, &change(Operation::Truncate, None, None));
+        let (rows, _) = kept(w.close(&c));
+        assert!(rows.is_empty());
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.record(11, &change(Operation::Insert, None, Some(r#"{"v":"no key"}"#)));
+        assert!(matches!(w.close(&c), Closed::Redo(_)));
+    }
+
+    #[test]
+    fn keys_compare_as_written_and_read_back_as_text() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        let (key, text) =
+            image_key(r#"{"a":"x\"y","b":1.50,"c":true}"#, &names, &[25, oid::NUMERIC]).unwrap();
+        assert_eq!(key, r#"["x\"y",1.50]"#);
+        assert_eq!(text, vec!["x\"y".to_string(), "1.50".to_string()]);
+        let p = plan();
+        let row = p.row(&[Some("7"), None]).unwrap();
+        assert_eq!(row.image, r#"{"id":7,"v":null}"#);
+        assert_eq!(row.key, "[7]");
+    }
+
+    #[test]
+    fn chunk_queries_resume_after_the_last_key_and_reread_keys() {
+        let p = plan();
+        assert_eq!(
+            p.query(&ChunkKind::After(Some(vec!["4".into()])), 10),
+            "SELECT id, v FROM ONLY public.t WHERE (id) > ('4') ORDER BY id LIMIT 10"
+        );
+        assert_eq!(
+            p.query(&ChunkKind::Reread(vec![vec!["o'k".into()]]), 1),
+            "SELECT id, v FROM ONLY public.t WHERE (id) IN (('o''k')) ORDER BY id LIMIT 1"
+        );
+    }
+
+    #[test]
+    fn watermarks_round_trip() {
+        assert_eq!(
+            Watermark::parse(br#"open tok 3 16384 ["id","b c"]"#),
+            Some(Watermark::Open {
+                token: "tok".into(),
+                chunk: 3,
+                relation_id: 16384,
+                key_names: vec!["id".into(), "b c".into()]
+            })
+        );
+        assert_eq!(
+            Watermark::parse(b"close tok 3"),
+            Some(Watermark::Close {
+                token: "tok".into(),
+                chunk: 3
+            })
+        );
+        assert_eq!(Watermark::parse(b"other"), None);
+    }
+}
