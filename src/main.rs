@@ -78,6 +78,18 @@ enum Command {
         #[arg(long)]
         pipeline: Option<String>,
     },
+    /// Copy the rows of some tables again (README: Snapshots), then run the pipeline until
+    /// they are copied and it caught up. The other tables keep streaming meanwhile. Stop
+    /// the pipeline's other process first.
+    Snapshot {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// A table to copy again, as in spec.source.tables; repeat for several.
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+    },
     /// Run a demo pipeline end to end on a throwaway local PostgreSQL.
     Demo,
     /// Print the CdcPipeline CustomResourceDefinition.
@@ -107,11 +119,13 @@ fn main() -> ExitCode {
     // hand work to each other without waking threads on other cores. The operator runs
     // many pipelines and uses every core.
     let runtime = match &cli.command {
-        Command::Run { .. } | Command::Demo | Command::Verify { .. } | Command::Recover { .. } => {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        }
+        Command::Run { .. }
+        | Command::Demo
+        | Command::Verify { .. }
+        | Command::Recover { .. }
+        | Command::Snapshot { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         _ => tokio::runtime::Runtime::new(),
     };
     let runtime = match runtime {
@@ -172,6 +186,44 @@ fn main() -> ExitCode {
             match runtime.block_on(philotes::pipeline::lifecycle::recover(&cfg)) {
                 Ok(r) => {
                     println!("{}", r.describe(&cfg.id));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Snapshot {
+            file,
+            pipeline,
+            tables,
+        } => {
+            let cfg = match philotes::standalone::load(&file, pipeline.as_deref()) {
+                Ok((_, cfg)) => cfg,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let asked = match runtime.block_on(philotes::pipeline::lifecycle::request_snapshot(
+                &cfg, &tables,
+            )) {
+                Ok(asked) => asked,
+                Err(e) => {
+                    tracing::error!(reason = e.reason(), "{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = RunOptions {
+                until_caught_up: true,
+                retry_setup: false,
+                ..RunOptions::default()
+            };
+            match runtime.block_on(philotes::standalone::run(cfg, opts)) {
+                Ok(_) => {
+                    let names: Vec<String> = asked.iter().map(|t| t.to_string()).collect();
+                    println!("copied {} again; the pipeline caught up", names.join(", "));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

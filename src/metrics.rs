@@ -26,6 +26,12 @@ pub struct PipelineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub pipeline: String,
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub pipeline: String,
     pub reason: String,
@@ -62,6 +68,11 @@ pub struct Metrics {
     /// 1 for a slot the source invalidated, labelled with its `invalidation_reason`.
     pub slot_invalidated: Family<ReasonLabels, Gauge>,
     invalidated_reason: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Rows a table's snapshot copied so far.
+    pub snapshot_rows_copied: Family<TableLabels, Gauge>,
+    /// 1 while a table's existing rows are being copied, else 0.
+    pub snapshot_copying: Family<TableLabels, Gauge>,
+    snapshot_tables: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl Metrics {
@@ -129,8 +140,23 @@ impl Metrics {
             "1 for a slot the source invalidated, labelled with its invalidation_reason (PostgreSQL 17+)",
             slot_invalidated.clone(),
         );
+        let snapshot_rows_copied = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "snapshot_rows_copied",
+            "Rows of a table its snapshot copied so far (README: Snapshots)",
+            snapshot_rows_copied.clone(),
+        );
+        let snapshot_copying = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "snapshot_copying",
+            "1 while a table's existing rows are being copied, else 0",
+            snapshot_copying.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            snapshot_rows_copied,
+            snapshot_copying,
+            snapshot_tables: Default::default(),
             slot_safe_wal_size_bytes,
             slot_inactive_seconds,
             slot_invalidated,
@@ -165,6 +191,40 @@ impl Metrics {
         self.slot_inactive_seconds.remove(&labels);
         self.set_not_ready(pipeline, None);
         self.set_invalidated(pipeline, None);
+        self.set_snapshots(pipeline, &[]);
+    }
+
+    /// Records each table's snapshot `(table, copying, rows copied)`, dropping the series of
+    /// tables no longer listed.
+    pub fn set_snapshots(&self, pipeline: &str, tables: &[(String, bool, i64)]) {
+        let mut known = self
+            .snapshot_tables
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let labels = |table: &str| TableLabels {
+            pipeline: pipeline.to_string(),
+            table: table.to_string(),
+        };
+        for old in known.remove(pipeline).unwrap_or_default() {
+            if !tables.iter().any(|(t, ..)| *t == old) {
+                self.snapshot_rows_copied.remove(&labels(&old));
+                self.snapshot_copying.remove(&labels(&old));
+            }
+        }
+        for (table, copying, rows) in tables {
+            self.snapshot_rows_copied
+                .get_or_create(&labels(table))
+                .set(*rows);
+            self.snapshot_copying
+                .get_or_create(&labels(table))
+                .set(i64::from(*copying));
+        }
+        if !tables.is_empty() {
+            known.insert(
+                pipeline.to_string(),
+                tables.iter().map(|(t, ..)| t.clone()).collect(),
+            );
+        }
     }
 
     /// Records why a pipeline is not Ready (`None`: it is), dropping the series of any

@@ -3,8 +3,10 @@
 //! it row by row and column by column with the source table.
 //!
 //! Meaningful when the source is quiet and the pipeline caught up (for example after
-//! `philotes run --until-caught-up`), and when the pipeline captured the tables from their
-//! creation (there is no initial snapshot).
+//! `philotes run --until-caught-up`), and when each table was either captured from its
+//! creation or copied by a snapshot (README: Snapshots). For a table whose snapshot is done,
+//! the consumer contract's rules apply: a SNAPSHOT event, or an UPDATE of a row not seen yet,
+//! is an upsert of its image; a DELETE of a row not seen yet does nothing.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,6 +27,7 @@ pub struct TableReport {
     pub updates: u64,
     pub deletes: u64,
     pub truncates: u64,
+    pub snapshots: u64,
     pub source_rows: usize,
     pub replayed_rows: usize,
     /// Rows on the source that the replay does not have (lost events).
@@ -68,7 +71,7 @@ impl Report {
     pub fn events(&self) -> u64 {
         self.tables
             .iter()
-            .map(|t| t.inserts + t.updates + t.deletes + t.truncates)
+            .map(|t| t.inserts + t.updates + t.deletes + t.truncates + t.snapshots)
             .sum()
     }
 }
@@ -97,8 +100,8 @@ impl fmt::Display for Report {
             let verdict = if t.ok() { "ok" } else { "MISMATCH" };
             writeln!(
                 f,
-                "{}: {verdict}: {} inserts, {} updates, {} deletes, {} truncates replayed into {} rows; source has {} rows",
-                t.table, t.inserts, t.updates, t.deletes, t.truncates, t.replayed_rows, t.source_rows
+                "{}: {verdict}: {} snapshot rows, {} inserts, {} updates, {} deletes, {} truncates replayed into {} rows; source has {} rows",
+                t.table, t.snapshots, t.inserts, t.updates, t.deletes, t.truncates, t.replayed_rows, t.source_rows
             )?;
             for (what, keys) in [
                 ("missing (lost)", &t.missing),
@@ -213,6 +216,18 @@ async fn verify_table(
         .await
         .map_err(|e| Error::Buffer(describe_pg_error(&e)))?;
     let mut replay: BTreeMap<String, Row> = BTreeMap::new();
+    // Copied by a snapshot: the events of rows the snapshot had not reached yet meet no row.
+    let snapshotted = buffer
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM {}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 AND phase = 'Done'",
+                quote_ident(&cfg.buffer_schema)
+            ),
+            &[&cfg.id, &table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| Error::Buffer(describe_pg_error(&e)))?
+        .is_some();
     // Rows are matched on the primary key (or replica identity index) when the table has one:
     // under REPLICA IDENTITY FULL every column is a "key column", including TOASTed ones an
     // UPDATE may leave out.
@@ -232,6 +247,13 @@ async fn verify_table(
         let after_key = after.as_ref().and_then(|a| key_of(a, &key_columns));
         let before_key = before.as_ref().and_then(|b| key_of(b, &key_columns));
         match op {
+            "SNAPSHOT" => {
+                r.snapshots += 1;
+                let (Some(k), Some(Value::Object(a))) = (after_key, after) else {
+                    continue;
+                };
+                replay.insert(k, a);
+            }
             "INSERT" => {
                 r.inserts += 1;
                 let (Some(k), Some(Value::Object(a))) = (after_key, after) else {
@@ -256,6 +278,9 @@ async fn verify_table(
                         }
                         replay.insert(new_key, old);
                     }
+                    None if snapshotted => {
+                        replay.insert(new_key, a);
+                    }
                     None => r
                         .out_of_order
                         .push(format!("event {i}: update of missing {old_key}")),
@@ -264,7 +289,7 @@ async fn verify_table(
             "DELETE" => {
                 r.deletes += 1;
                 let Some(k) = before_key else { continue };
-                if replay.remove(&k).is_none() {
+                if replay.remove(&k).is_none() && !snapshotted {
                     r.out_of_order
                         .push(format!("event {i}: delete of missing {k}"));
                 }

@@ -14,7 +14,12 @@ use tokio_postgres::Client;
 /// Replays a table's events by the consumer contract's rules: a SNAPSHOT or an UPDATE of a
 /// row not seen yet is an upsert of its image, a DELETE of a row not seen does nothing, an
 /// UPDATE keeps the columns its image leaves out. Keyed by `key` (JSON of the key columns).
-async fn replay(buffer: &Client, pipeline: &str, table: &str, key: &[&str]) -> BTreeMap<String, Map<String, Value>> {
+async fn replay(
+    buffer: &Client,
+    pipeline: &str,
+    table: &str,
+    key: &[&str],
+) -> BTreeMap<String, Map<String, Value>> {
     let rows = buffer
         .query(
             "SELECT operation, before::jsonb, after::jsonb FROM philotes.cdc_events
@@ -57,7 +62,11 @@ async fn replay(buffer: &Client, pipeline: &str, table: &str, key: &[&str]) -> B
 }
 
 /// The source table as the replay should hold it.
-async fn source_rows(source: &Client, table: &str, key: &[&str]) -> BTreeMap<String, Map<String, Value>> {
+async fn source_rows(
+    source: &Client,
+    table: &str,
+    key: &[&str],
+) -> BTreeMap<String, Map<String, Value>> {
     let rows = source
         .query(&format!("SELECT to_jsonb(t) FROM {table} t"), &[])
         .await
@@ -66,14 +75,23 @@ async fn source_rows(source: &Client, table: &str, key: &[&str]) -> BTreeMap<Str
         .map(|r| {
             let v: Value = r.get(0);
             let k: Vec<&Value> = key.iter().map(|c| &v[*c]).collect();
-            (serde_json::to_string(&k).unwrap(), v.as_object().unwrap().clone())
+            (
+                serde_json::to_string(&k).unwrap(),
+                v.as_object().unwrap().clone(),
+            )
         })
         .collect()
 }
 
 /// The replay, with each value brought to the source's own rendering (`to_jsonb` of the
 /// row rebuilt from the image), equals the source table.
-async fn assert_replay_equals_source(source: &Client, buffer: &Client, pipeline: &str, table: &str, key: &[&str]) {
+async fn assert_replay_equals_source(
+    source: &Client,
+    buffer: &Client,
+    pipeline: &str,
+    table: &str,
+    key: &[&str],
+) {
     let replayed = replay(buffer, pipeline, table, key).await;
     let mut normalized = BTreeMap::new();
     for (k, row) in replayed {
@@ -90,7 +108,11 @@ async fn assert_replay_equals_source(source: &Client, buffer: &Client, pipeline:
     let want = source_rows(source, table, key).await;
     assert_eq!(normalized.len(), want.len(), "rows of {table} after replay");
     for (k, v) in &want {
-        assert_eq!(normalized.get(k), Some(v), "row {k} of {table} after replay");
+        assert_eq!(
+            normalized.get(k),
+            Some(v),
+            "row {k} of {table} after replay"
+        );
     }
 }
 
@@ -126,12 +148,27 @@ async fn a_new_pipeline_copies_the_rows_tables_already_hold() {
          CREATE TABLE empty (id int PRIMARY KEY);",
     )
     .await;
-    let cfg = config(&manifest("snap-initial", &src, &buf, &["a", "empty"], "snapshot: {chunkSize: 1000}"));
+    let cfg = config(&manifest(
+        "snap-initial",
+        &src,
+        &buf,
+        &["a", "empty"],
+        "snapshot: {chunkSize: 1000}",
+    ));
     assert_eq!(catch_up(&cfg).await, pipeline::Outcome::CaughtUp);
     let buffer = connect(&buf).await;
-    assert_eq!(snapshot_events(&buffer, "test/snap-initial", "public.a").await, 2500);
-    assert_eq!(phase(&buffer, "test/snap-initial", "public.a").await, ("Done".into(), 2500));
-    assert_eq!(phase(&buffer, "test/snap-initial", "public.empty").await, ("Done".into(), 0));
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-initial", "public.a").await,
+        2500
+    );
+    assert_eq!(
+        phase(&buffer, "test/snap-initial", "public.a").await,
+        ("Done".into(), 2500)
+    );
+    assert_eq!(
+        phase(&buffer, "test/snap-initial", "public.empty").await,
+        ("Done".into(), 0)
+    );
     assert_replay_equals_source(&source, &buffer, "test/snap-initial", "public.a", &["id"]).await;
 }
 
@@ -208,15 +245,20 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
     let mut kills = 0;
     for threshold in [1500i64, 4500, 8000] {
         let mut child = spawn_run(m.path(), &[], log.path());
-        eventually("the snapshot to pass the next kill point", Duration::from_secs(120), || async {
-            (copied().await >= threshold).then_some(())
-        })
+        eventually(
+            "the snapshot to pass the next kill point",
+            Duration::from_secs(120),
+            || async { (copied().await >= threshold).then_some(()) },
+        )
         .await;
         kill9(&mut child);
         kills += 1;
     }
     let before_last = copied().await;
-    assert!(before_last < 12_000, "the snapshot finished before the last kill ({before_last} rows)");
+    assert!(
+        before_last < 12_000,
+        "the snapshot finished before the last kill ({before_last} rows)"
+    );
     let mut child = spawn_run(m.path(), &[], log.path());
     eventually("the snapshot to finish", Duration::from_secs(180), || async {
         let done: Option<String> = buffer
@@ -230,10 +272,18 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
     .await;
     stop_tx.send(true).expect("stop writer");
     let transactions = writer.await.expect("writer");
-    assert!(transactions > 100, "only {transactions} transactions ran during the snapshot");
+    assert!(
+        transactions > 100,
+        "only {transactions} transactions ran during the snapshot"
+    );
     kill9(&mut child);
     let (code, out) = catch_up_cli(m.path());
-    assert_eq!(code, 0, "{out}\n{}", std::fs::read_to_string(log.path()).unwrap_or_default());
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
     assert_replay_equals_source(&source, &buffer, "test/snap-kills", "public.s", &["id"]).await;
     // Resumed, not restarted: a row is copied again only when a kill lost the chunk it was
     // in (at most the chunk in flight per kill), or when it was stale in its chunk and read
@@ -249,7 +299,9 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
             .expect("count");
         (r.get(0), r.get(1))
     };
-    eprintln!("{total} SNAPSHOT events of {distinct} rows, {transactions} transactions, {kills} kills");
+    eprintln!(
+        "{total} SNAPSHOT events of {distinct} rows, {transactions} transactions, {kills} kills"
+    );
     assert!(distinct >= 8_000, "{distinct} rows copied");
     assert!(
         total - distinct <= kills * 400 + 600,

@@ -527,6 +527,18 @@ fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
         .set(inactive.max(0));
     ctx.metrics
         .set_invalidated(key, status.invalidation_reason.as_deref());
+    let snapshots: Vec<(String, bool, i64)> = status
+        .snapshots
+        .iter()
+        .map(|t| {
+            (
+                t.table.clone(),
+                t.phase == "Pending" || t.phase == "Copying",
+                t.rows_copied,
+            )
+        })
+        .collect();
+    ctx.metrics.set_snapshots(key, &snapshots);
     if let Some(lsn) = status
         .confirmed_flush_lsn
         .as_deref()

@@ -1,7 +1,8 @@
 //! From what the supervisor observes to the resource's status: phase, the `Ready` condition
 //! and the numbers. Pure functions, so every mapping has a unit test.
 
-use crate::crd::{CdcPipelineStatus, CheckpointOf, Condition};
+use crate::crd::{CdcPipelineStatus, CheckpointOf, Condition, TableSnapshotStatus};
+use crate::pipeline::snapshot::Phase;
 use crate::pipeline::status::{Health, Snapshot};
 use crate::pipeline::{lsn, Progress, State};
 
@@ -113,6 +114,7 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         status.last_received_lsn = prev.last_received_lsn.clone();
         status.recover_request = prev.recover_request.clone();
         status.checkpoint_of = prev.checkpoint_of.clone();
+        status.snapshots = prev.snapshots.clone();
     }
     if let Some(of) = &i.checkpoint_of {
         status.checkpoint_of = Some(of.clone());
@@ -126,6 +128,19 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
     {
         if progress.received_lsn > 0 {
             status.last_received_lsn = Some(lsn::format(progress.received_lsn));
+        }
+        if !progress.snapshots.is_empty() {
+            status.snapshots = progress
+                .snapshots
+                .iter()
+                .map(|t| TableSnapshotStatus {
+                    table: t.table.clone(),
+                    phase: t.phase.as_str().to_string(),
+                    rows_copied: t.rows_copied,
+                    rows_estimate: t.rows_estimate,
+                    request: t.request.clone(),
+                })
+                .collect();
         }
         // Before the task has read its checkpoint it knows no totals: keep the last ones.
         if progress.checkpoint_lsn > 0 {
@@ -153,6 +168,12 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         i.generation,
         i.now,
     )];
+    if let Some(c) = snapshotting_condition(&status, i.previous, i.generation, i.now) {
+        if c.status == "True" && phase == "Running" {
+            status.phase = Some("Snapshotting".into());
+        }
+        status.conditions.push(c);
+    }
     if let Some(message) = i.refused {
         let last_transition_time = match i.previous.and_then(refusal) {
             Some(c) => c.last_transition_time.clone(),
@@ -169,6 +190,60 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
     }
     status
 }
+
+/// `Snapshotting`: True while a table's existing rows are being copied (the pipeline streams
+/// meanwhile), False once every table is copied; absent for a pipeline without snapshots.
+fn snapshotting_condition(
+    status: &CdcPipelineStatus,
+    previous: Option<&CdcPipelineStatus>,
+    generation: Option<i64>,
+    now: &str,
+) -> Option<Condition> {
+    if status.snapshots.is_empty() {
+        return None;
+    }
+    let copying: Vec<String> = status
+        .snapshots
+        .iter()
+        .filter(|t| t.phase == Phase::Pending.as_str() || t.phase == Phase::Copying.as_str())
+        .map(|t| match t.rows_estimate {
+            Some(e) => format!("{} ({} of about {e} rows)", t.table, t.rows_copied),
+            None => format!("{} ({} rows)", t.table, t.rows_copied),
+        })
+        .collect();
+    let (state, reason, message) = if copying.is_empty() {
+        (
+            "False",
+            "SnapshotsDone",
+            "every table's existing rows are copied".to_string(),
+        )
+    } else {
+        (
+            "True",
+            "Copying",
+            format!(
+                "copying existing rows while streaming: {}",
+                copying.join(", ")
+            ),
+        )
+    };
+    let last_transition_time =
+        match previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == SNAPSHOTTING)) {
+            Some(c) if c.status == state => c.last_transition_time.clone(),
+            _ => now.to_string(),
+        };
+    Some(Condition {
+        type_: SNAPSHOTTING.into(),
+        status: state.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    })
+}
+
+/// The condition set while existing rows are copied.
+pub const SNAPSHOTTING: &str = "Snapshotting";
 
 /// The condition set while a spec change is refused.
 pub const SPEC_ACCEPTED: &str = "SpecAccepted";

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, GenericClient};
 
+use super::config::TableName;
 use super::config::{quote_ident, PipelineConfig};
 use super::conn::describe_pg_error;
 use super::decode::{write_json_string, Change, Operation, Relation};
@@ -26,7 +27,6 @@ use super::error::{Error, Result};
 use super::identity::Recorded;
 use super::lsn;
 use super::snapshot::{Phase, TableState};
-use super::config::TableName;
 use crate::crd::SnapshotMode;
 
 /// Classifies an error of the buffer: what retrying can heal (the server restarting,
@@ -732,7 +732,10 @@ async fn save_snapshot(
     pipeline: &str,
     t: &TableState,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
-    let last_key = t.last_key.as_ref().map(|k| serde_json::json!(k).to_string());
+    let last_key = t
+        .last_key
+        .as_ref()
+        .map(|k| serde_json::json!(k).to_string());
     let reread = (!t.reread.is_empty()).then(|| serde_json::json!(t.reread).to_string());
     client
         .execute(

@@ -420,7 +420,10 @@ impl PipelineConfig {
                     listed.push(table);
                 }
                 if r.id.is_empty() {
-                    return Err(invalid("spec.snapshot.resync.id", "must not be empty".into()));
+                    return Err(invalid(
+                        "spec.snapshot.resync.id",
+                        "must not be empty".into(),
+                    ));
                 }
                 Some((r.id, listed))
             }

@@ -8,11 +8,13 @@ use pgwire_replication::ReplicationClient;
 
 use super::buffer::{Buffer, Gap};
 use super::config::PipelineConfig;
+use super::config::TableName;
 use super::error::{Error, Result};
 use super::identity::{self, Recorded};
 use super::lsn;
 use super::run::{identify, on_source};
 use super::source;
+use crate::crd::SnapshotMode;
 
 /// What [`recover`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,10 +110,47 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
     buffer
         .record_gap(&gap, &Recorded::of(now, cfg, to_lsn))
         .await?;
+    // What the gap may have lost is copied again from the tables as they are now, while
+    // the pipeline streams on from the new slot (README: Snapshots).
+    if cfg.snapshot.mode == SnapshotMode::Initial {
+        buffer
+            .request_snapshot(&cfg.tables, &format!("gap:{}", lsn::format(to_lsn)))
+            .await?;
+    }
     Ok(Recovered {
         gap,
         dropped_old_slot,
     })
+}
+
+/// Asks for `tables` to be copied again (`philotes snapshot`); the next run of the pipeline
+/// copies them while the others stream. Refused while another process runs the pipeline.
+pub async fn request_snapshot(cfg: &PipelineConfig, tables: &[String]) -> Result<Vec<TableName>> {
+    let mut asked = Vec::new();
+    for t in tables {
+        let table =
+            TableName::parse(t).map_err(|e| Error::InvalidSpec(format!("--table {t}: {e}")))?;
+        if !cfg.tables.contains(&table) {
+            return Err(Error::InvalidSpec(format!(
+                "--table {t}: pipeline {} does not capture {table} (spec.source.tables); only captured tables can be copied",
+                cfg.id
+            )));
+        }
+        asked.push(table);
+    }
+    let buffer = Buffer::open(cfg).await?;
+    let when = unix_seconds();
+    buffer
+        .request_snapshot(&asked, &format!("cli:{when}"))
+        .await?;
+    Ok(asked)
+}
+
+/// Seconds since the epoch, to tell requests apart.
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// For `slotDeletionPolicy: Delete`: drops the slot (and a publication Philotes created) the

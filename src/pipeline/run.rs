@@ -759,7 +759,12 @@ impl Streamer<'_> {
             .written_relations
             .get(&rel.id)
             .is_some_and(|r| **r == *rel);
-        if !known && self.pending.last_event.is_none_or(|last| (commit_lsn, seq) > last) {
+        if !known
+            && self
+                .pending
+                .last_event
+                .is_none_or(|last| (commit_lsn, seq) > last)
+        {
             self.written_relations.insert(rel.id, rel.clone());
             self.pending.relations.push(RelationRecord {
                 commit_lsn,

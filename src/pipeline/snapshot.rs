@@ -222,7 +222,8 @@ impl Plan {
     /// A row read by a chunk as an event image, its key as the loop compares keys, and its
     /// key's text values.
     fn row(&self, values: &[Option<&str>]) -> Result<Row> {
-        let mut image = String::with_capacity(64 + values.iter().flatten().map(|v| v.len()).sum::<usize>());
+        let mut image =
+            String::with_capacity(64 + values.iter().flatten().map(|v| v.len()).sum::<usize>());
         image.push('{');
         for (i, (col, value)) in self.relation.columns.iter().zip(values).enumerate() {
             if i > 0 {
@@ -441,9 +442,11 @@ impl Window {
                     .map(|a| image_columns(a) == Some(rel.columns.len()));
                 // (old key, new key) of an UPDATE that sent its old key.
                 let old_key = match (op, &change.before, &change.after) {
-                    (Operation::Update, Some(b), Some(a)) => image_key(b, &self.key_names, &key_types)
-                        .zip(image_key(a, &self.key_names, &key_types))
-                        .map(|((o, _), (n, _))| (o, n)),
+                    (Operation::Update, Some(b), Some(a)) => {
+                        image_key(b, &self.key_names, &key_types)
+                            .zip(image_key(a, &self.key_names, &key_types))
+                            .map(|((o, _), (n, _))| (o, n))
+                    }
                     _ => None,
                 };
                 for (image, is_after) in [(&change.before, false), (&change.after, true)] {
@@ -451,7 +454,8 @@ impl Window {
                     match image_key(image, &self.key_names, &key_types) {
                         Some((key, key_text)) => {
                             let deleted = op == Operation::Delete
-                                || (!is_after && old_key.as_ref().is_some_and(|(_, new)| *new != key));
+                                || (!is_after
+                                    && old_key.as_ref().is_some_and(|(_, new)| *new != key));
                             let moved_in = is_after
                                 && op == Operation::Update
                                 && old_key.as_ref().is_some_and(|(old, _)| *old != key);
@@ -730,7 +734,7 @@ pub struct Task {
 /// From the snapshot task to the loop.
 #[derive(Debug)]
 pub enum Message {
-    Chunk(Chunk),
+    Chunk(Box<Chunk>),
     Failed(Error),
 }
 
@@ -740,7 +744,7 @@ pub struct Link {
     pub chunks: mpsc::Receiver<Message>,
     pub results: mpsc::UnboundedSender<TableState>,
     /// A chunk received before its close watermark.
-    pub ready: Option<Chunk>,
+    pub ready: Option<Box<Chunk>>,
     pub window: Option<Window>,
     /// The task ended: every table is copied (or it failed and said so).
     pub finished: bool,
@@ -856,11 +860,15 @@ async fn copy_tables(
                         .collect(),
                 )
             };
-            emit(&client, cfg, &format!(
-                "open {token} {chunk_id} {} {}",
-                plan.relation.id,
-                serde_json::to_string(&plan.key_names()).unwrap_or_default()
-            ))
+            emit(
+                &client,
+                cfg,
+                &format!(
+                    "open {token} {chunk_id} {} {}",
+                    plan.relation.id,
+                    serde_json::to_string(&plan.key_names()).unwrap_or_default()
+                ),
+            )
             .await?;
             wait_committed_visible(&client, cfg).await?;
             let (visibility, rows, end) = read_chunk(&client, cfg, &plan, &kind).await?;
@@ -873,7 +881,7 @@ async fn copy_tables(
                 end,
                 before: state.clone(),
             };
-            if task.chunks.send(Message::Chunk(chunk)).await.is_err() {
+            if task.chunks.send(Message::Chunk(Box::new(chunk))).await.is_err() {
                 return Ok(());
             }
             emit(&client, cfg, &format!("close {token} {chunk_id}")).await?;
@@ -1128,14 +1136,24 @@ mod tests {
         let c = chunk(&[1, 2, 3, 4, 5], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         // Seen by the chunk: the row read is at least as new.
-        w.record(5, &change(Operation::Update, None, Some(r#"{"id":1,"v":"a"}"#)));
+        w.record(
+            5,
+            &change(Operation::Update, None, Some(r#"{"id":1,"v":"a"}"#)),
+        );
         // Not seen: the stream's image is newer.
-        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2,"v":"b"}"#)));
+        w.record(
+            11,
+            &change(Operation::Update, None, Some(r#"{"id":2,"v":"b"}"#)),
+        );
         w.record(12, &change(Operation::Delete, Some(r#"{"id":3}"#), None));
         // A key moved: both the old and the new key are newer in the stream.
         w.record(
             13,
-            &change(Operation::Update, Some(r#"{"id":4}"#), Some(r#"{"id":40,"v":"x"}"#)),
+            &change(
+                Operation::Update,
+                Some(r#"{"id":4}"#),
+                Some(r#"{"id":40,"v":"x"}"#),
+            ),
         );
         let (rows, reread) = kept(w.close(&c));
         assert_eq!(rows, vec!["[1]", "[5]"]);
@@ -1161,15 +1179,22 @@ mod tests {
         let (rows, _) = kept(w.close(&c));
         assert!(rows.is_empty());
         let mut w = Window::open(1, 7, vec!["id".into()]);
-        w.record(11, &change(Operation::Insert, None, Some(r#"{"v":"no key"}"#)));
+        w.record(
+            11,
+            &change(Operation::Insert, None, Some(r#"{"v":"no key"}"#)),
+        );
         assert!(matches!(w.close(&c), Closed::Redo(_)));
     }
 
     #[test]
     fn keys_compare_as_written_and_read_back_as_text() {
         let names = vec!["a".to_string(), "b".to_string()];
-        let (key, text) =
-            image_key(r#"{"a":"x\"y","b":1.50,"c":true}"#, &names, &[25, oid::NUMERIC]).unwrap();
+        let (key, text) = image_key(
+            r#"{"a":"x\"y","b":1.50,"c":true}"#,
+            &names,
+            &[25, oid::NUMERIC],
+        )
+        .unwrap();
         assert_eq!(key, r#"["x\"y",1.50]"#);
         assert_eq!(text, vec!["x\"y".to_string(), "1.50".to_string()]);
         let p = plan();

@@ -387,7 +387,10 @@ fn create_publication_sql(cfg: &PipelineConfig, name: &str) -> String {
 }
 
 /// Whether the publication is one Philotes created for this pipeline (its comment says so).
-async fn owned_by(client: &Client, cfg: &PipelineConfig) -> std::result::Result<bool, tokio_postgres::Error> {
+async fn owned_by(
+    client: &Client,
+    cfg: &PipelineConfig,
+) -> std::result::Result<bool, tokio_postgres::Error> {
     let comment: Option<String> = client
         .query_opt(
             "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use super::config::PipelineConfig;
 use super::lsn;
 use super::run::{Progress, State};
+use super::snapshot::Phase;
 use super::source::{self, SlotStats};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -43,6 +44,8 @@ pub struct Snapshot {
     pub inactive_since: Option<String>,
     pub events_total: i64,
     pub last_checkpoint_time: Option<String>,
+    /// Tables whose existing rows are being copied: `schema.table phase copied/estimate`.
+    pub snapshots: Vec<String>,
     #[serde(skip)]
     checkpoint_raw: u64,
     /// Consecutive refreshes with lag but no checkpoint progress.
@@ -57,8 +60,13 @@ impl Snapshot {
             .lag_bytes
             .map(|b| format!("{b} B"))
             .unwrap_or_else(|| "?".into());
+        let copying = if self.snapshots.is_empty() {
+            String::new()
+        } else {
+            format!(", snapshot: {}", self.snapshots.join(", "))
+        };
         format!(
-            "{} {:?} ({}): lag {lag}, {} events, received {}, checkpointed {}, source {}, slot {} wal_status {}",
+            "{} {:?} ({}): lag {lag}, {} events, received {}, checkpointed {}, source {}, slot {} wal_status {}{copying}",
             self.pipeline,
             self.health,
             self.reason,
@@ -69,6 +77,24 @@ impl Snapshot {
             self.slot_name,
             self.wal_status.as_deref().unwrap_or("?"),
         )
+    }
+
+    /// The snapshot part of the status: tables still being copied.
+    pub fn snapshots_of(progress: &Progress) -> Vec<String> {
+        progress
+            .snapshots
+            .iter()
+            .filter(|t| matches!(t.phase, Phase::Pending | Phase::Copying))
+            .map(|t| {
+                format!(
+                    "{} {} {}/{}",
+                    t.table,
+                    t.phase.as_str(),
+                    t.rows_copied,
+                    t.rows_estimate.map_or("?".to_string(), |e| e.to_string())
+                )
+            })
+            .collect()
     }
 }
 
@@ -170,6 +196,7 @@ pub fn assess(
             .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
         checkpoint_raw: progress.checkpoint_lsn,
         stalled_refreshes,
+        snapshots: Snapshot::snapshots_of(progress),
     }
 }
 
