@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Capture throughput of philotes side by side with PostgreSQL's own tools, in one run on one
-# machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all four)
+# machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all five)
 # Environment: BENCH_ROWS (row changes per workload, default 1000000), BENCH_ROUNDS (3),
+#              BENCH_SNAPSHOT_ROWS (rows of the snapshot workload's table, default 5000000),
+#              BENCH_DURABILITY (production: fsync, synchronous_commit and full_page_writes on,
+#              the default; off: fsync and full_page_writes off, a labelled variant),
 #              BENCH_OUT (results directory, default bench/out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +12,17 @@ ROOT=$PWD
 ROWS=${BENCH_ROWS:-1000000}
 ROUNDS=${BENCH_ROUNDS:-3}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
-WORKLOADS=("$@"); [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(insert mixed bigtx wide)
+SNAP_ROWS=${BENCH_SNAPSHOT_ROWS:-5000000}
+DURABILITY=${BENCH_DURABILITY:-production}
+case $DURABILITY in
+  production) DURABLE="fsync = on
+full_page_writes = on
+synchronous_commit = on";;
+  off) DURABLE="fsync = off
+full_page_writes = off";;
+  *) echo "BENCH_DURABILITY must be production or off" >&2; exit 1;;
+esac
+WORKLOADS=("$@"); [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(insert mixed bigtx wide snapshot)
 mkdir -p "$OUT"
 BIN=$(pg_config --bindir)
 [ -x "$BIN/postgres" ] || { echo "PostgreSQL server binaries not found (pg_config --bindir)" >&2; exit 1; }
@@ -41,14 +54,13 @@ max_logical_replication_workers = 8
 shared_buffers = 512MB
 max_wal_size = 8GB
 checkpoint_timeout = 30min
-fsync = off
-full_page_writes = off
+$DURABLE
 logical_decoding_work_mem = 256MB
 wal_retrieve_retry_interval = 100ms
 CONF
   $AS "$BIN/pg_ctl" -D "$WORK/$1" -l "$WORK/$1.log" -w start >/dev/null
 }
-echo "==> starting source (:$SRC_PORT) and buffer (:$BUF_PORT) with identical settings"
+echo "==> starting source (:$SRC_PORT) and buffer (:$BUF_PORT) with identical settings (durability: $DURABILITY)"
 start_pg src $SRC_PORT
 start_pg buf $BUF_PORT
 SRC="host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres"
@@ -132,14 +144,15 @@ run_native() {
   until [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'native'")" = t ]; do sleep 0.05; done
 }
 
-run_philotes() {
-  cat > "$WORK/pipeline.yaml" <<YAML
+write_pipeline() { # file slot snapshot-mode
+  cat > "$1" <<YAML
 apiVersion: philotes.io/v1alpha1
 kind: CdcPipeline
 metadata: {name: bench, namespace: bench}
 spec:
-  source: {connectionSecretRef: {name: src}, tables: [public.t], publication: bench, slot: philotes}
+  source: {connectionSecretRef: {name: src}, tables: [public.t], publication: bench, slot: $2}
   buffer: {connectionSecretRef: {name: buf}}
+  snapshot: {mode: $3}
 ---
 apiVersion: v1
 kind: Secret
@@ -151,6 +164,11 @@ kind: Secret
 metadata: {name: buf, namespace: bench}
 stringData: {uri: "postgres://postgres@127.0.0.1:$BUF_PORT/postgres?sslmode=disable"}
 YAML
+}
+
+run_philotes() {
+  # The slot exists before the workload, like the other contenders'; nothing to copy.
+  write_pipeline "$WORK/pipeline.yaml" philotes Never
   $TIME "$PHILOTES" run -f "$WORK/pipeline.yaml" --until-caught-up 2>"$WORK/philotes.log" \
     || { cat "$WORK/philotes.log" >&2; return 1; }
 }
@@ -163,10 +181,84 @@ check() { # contender: did it receive the whole workload?
   esac
 }
 
+# The snapshot workload: copying a table's existing rows, side by side with PostgreSQL's own
+# initial table sync and with COPY to /dev/null (the read floor).
+prepare_snapshot() {
+  psrc -c "DROP TABLE IF EXISTS t; DROP PUBLICATION IF EXISTS bench"
+  pbuf -c "DROP TABLE IF EXISTS t; DROP SCHEMA IF EXISTS philotes CASCADE"
+  psrc -c "$TABLE_DDL"; pbuf -c "$TABLE_DDL"
+  psrc -c "INSERT INTO t SELECT i, i % 1000, i * 1.25, md5(i::text), 'row ' || i, now() FROM generate_series(1, $SNAP_ROWS) i"
+  psrc -c "ALTER TABLE t SET (autovacuum_enabled = off); VACUUM ANALYZE t; CREATE PUBLICATION bench FOR TABLE t; CHECKPOINT"
+}
+
+run_copy() {
+  $TIME "$BIN/psql" -X -q "$SRC" -c "COPY t TO STDOUT" > /dev/null
+}
+
+run_native_sync() {
+  pbuf -c "TRUNCATE t"
+  pbuf -c "CREATE SUBSCRIPTION sub CONNECTION 'host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres' PUBLICATION bench WITH (copy_data = true)"
+  # r: the table is copied and its sync worker handed over to the apply worker.
+  until [ "$(pbuf -At -c "SELECT bool_and(srsubstate = 'r') FROM pg_subscription_rel")" = t ]; do sleep 0.05; done
+}
+
+run_philotes_snapshot() {
+  # A new pipeline with default settings: it copies the table, then has caught up.
+  write_pipeline "$WORK/snapshot.yaml" philotes_snapshot Initial
+  $TIME "$PHILOTES" run -f "$WORK/snapshot.yaml" --until-caught-up 2>"$WORK/philotes.log" \
+    || { cat "$WORK/philotes.log" >&2; return 1; }
+}
+
+check_snapshot() {
+  case $1 in
+    copy) true;;
+    native) [ "$(pbuf -At -c "SELECT count(*) FROM t")" = "$SNAP_ROWS" ];;
+    philotes) [ "$(pbuf -At -c "SELECT count(*) FROM philotes.cdc_events WHERE operation = 'SNAPSHOT'")" = "$SNAP_ROWS" ];;
+  esac
+}
+
+cleanup_snapshot() {
+  case $1 in
+    native) pbuf -c "DROP SUBSCRIPTION sub" >/dev/null;;
+    philotes) psrc -c "SELECT pg_drop_replication_slot('philotes_snapshot')" >/dev/null
+              pbuf -c "DROP SCHEMA philotes CASCADE" >/dev/null;;
+  esac
+}
+
+snapshot_round() { # round
+  local round=$1 c order
+  echo "==> snapshot, round $round/$ROUNDS: preparing ($SNAP_ROWS rows)"
+  prepare_snapshot
+  local contenders=(copy native philotes)
+  order=("${contenders[@]:$(( (round - 1) % 3 ))}" "${contenders[@]:0:$(( (round - 1) % 3 ))}")
+  for c in "${order[@]}"; do
+    psrc -c "CHECKPOINT" >/dev/null; pbuf -c "CHECKPOINT" >/dev/null
+    rm -f "$WORK/client"
+    read -r src0 buf0 < <(server_cpu)
+    t0=$(now)
+    case $c in copy) run_copy;; native) run_native_sync;; philotes) run_philotes_snapshot;; esac
+    t1=$(now)
+    read -r src1 buf1 < <(server_cpu)
+    check_snapshot "$c" || { echo "$c did not copy the whole table" >&2; exit 1; }
+    client="0 0 "; [ -f "$WORK/client" ] && client=$(tail -1 "$WORK/client")
+    python3 - snapshot "$round" "$c" "$t0" "$t1" "$SNAP_ROWS" "$src0" "$src1" "$buf0" "$buf1" $client <<'PY' | tee -a "$RESULTS"
+import sys
+wl, rnd, c, t0, t1, n, s0, s1, b0, b1, cu, cs = sys.argv[1:13]
+rss = sys.argv[13] if len(sys.argv) > 13 and c == "philotes" else ""
+print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}")
+PY
+    cleanup_snapshot "$c"
+  done
+}
+
 RESULTS=$OUT/results.tsv
 echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib\tsource_cpu_s\tbuffer_cpu_s\tclient_cpu_s" > "$RESULTS"
 CONTENDERS=(recvlogical native philotes)
 for wl in "${WORKLOADS[@]}"; do
+  if [ "$wl" = snapshot ]; then
+    for round in $(seq 1 "$ROUNDS"); do snapshot_round "$round"; done
+    continue
+  fi
   for round in $(seq 1 "$ROUNDS"); do
     echo "==> $wl, round $round/$ROUNDS: preparing"
     prepare "$wl"
@@ -200,5 +292,5 @@ PY
     for s in recv philotes; do psrc -c "SELECT pg_drop_replication_slot('$s')" >/dev/null; done
   done
 done
-python3 bench/report.py "$RESULTS" > "$OUT/summary.md"
+python3 bench/report.py "$RESULTS" "$DURABILITY" > "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -12,6 +12,18 @@ CONTENDERS = ("recvlogical", "native", "philotes")
 NAMES = {"recvlogical": "pg_recvlogical", "native": "native", "philotes": "philotes"}
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+durability = sys.argv[2] if len(sys.argv) > 2 else "production"
+print(
+    "Durability: "
+    + (
+        "production (fsync, synchronous_commit and full_page_writes on, on both servers)."
+        if durability == "production"
+        else "off (fsync and full_page_writes off on both servers; a labelled variant, not what users run)."
+    )
+)
+print()
+snapshot_rows = [r for r in rows if r["workload"] == "snapshot"]
+rows = [r for r in rows if r["workload"] != "snapshot"]
 times = defaultdict(list)
 cpu = defaultdict(list)
 changes = {}
@@ -26,18 +38,51 @@ for r in rows:
         cpu[key].append(tuple(float(r[k]) for k in ("source_cpu_s", "buffer_cpu_s", "client_cpu_s")))
 workloads = list(dict.fromkeys(r["workload"] for r in rows))
 
-print("| workload | row changes | pg_recvlogical | native | philotes | philotes / pg_recvlogical | philotes / native | philotes rows/s | philotes peak RSS |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for wl in workloads:
-    m = {c: statistics.median(times[(wl, c)]) for c in CONTENDERS if times[(wl, c)]}
-    n = changes[wl]
+if rows:
+    print("| workload | row changes | pg_recvlogical | native | philotes | philotes / pg_recvlogical | philotes / native | philotes rows/s | philotes peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for wl in workloads:
+        m = {c: statistics.median(times[(wl, c)]) for c in CONTENDERS if times[(wl, c)]}
+        n = changes[wl]
+        print(
+            f"| {wl} | {n:,} | {m['recvlogical']:.2f} s | {m['native']:.2f} s | {m['philotes']:.2f} s "
+            f"| {m['philotes'] / m['recvlogical']:.2f}× | {m['philotes'] / m['native']:.2f}× "
+            f"| {n / m['philotes']:,.0f} | {max(rss[wl]) / 1024:.0f} MB |"
+        )
+    print()
+    print(f"Median of {max(len(v) for v in times.values())} rounds per cell; the order of the contenders rotates between rounds.")
+
+if snapshot_rows:
+    st = defaultdict(list)
+    scpu = defaultdict(list)
+    srss = []
+    for r in snapshot_rows:
+        st[r["contender"]].append(float(r["seconds"]))
+        scpu[r["contender"]].append(tuple(float(r[k]) for k in ("source_cpu_s", "buffer_cpu_s", "client_cpu_s")))
+        if r["peak_rss_kib"]:
+            srss.append(int(r["peak_rss_kib"]))
+    n = int(snapshot_rows[0]["row_changes"])
+    m = {c: statistics.median(v) for c, v in st.items()}
+    print()
+    print("Snapshot: copying a table's existing rows (the `insert` shape), side by side with `COPY t TO STDOUT`")
+    print("to /dev/null (the read floor) and native logical replication's initial table sync")
+    print("(`CREATE SUBSCRIPTION ... WITH (copy_data = true)`, until the table is ready):")
+    print()
+    print("| rows | COPY to /dev/null | native table sync | philotes | philotes / native | philotes / COPY | philotes rows/s | philotes peak RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
-        f"| {wl} | {n:,} | {m['recvlogical']:.2f} s | {m['native']:.2f} s | {m['philotes']:.2f} s "
-        f"| {m['philotes'] / m['recvlogical']:.2f}× | {m['philotes'] / m['native']:.2f}× "
-        f"| {n / m['philotes']:,.0f} | {max(rss[wl]) / 1024:.0f} MB |"
+        f"| {n:,} | {m['copy']:.2f} s | {m['native']:.2f} s | {m['philotes']:.2f} s | {m['philotes'] / m['native']:.2f}× "
+        f"| {m['philotes'] / m['copy']:.2f}× | {n / m['philotes']:,.0f} | {max(srss) / 1024:.0f} MB |"
     )
-print()
-print(f"Median of {max(len(v) for v in times.values())} rounds per cell; the order of the contenders rotates between rounds.")
+    print()
+    print("| contender | wall | source server CPU | buffer server CPU | client CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for c in ("copy", "native", "philotes"):
+        samples = scpu[c]
+        src, buf, cli = (statistics.median(x[i] for x in samples) for i in range(3))
+        print(f"| {c} | {m[c]:.2f} s | {src:.2f} | {buf:.2f} | {cli:.2f} |")
+    print()
+    print(f"Median of {len(st['philotes'])} rounds; the order rotates between rounds.")
 
 if cpu:
     print()

@@ -11,3 +11,6 @@ CREATE TABLE IF NOT EXISTS public.orders (
     status      text NOT NULL DEFAULT 'new',
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+-- A row that exists before the pipeline: copied by its snapshot.
+INSERT INTO public.customers (name, email)
+SELECT 'Existing', 'existing@example.com' WHERE NOT EXISTS (SELECT 1 FROM public.customers);

@@ -123,10 +123,17 @@ pub struct ResyncSpec {
     pub tables: Vec<String>,
 }
 
+/// Whether existing rows are copied. `Initial` (default): a new pipeline, and a table added
+/// to `spec.source.tables`, is copied first (as `SNAPSHOT` events) while changes keep
+/// streaming. `Never`: only changes made after the slot exists are captured (copies not done
+/// yet are dropped). A pipeline that already has a checkpoint is not copied again when this
+/// changes.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum SnapshotMode {
+    /// A new pipeline, and a table added later, is copied first.
     #[default]
     Initial,
+    /// Only changes made after the slot exists are captured.
     Never,
 }
 

@@ -42,14 +42,22 @@ pub async fn run() -> Result<()> {
     let task = tokio::spawn(async move {
         pipeline::run(run_cfg, RunOptions::default(), shutdown_rx, progress_tx).await
     });
-    // Wait for the slot to exist before writing, so every change below is captured.
+    // Wait for the slot to exist and the existing row to be copied before writing, so the
+    // output below is the same on every run.
     wait(
         &mut progress_rx,
         Duration::from_secs(30),
-        "the pipeline to start streaming",
-        |p| p.state == pipeline::State::Streaming,
+        "the pipeline to copy the rows the tables hold (a snapshot)",
+        |p| {
+            p.state == pipeline::State::Streaming
+                && !p.snapshots.is_empty()
+                && p.snapshots
+                    .iter()
+                    .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+        },
     )
     .await?;
+    println!("==> copied the rows the tables already held (SNAPSHOT events), while streaming");
 
     println!("==> writing changes to the source");
     for sql in [
@@ -122,8 +130,8 @@ pub async fn run() -> Result<()> {
         Ok(Outcome::Stopped) | Ok(Outcome::CaughtUp) => {}
         Err(e) => bail!("pipeline failed: {e}"),
     }
-    if rows.len() != 11 {
-        bail!("expected 11 events in the buffer, found {}", rows.len());
+    if rows.len() != 12 {
+        bail!("expected 12 events in the buffer, found {}", rows.len());
     }
     drop(cluster);
     println!("==> done");

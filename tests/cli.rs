@@ -11,7 +11,8 @@ fn demo_runs_end_to_end() {
     assert_eq!(code, 0, "{out}");
     for phrase in [
         "starting a throwaway PostgreSQL",
-        "caught up: 11 events written",
+        "caught up: 12 events written",
+        "SNAPSHOT customers   → {\"id\":1,\"name\":\"Existing\"",
         "UPDATE   customers",
         "DELETE   orders     {\"id\":5}",
         "==> done",

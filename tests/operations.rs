@@ -269,16 +269,32 @@ async fn a_lost_slot_is_reported_not_recreated() {
     assert_eq!(code, 0, "{out}");
     let ids: Vec<i32> = column(
         &buffer,
-        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/slotlost' ORDER BY commit_lsn, seq",
+        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/slotlost' AND operation = 'INSERT' \
+         ORDER BY commit_lsn, seq",
     )
     .await;
     let want: Vec<i32> = (1..=10).chain(111..=120).collect();
     assert_eq!(ids, want, "before the gap, and after it, exactly once");
-    // verify names the acknowledged gap next to the rows it took (11..=110).
+    // The recovery copied the table again, so what the gap took (11..=110) is back, as
+    // SNAPSHOT events after the gap.
+    let copied: Vec<i32> = column(
+        &buffer,
+        "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/slotlost' AND operation = 'SNAPSHOT' \
+         ORDER BY (after->>'id')::int",
+    )
+    .await;
+    assert_eq!(copied, (1..=120).collect::<Vec<i32>>());
+    let request: Vec<String> = column(
+        &buffer,
+        "SELECT request || ' ' || phase FROM philotes.cdc_snapshots WHERE pipeline = 'test/slotlost'",
+    )
+    .await;
+    assert_eq!(request, vec![format!("gap:{} Done", new_slot[0])]);
+    // verify names the acknowledged gap, and the replay matches the source again.
     let (code, out) = run_cli(&["verify", "-f", file.path().to_str().expect("path")]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("an acknowledged gap (SlotLost)") && out.contains("100 rows missing (lost)"),
+        out.contains("an acknowledged gap (SlotLost)") && out.contains("120 snapshot rows"),
         "{out}"
     );
 
@@ -964,6 +980,20 @@ async fn a_standby_is_a_source() {
         },
     )
     .await;
+    // A snapshot writes its watermarks into the WAL, which a standby cannot: refused with
+    // what to do; with spec.snapshot.mode Never the pending copy is dropped.
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("SnapshotFailed")
+            && out.contains("is a standby, and a snapshot writes its watermarks into the WAL")
+            && out.contains("spec.snapshot.mode: Never"),
+        "{out}"
+    );
+    let file = manifest_file(&on_standby.replace(
+        "flushInterval: 100ms",
+        "flushInterval: 100ms\n  snapshot: {mode: Never}",
+    ));
     let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "{out}");
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")

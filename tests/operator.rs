@@ -826,14 +826,23 @@ async fn a_second_pipeline_on_the_same_slot_is_refused() {
         .await
         .unwrap();
     eventually(
-        "the second pipeline streams",
+        "the second pipeline streams (after copying the 50 rows the table held: it is new)",
         Duration::from_secs(30),
         || {
             let b = &second_buffer;
-            async move { (events_count(b, "sameslot/second").await == 10).then_some(()) }
+            async move { (events_count(b, "sameslot/second").await == 60).then_some(()) }
         },
     )
     .await;
+    let inserts: i64 = second_buffer
+        .query_one(
+            "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'sameslot/second' AND operation = 'INSERT'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(inserts, 10);
     op.stop().await;
 }
 
@@ -911,14 +920,39 @@ async fn a_lost_slot_is_recovered_by_annotation() {
         .await
         .unwrap();
     eventually(
-        "17 events: 10 before the gap, 7 after",
+        "17 inserts: 10 before the gap, 7 after",
         Duration::from_secs(30),
         || {
             let b = &buffer;
-            async move { (events_count(b, "recover/p").await == 17).then_some(()) }
+            async move {
+                let n: i64 = b
+                    .query_one(
+                        "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'recover/p' AND operation = 'INSERT'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n == 17).then_some(())
+            }
         },
     )
     .await;
+    // The recovery copied the table again: the rows the gap took (11..=15) are back.
+    let s = wait_status(&pipelines, "p", "the table copied again", |s| {
+        s.snapshots
+            .first()
+            .is_some_and(|t| t.phase == "Done" && t.request.starts_with("gap:"))
+    })
+    .await;
+    assert!(s.snapshots[0].rows_copied >= 15, "{s:?}");
+    let copied: Vec<i32> = column(
+        &buffer,
+        "SELECT DISTINCT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'recover/p' AND operation = 'SNAPSHOT' \
+         AND (after->>'id')::int BETWEEN 11 AND 15 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(copied, (11..=15).collect::<Vec<i32>>());
     let gaps: Vec<String> = buffer
         .query(
             "SELECT reason FROM philotes.cdc_gaps WHERE pipeline = 'recover/p'",
@@ -1093,4 +1127,97 @@ async fn losing_the_lease_stops_the_pipelines() {
         async move { matches!(slot_pid(db, "philotes_lose_p").await, Some(None)).then_some(()) }
     })
     .await;
+}
+
+/// A snapshot under the operator: while the rows a table held are copied, the status shows
+/// the table `Copying` with its progress and the estimate, the `Snapshotting` condition is
+/// True and the phase reads `Snapshotting` (still Ready: changes stream meanwhile); once
+/// copied, `Done`, the condition False, and the metrics say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
+    let ns = "snapshot";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases(&format!("op_{ns}")).await;
+    let db = connect(&src).await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    put_secret(&admin, ns, "p-src", &src).await;
+    put_secret(&admin, ns, "p-buf", &buf).await;
+    pipelines
+        .create(
+            &PostParams::default(),
+            &pipeline("p", &["t"], json!({"snapshot": {"chunkSize": 150}})),
+        )
+        .await
+        .unwrap();
+    let op = Operator::start(api, ns, None);
+    let copying = wait_status(&pipelines, "p", "a snapshot in progress", |s| {
+        s.snapshots
+            .first()
+            .is_some_and(|t| t.phase == "Copying" && t.rows_copied > 0 && t.rows_copied < 20000)
+    })
+    .await;
+    let table = &copying.snapshots[0];
+    assert_eq!(
+        (
+            table.table.as_str(),
+            table.rows_estimate,
+            table.request.as_str()
+        ),
+        ("public.t", Some(20000), "initial")
+    );
+    let condition = copying
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Snapshotting")
+        .expect("Snapshotting condition");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("True", "Copying")
+    );
+    assert!(condition.message.contains("public.t ("), "{condition:?}");
+    // Changes stream while the copy runs.
+    db.batch_execute(
+        "UPDATE t SET v = 'changed' WHERE id = 19999; INSERT INTO t VALUES (20001, 'new')",
+    )
+    .await
+    .unwrap();
+    let done = wait_status(&pipelines, "p", "the snapshot done", |s| {
+        s.phase.as_deref() == Some("Running")
+            && s.snapshots.first().is_some_and(|t| t.phase == "Done")
+    })
+    .await;
+    assert_eq!(ready(&done), ("True".into(), "Streaming".into()));
+    let copied = done.snapshots[0].rows_copied;
+    assert!((19_999..=20_001).contains(&copied), "{copied} rows copied");
+    let condition = done
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Snapshotting")
+        .expect("Snapshotting condition");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "SnapshotsDone")
+    );
+    let metrics = op.metrics().await;
+    for line in [
+        format!("philotes_snapshot_rows_copied{{pipeline=\"{ns}/p\",table=\"public.t\"}} {copied}"),
+        format!("philotes_snapshot_copying{{pipeline=\"{ns}/p\",table=\"public.t\"}} 0"),
+    ] {
+        assert!(metrics.contains(&line), "missing {line} in:\n{metrics}");
+    }
+    let buffer = connect(&buf).await;
+    let updated: Vec<String> = column(
+        &buffer,
+        "SELECT after->>'v' FROM philotes.cdc_events WHERE pipeline = 'snapshot/p' AND (after->>'id')::int = 19999 \
+         ORDER BY commit_lsn DESC, seq DESC LIMIT 1",
+    )
+    .await;
+    assert_eq!(updated, ["changed"]);
+    op.stop().await;
 }

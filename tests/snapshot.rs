@@ -309,3 +309,456 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
         total - distinct
     );
 }
+
+/// Every key shape a table can be read in chunks by, each copied in several chunks and
+/// compared with the source: a composite key, text keys whose order depends on the
+/// collation (chunk boundaries must compare as the column does), a unique index under
+/// REPLICA IDENTITY FULL, a partitioned table, an empty table, a column list and row filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_shape_is_copied_in_chunks() {
+    let (src, buf, source) = databases_with(
+        "snap_keys",
+        r#"CREATE TABLE composite (a int, b text, v int, PRIMARY KEY (a, b));
+           INSERT INTO composite SELECT g % 7, 'k' || g, g FROM generate_series(1, 300) g;
+           CREATE TABLE words (w text COLLATE "C" PRIMARY KEY, v int);
+           INSERT INTO words SELECT x, row_number() OVER () FROM (SELECT DISTINCT unnest(ARRAY[
+             'apple', 'Apple', 'APPLE', 'banana', 'Banana', 'b', 'B', '_under', 'zeta', 'Zeta', 'élan', 'Élan',
+             'a b', 'a-b', 'a.b', 'ab', 'aB', '0', '10', '9', ' space', 'quote''s', 'back\slash']) || s
+             FROM generate_series(1, 12) s) t(x);
+           CREATE TABLE full_unique (code text NOT NULL, v int);
+           CREATE UNIQUE INDEX ON full_unique (code);
+           ALTER TABLE full_unique REPLICA IDENTITY FULL;
+           INSERT INTO full_unique SELECT 'c' || g, g FROM generate_series(1, 250) g;
+           CREATE TABLE parted (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+           CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+           CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM (100) TO (1000);
+           INSERT INTO parted SELECT g, 'p' || g FROM generate_series(1, 400) g;
+           CREATE TABLE nothing (id int PRIMARY KEY);
+           CREATE TABLE part (id int, keep text, secret text, region text, PRIMARY KEY (id, region));
+           INSERT INTO part SELECT g, 'k' || g, 's' || g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END
+             FROM generate_series(1, 200) g;"#,
+    )
+    .await;
+    // Chunk boundaries in a linguistic collation too, where the server has one (ICU).
+    let icu: Vec<i64> = column(
+        &source,
+        "SELECT count(*) FROM pg_collation WHERE collname = 'und-x-icu'",
+    )
+    .await;
+    let mut tables = vec!["composite", "words", "full_unique", "parted", "nothing"];
+    if icu[0] > 0 {
+        source
+            .batch_execute(
+                r#"CREATE TABLE words_icu (w text COLLATE "und-x-icu" PRIMARY KEY, v int);
+                   INSERT INTO words_icu SELECT w, v FROM words;"#,
+            )
+            .await
+            .expect("ICU table");
+        tables.push("words_icu");
+    }
+    let version = server_version(&source).await;
+    // Column lists and row filters need PostgreSQL 15.
+    let filtered = version >= 150000;
+    let mut m = manifest(
+        "snap-keys",
+        &src,
+        &buf,
+        &tables,
+        "snapshot: {chunkSize: 37}",
+    );
+    if filtered {
+        m = m.replace(
+            &format!("'{}']", tables[tables.len() - 1]),
+            &format!(
+                r#"'{}', {{name: part, columns: [id, keep, region], where: "region = 'eu'"}}]"#,
+                tables[tables.len() - 1]
+            ),
+        );
+    }
+    let cfg = config(&m);
+    assert_eq!(catch_up(&cfg).await, pipeline::Outcome::CaughtUp);
+    let buffer = connect(&buf).await;
+    for (table, key, rows) in [
+        ("public.composite", &["a", "b"][..], 300),
+        ("public.words", &["w"][..], 276),
+        ("public.full_unique", &["code"][..], 250),
+        ("public.parted", &["id"][..], 400),
+        ("public.nothing", &["id"][..], 0),
+        ("public.words_icu", &["w"][..], 276),
+    ] {
+        if !tables.contains(&&table["public.".len()..]) {
+            continue;
+        }
+        assert_eq!(
+            snapshot_events(&buffer, "test/snap-keys", table).await,
+            rows,
+            "{table}"
+        );
+        assert_eq!(
+            phase(&buffer, "test/snap-keys", table).await,
+            ("Done".into(), rows),
+            "{table}"
+        );
+        assert_replay_equals_source(&source, &buffer, "test/snap-keys", table, key).await;
+    }
+    if filtered {
+        let images: Vec<String> = column(
+            &buffer,
+            "SELECT after::text FROM philotes.cdc_events WHERE pipeline = 'test/snap-keys' AND table_name = 'part' ORDER BY commit_lsn, seq LIMIT 1",
+        )
+        .await;
+        assert_eq!(
+            images,
+            vec![r#"{"id":2,"keep":"k2","region":"eu"}"#.to_string()]
+        );
+        assert_eq!(
+            snapshot_events(&buffer, "test/snap-keys", "public.part").await,
+            100
+        );
+    }
+    // The chunks streamed as they were read: the tables were read in more than one chunk
+    // each, and the checkpoint moved past them.
+    let (code, out) = run_cli(&[
+        "verify",
+        "-f",
+        manifest_file(&m).path().to_str().expect("path"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A table without a key cannot be read in chunks consistently: refused with the table and
+/// what to do, before anything is copied; with `mode: Never` the pipeline streams it.
+/// A table the source user cannot read: refused naming the table and the privilege.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_that_cannot_be_copied_are_refused_with_what_to_do() {
+    let (src, buf, source) = databases_with(
+        "snap_refused",
+        "CREATE TABLE keyless (v int); ALTER TABLE keyless REPLICA IDENTITY FULL;
+         INSERT INTO keyless VALUES (1), (1), (2);
+         CREATE TABLE hidden (id int PRIMARY KEY);
+         DROP ROLE IF EXISTS snap_reader; CREATE ROLE snap_reader LOGIN REPLICATION PASSWORD 'pw';
+         GRANT CREATE ON DATABASE snap_refused_src TO snap_reader;",
+    )
+    .await;
+    let err = start_fails(
+        config(&manifest("snap-keyless", &src, &buf, &["keyless"], "")),
+        "a keyless table",
+    )
+    .await;
+    assert_eq!(err.reason(), "SnapshotFailed");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot copy the existing rows of public.keyless")
+            && text.contains("add a primary key, or set spec.snapshot.mode: Never"),
+        "{text}"
+    );
+    let buffer = connect(&buf).await;
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-keyless", "public.keyless").await,
+        0
+    );
+    let never = config(&manifest(
+        "snap-keyless",
+        &src,
+        &buf,
+        &["keyless"],
+        "snapshot: {mode: Never}",
+    ));
+    assert_eq!(catch_up(&never).await, pipeline::Outcome::CaughtUp);
+    assert_eq!(
+        phase(&buffer, "test/snap-keyless", "public.keyless").await,
+        ("Skipped".into(), 0)
+    );
+
+    // The table belongs to another role, and the pipeline's user cannot read it.
+    source
+        .batch_execute("ALTER TABLE hidden OWNER TO postgres")
+        .await
+        .expect("owner");
+    let reader = format!(
+        "postgres://snap_reader:pw@127.0.0.1:{}/snap_refused_src?sslmode=disable",
+        shared().port
+    );
+    source
+        .batch_execute("CREATE PUBLICATION hidden_pub FOR TABLE hidden WITH (publish_via_partition_root = true)")
+        .await
+        .expect("publication");
+    let m = manifest("snap-hidden", &reader, &buf, &["hidden"], "").replace(
+        "    tables: [",
+        "    publication: hidden_pub\n    tables: [",
+    );
+    let err = start_fails(config(&m), "a table the user cannot read").await;
+    assert_eq!(err.reason(), "SnapshotFailed", "{err}");
+    assert!(
+        err.to_string()
+            .contains("the source user snap_reader lacks the SELECT privilege on it; run GRANT SELECT ON \"public\".\"hidden\" TO \"snap_reader\""),
+        "{err}"
+    );
+}
+
+/// A table added to a running pipeline is published and copied alone, while the table
+/// that was there streams on; a resync request copies a table again once per id; and
+/// `philotes snapshot` copies one again from the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_is_added_resynced_and_copied_again_on_demand() {
+    let (src, buf, source) = databases_with(
+        "snap_add",
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 50) g;
+         CREATE TABLE b (id int PRIMARY KEY, v text);
+         INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 700) g;",
+    )
+    .await;
+    let buffer = connect(&buf).await;
+    let only_a = manifest(
+        "snap-add",
+        &src,
+        &buf,
+        &["a"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    );
+    assert_eq!(
+        catch_up(&config(&only_a)).await,
+        pipeline::Outcome::CaughtUp
+    );
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.a").await,
+        50
+    );
+    // b is added while a keeps changing.
+    let both = manifest(
+        "snap-add",
+        &src,
+        &buf,
+        &["a", "b"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    );
+    let mut running = start(config(&both), pipeline::RunOptions::default());
+    running.streaming().await;
+    source
+        .batch_execute("INSERT INTO a VALUES (51, 'new'); UPDATE b SET v = 'changed' WHERE id = 7; DELETE FROM b WHERE id = 8;")
+        .await
+        .expect("writes");
+    running
+        .wait("b to be copied", Duration::from_secs(60), |p| {
+            p.snapshots
+                .iter()
+                .any(|t| t.table == "public.b" && t.phase == pipeline::snapshot::Phase::Done)
+        })
+        .await;
+    let lsn = wal_lsn(&source).await;
+    running.checkpointed(lsn).await;
+    running.stop().await.expect("stops");
+    let published: Vec<String> = column(
+        &source,
+        &format!(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = '{}' ORDER BY 1",
+            config(&both).publication
+        ),
+    )
+    .await;
+    assert_eq!(published, vec!["a", "b"]);
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.a").await,
+        50,
+        "a is not copied again"
+    );
+    let b_rows = snapshot_events(&buffer, "test/snap-add", "public.b").await;
+    assert!((699..=700).contains(&b_rows), "{b_rows} rows of b copied");
+    assert_eq!(phase(&buffer, "test/snap-add", "public.b").await.0, "Done");
+    let requests: Vec<String> = column(
+        &buffer,
+        "SELECT table_name || ' ' || request FROM philotes.cdc_snapshots WHERE pipeline = 'test/snap-add' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(requests, vec!["a initial", "b added"]);
+    assert_replay_equals_source(&source, &buffer, "test/snap-add", "public.a", &["id"]).await;
+    assert_replay_equals_source(&source, &buffer, "test/snap-add", "public.b", &["id"]).await;
+
+    // Resync a, once per id.
+    let resync = manifest(
+        "snap-add",
+        &src,
+        &buf,
+        &["a", "b"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100, resync: {id: r1, tables: [a]}}",
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            catch_up(&config(&resync)).await,
+            pipeline::Outcome::CaughtUp
+        );
+        assert_eq!(
+            snapshot_events(&buffer, "test/snap-add", "public.a").await,
+            50 + 51
+        );
+    }
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.b").await,
+        b_rows
+    );
+    // And from the command line.
+    let file = manifest_file(&both);
+    let (code, out) = run_cli(&[
+        "snapshot",
+        "-f",
+        file.path().to_str().expect("path"),
+        "--table",
+        "b",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("copied public.b again"), "{out}");
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.b").await,
+        b_rows + 699
+    );
+    let (code, out) = run_cli(&[
+        "snapshot",
+        "-f",
+        file.path().to_str().expect("path"),
+        "--table",
+        "c",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("--table c: pipeline test/snap-add does not capture public.c"),
+        "{out}"
+    );
+    let (code, out) = run_cli(&["verify", "-f", file.path().to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Memory is bounded by the chunk, not the table: 120 rows of 1 MB each are copied in
+/// chunks of at most 16 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_rows_are_copied_in_memory_bounded_by_the_chunk() {
+    let (src, buf, source) = databases_with(
+        "snap_huge",
+        "CREATE TABLE huge (id int PRIMARY KEY, doc text);
+         ALTER TABLE huge ALTER doc SET STORAGE EXTERNAL;
+         INSERT INTO huge SELECT g, repeat(md5(g::text), 32768) FROM generate_series(1, 120) g;",
+    )
+    .await;
+    let file = manifest_file(&manifest("snap-huge", &src, &buf, &["huge"], ""));
+    let peak_kib = catch_up_measuring_rss(file.path()).await;
+    let buffer = connect(&buf).await;
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-huge", "public.huge").await,
+        120
+    );
+    assert_replay_equals_source(&source, &buffer, "test/snap-huge", "public.huge", &["id"]).await;
+    // 120 MB of rows; one chunk is at most 16 MB of images (held twice: as read and as
+    // encoded for the buffer), plus the row that crosses the bound.
+    assert!(
+        peak_kib < 100 * 1024,
+        "peak RSS {peak_kib} KiB copying 120 MB of rows"
+    );
+}
+
+/// Guarantee 2: while a table is copied, the changes of another table keep arriving, the
+/// slot keeps advancing, and no transaction of Philotes on the source stays open longer than
+/// a chunk (no `xmin` held for the table's whole copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_goes_on_while_a_table_is_copied() {
+    let (src, buf, source) = databases_with(
+        "snap_stream",
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 60000) g;
+         CREATE TABLE other (id int PRIMARY KEY);",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-stream",
+        &src,
+        &buf,
+        &["big", "other"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    ));
+    let slot = cfg.slot.clone();
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            p.snapshots
+                .iter()
+                .any(|t| t.table == "public.big" && t.rows_copied > 0)
+        })
+        .await;
+    let confirmed = || async {
+        let lsn: Vec<Option<String>> = column(
+            &source,
+            &format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        )
+        .await;
+        pipeline::lsn::parse(lsn[0].as_deref().unwrap_or("0/0")).unwrap_or(0)
+    };
+    let before = confirmed().await;
+    let buffer = connect(&buf).await;
+    let mut longest = Duration::ZERO;
+    for i in 1..=20 {
+        source
+            .execute("INSERT INTO other VALUES ($1)", &[&i])
+            .await
+            .expect("insert");
+        let age: Vec<Option<f64>> = column(
+            &source,
+            "SELECT extract(epoch FROM max(clock_timestamp() - xact_start))::float8 FROM pg_stat_activity \
+             WHERE application_name = 'philotes' AND xact_start IS NOT NULL",
+        )
+        .await;
+        longest = longest.max(Duration::from_secs_f64(age[0].unwrap_or(0.0)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually("the other table's changes, during the copy", Duration::from_secs(30), || {
+        let b = &buffer;
+        async move {
+            let n: i64 = b
+                .query_one(
+                    "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/snap-stream' AND table_name = 'other'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 20).then_some(())
+        }
+    })
+    .await;
+    let after = confirmed().await;
+    let still_copying = running
+        .progress
+        .borrow()
+        .snapshots
+        .iter()
+        .any(|t| t.table == "public.big" && t.phase == pipeline::snapshot::Phase::Copying);
+    assert!(
+        still_copying,
+        "the copy ended before the checks; make the table larger"
+    );
+    assert!(
+        after > before,
+        "the slot did not advance during the copy ({before} → {after})"
+    );
+    assert!(
+        longest < Duration::from_secs(2),
+        "a transaction stayed open {longest:?}"
+    );
+    running
+        .wait("the copy to finish", Duration::from_secs(300), |p| {
+            p.snapshots
+                .iter()
+                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+        })
+        .await;
+    let lsn = wal_lsn(&source).await;
+    running.checkpointed(lsn).await;
+    running.stop().await.expect("stops");
+    assert_replay_equals_source(&source, &buffer, "test/snap-stream", "public.big", &["id"]).await;
+    assert_replay_equals_source(
+        &source,
+        &buffer,
+        "test/snap-stream",
+        "public.other",
+        &["id"],
+    )
+    .await;
+}

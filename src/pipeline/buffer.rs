@@ -301,6 +301,14 @@ impl Buffer {
                 .map(|(id, _)| format!("resync:{id}"));
             let asked = match known.get(table) {
                 Some(s) if resync.as_ref().is_some_and(|r| *r != s.request) => resync,
+                // Never: a copy not asked for by the current resync request is dropped.
+                Some(s)
+                    if s.to_copy()
+                        && cfg.snapshot.mode == SnapshotMode::Never
+                        && resync.as_ref() != Some(&s.request) =>
+                {
+                    Some("skipped".to_string())
+                }
                 Some(s) => {
                     states.push(s.clone());
                     continue;

@@ -503,6 +503,7 @@ async fn session(
         isolation: isolation.clone(),
         in_flight: VecDeque::new(),
         snap,
+        snapshot_submitted: None,
     };
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
@@ -558,6 +559,9 @@ struct Streamer<'a> {
     in_flight: VecDeque<Option<(u64, i32)>>,
     /// The link with this session's snapshot task, while it has tables to copy.
     snap: Option<Link>,
+    /// The checkpoint (position, events) of the last commit request that carried snapshot
+    /// progress: caught up means copied too, durably.
+    snapshot_submitted: Option<(u64, i64)>,
 }
 
 /// Aborts a task when dropped.
@@ -679,9 +683,10 @@ impl Streamer<'_> {
             && self.tx.is_none()
             && self.ckpt.lsn >= self.target
             && self.snap.as_ref().is_none_or(|l| l.finished)
-            && self.ckpt == self.submitted
             && self.pending.snapshots.is_empty()
-            && self.pending.events == 0
+            && self.snapshot_submitted.is_none_or(|(lsn, events)| {
+                self.ckpt.lsn >= lsn && self.ckpt.events_total >= events
+            })
     }
 
     fn on_snapshot_message(&mut self, message: Option<snapshot::Message>) -> Result<()> {
@@ -1082,6 +1087,9 @@ impl Streamer<'_> {
             events_total: self.submitted.events_total + pending.events as i64,
         };
         let commit_dead_letters = pending.dead_letters.len();
+        if !pending.snapshots.is_empty() {
+            self.snapshot_submitted = Some((next.lsn, next.events_total));
+        }
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
             snapshots: std::mem::take(&mut pending.snapshots),

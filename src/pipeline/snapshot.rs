@@ -582,8 +582,10 @@ pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> R
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, c.relkind::text, has_table_privilege(c.oid, 'SELECT'), current_user::text, \
-                    (SELECT CASE WHEN bool_and(p.reltuples >= 0) THEN sum(p.reltuples)::int8 END \
-                       FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid WHERE t.isleaf), \
+                    CASE WHEN c.relkind = 'p' THEN \
+                      (SELECT CASE WHEN bool_and(p.reltuples >= 0) THEN sum(p.reltuples)::int8 END \
+                         FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid WHERE t.isleaf) \
+                    WHEN c.reltuples >= 0 THEN c.reltuples::int8 END, \
                     pg_is_in_recovery() \
              FROM pg_class c WHERE c.oid = to_regclass($1)",
             &[&table.quoted()],
@@ -881,7 +883,12 @@ async fn copy_tables(
                 end,
                 before: state.clone(),
             };
-            if task.chunks.send(Message::Chunk(Box::new(chunk))).await.is_err() {
+            if task
+                .chunks
+                .send(Message::Chunk(Box::new(chunk)))
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             emit(&client, cfg, &format!("close {token} {chunk_id}")).await?;
@@ -1208,11 +1215,11 @@ mod tests {
         let p = plan();
         assert_eq!(
             p.query(&ChunkKind::After(Some(vec!["4".into()])), 10),
-            "SELECT id, v FROM ONLY public.t WHERE (id) > ('4') ORDER BY id LIMIT 10"
+            r#"SELECT "id", "v" FROM ONLY public.t WHERE ("id") > ('4') ORDER BY "id" LIMIT 10"#
         );
         assert_eq!(
             p.query(&ChunkKind::Reread(vec![vec!["o'k".into()]]), 1),
-            "SELECT id, v FROM ONLY public.t WHERE (id) IN (('o''k')) ORDER BY id LIMIT 1"
+            r#"SELECT "id", "v" FROM ONLY public.t WHERE ("id") IN (('o''k')) ORDER BY "id" LIMIT 1"#
         );
     }
 

@@ -182,9 +182,17 @@ impl Running {
         }
     }
 
+    /// Waits until the pipeline streams and has copied what its tables held at the start
+    /// (README: Snapshots), so what a test writes next arrives as changes only.
     pub async fn streaming(&mut self) {
         self.wait("the pipeline to stream", Duration::from_secs(60), |p| {
             p.state == pipeline::State::Streaming
+                && p.snapshots.iter().all(|t| {
+                    !matches!(
+                        t.phase,
+                        pipeline::snapshot::Phase::Pending | pipeline::snapshot::Phase::Copying
+                    )
+                })
         })
         .await
     }
