@@ -466,7 +466,7 @@ async fn session(
         (None, None)
     } else {
         let token = session_token();
-        let (link, task) = snapshot::link(token.clone());
+        let (link, task) = snapshot::link(token.clone(), &todo);
         let handle = tokio::spawn(snapshot::copy(
             cfg.clone(),
             token,
@@ -745,13 +745,12 @@ impl Streamer<'_> {
         if chunk.id != chunk_id {
             return Ok(());
         }
-        let (rows, reread) = match window.close(&chunk) {
-            Closed::Redo(why) => {
-                tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk again: {why}");
-                let _ = link.results.send(chunk.before.clone());
-                return Ok(());
-            }
-            Closed::Write { rows, reread } => (rows, reread),
+        let Closed { rows, reread, why } = window.close(&chunk);
+        if let Some(why) = why {
+            tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");
+        }
+        let Some(before) = link.states.get(&chunk.plan.table).cloned() else {
+            return Ok(());
         };
         let Some(open) = self.tx.as_ref() else {
             return Err(Error::Decode(
@@ -787,7 +786,7 @@ impl Streamer<'_> {
             };
             self.on_change(change, lsn).await?;
         }
-        let next = chunk.advance(written, reread, commit_lsn);
+        let next = chunk.advance(&before, written, reread, commit_lsn);
         let table = next.table.to_string();
         let (phase, rows_copied) = (next.phase, next.rows_copied);
         self.progress.send_modify(|p| {
@@ -802,6 +801,7 @@ impl Streamer<'_> {
         self.pending.snapshots.push(next.clone());
         self.arm_deadline();
         if let Some(link) = self.snap.as_mut() {
+            link.states.insert(next.table.clone(), next.clone());
             let _ = link.results.send(next);
         }
         Ok(())

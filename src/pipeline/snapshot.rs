@@ -327,28 +327,34 @@ pub struct Chunk {
     pub rows: Vec<Row>,
     /// A range chunk that reached the end of the table.
     pub end: bool,
-    /// The table's state before this chunk.
-    pub before: TableState,
 }
 
 impl Chunk {
-    /// The table's state once the chunk's kept rows (`written` of them) are written and
-    /// `reread` keys are left to read again; `at` is the position they are written at.
-    pub fn advance(&self, written: usize, reread: Vec<Vec<String>>, at: u64) -> TableState {
-        let mut next = self.before.clone();
+    /// The table's state `before` this chunk, once its kept rows (`written` of them) are
+    /// written and `reread` keys are left to read again; `at` is where they are written.
+    pub fn advance(
+        &self,
+        before: &TableState,
+        written: usize,
+        reread: Vec<Vec<String>>,
+        at: u64,
+    ) -> TableState {
+        let mut next = before.clone();
         next.rows_copied += written as i64;
         match &self.kind {
             ChunkKind::After(_) => {
                 if let Some(last) = self.rows.last() {
                     next.last_key = Some(last.key_text.clone());
                 }
-                next.range_done = self.end;
+                next.range_done |= self.end;
             }
-            ChunkKind::Reread(taken) => {
-                next.reread.drain(..taken.len().min(next.reread.len()));
+            ChunkKind::Reread(taken) => next.reread.retain(|k| !taken.contains(k)),
+        }
+        for k in reread {
+            if !next.reread.contains(&k) {
+                next.reread.push(k);
             }
         }
-        next.reread.extend(reread);
         if next.range_done && next.reread.is_empty() {
             next.phase = Phase::Done;
             next.done_lsn = Some(at);
@@ -359,17 +365,14 @@ impl Chunk {
     }
 }
 
-/// What the loop made of a chunk at its close watermark.
+/// What the loop made of a chunk at its close watermark: the rows to write, and the keys
+/// to read again later.
 #[derive(Debug)]
-pub enum Closed {
-    /// Write these rows; read these keys again later.
-    Write {
-        rows: Vec<Row>,
-        reread: Vec<Vec<String>>,
-    },
-    /// The window saw a change it cannot place (a key it could not read from the image):
-    /// read the same chunk again.
-    Redo(String),
+pub struct Closed {
+    pub rows: Vec<Row>,
+    pub reread: Vec<Vec<String>>,
+    /// Why every row of the chunk is read again, if it is.
+    pub why: Option<String>,
 }
 
 /// One change of the table seen in a window.
@@ -481,11 +484,17 @@ impl Window {
     /// Decides the chunk at its close watermark (see the module's documentation).
     pub fn close(self, chunk: &Chunk) -> Closed {
         let vis = &chunk.visibility;
+        // A change whose key the image does not show (an UPDATE that left a TOASTed key
+        // column out): every row of the chunk is read again by key.
         if let Some(xid) = self.unknown.iter().find(|x| !vis.sees(**x)) {
-            return Closed::Redo(format!(
-                "transaction {xid} changed a row of {} whose key its image does not show",
-                chunk.plan.table
-            ));
+            return Closed {
+                rows: Vec::new(),
+                reread: chunk.rows.iter().map(|r| r.key_text.clone()).collect(),
+                why: Some(format!(
+                    "transaction {xid} changed a row of {} whose key its image does not show",
+                    chunk.plan.table
+                )),
+            };
         }
         let truncated = self
             .touches
@@ -529,7 +538,11 @@ impl Window {
                 reread.push(text.to_vec());
             }
         }
-        Closed::Write { rows, reread }
+        Closed {
+            rows,
+            reread,
+            why: None,
+        }
     }
 }
 
@@ -750,10 +763,13 @@ pub struct Link {
     pub window: Option<Window>,
     /// The task ended: every table is copied (or it failed and said so).
     pub finished: bool,
+    /// Each table's state as written with its last chunk (or read at the start): the loop
+    /// owns it, the task follows it through `results`.
+    pub states: HashMap<TableName, TableState>,
 }
 
 /// Starts a link; the task side goes to [`copy`].
-pub fn link(token: String) -> (Link, Task) {
+pub fn link(token: String, todo: &[TableState]) -> (Link, Task) {
     let (chunks_tx, chunks_rx) = mpsc::channel(1);
     let (results_tx, results_rx) = mpsc::unbounded_channel();
     (
@@ -764,6 +780,7 @@ pub fn link(token: String) -> (Link, Task) {
             ready: None,
             window: None,
             finished: false,
+            states: todo.iter().map(|t| (t.table.clone(), t.clone())).collect(),
         },
         Task {
             chunks: chunks_tx,
@@ -848,20 +865,47 @@ async fn copy_tables(
             }
         });
         tracing::info!(pipeline = %cfg.id, table = %table, request = %state.request, "copying existing rows");
-        while state.phase != Phase::Done {
-            chunk_id += 1;
-            let kind = if state.reread.is_empty() {
-                ChunkKind::After(state.last_key.clone())
-            } else {
-                ChunkKind::Reread(
+        // Up to two chunks in flight: the next one is read while the loop writes the last.
+        // The loop owns the table's state (it writes it with each chunk); the task reads the
+        // range ahead of it and learns the keys to read again from its answers.
+        let mut next_after = state.last_key.clone();
+        let mut range_sent = state.range_done;
+        let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
+        loop {
+            while let Ok(next) = task.results.try_recv() {
+                state = next;
+                in_flight.pop_front();
+            }
+            if state.phase == Phase::Done {
+                break;
+            }
+            let reread_in_flight = in_flight.iter().any(|r| *r);
+            let kind = if !state.reread.is_empty() && !reread_in_flight {
+                Some(ChunkKind::Reread(
                     state
                         .reread
                         .iter()
                         .take(cfg.snapshot.chunk_size)
                         .cloned()
                         .collect(),
-                )
+                ))
+            } else if !range_sent {
+                Some(ChunkKind::After(next_after.clone()))
+            } else {
+                None
             };
+            let Some(kind) = kind.filter(|_| in_flight.len() < 2) else {
+                // Wait for the loop's answer: the state it wrote decides what comes next.
+                match task.results.recv().await {
+                    Some(next) => {
+                        state = next;
+                        in_flight.pop_front();
+                        continue;
+                    }
+                    None => return Ok(()),
+                }
+            };
+            chunk_id += 1;
             emit(
                 &client,
                 cfg,
@@ -874,6 +918,13 @@ async fn copy_tables(
             .await?;
             wait_committed_visible(&client, cfg).await?;
             let (visibility, rows, end) = read_chunk(&client, cfg, &plan, &kind).await?;
+            if let ChunkKind::After(_) = kind {
+                if let Some(last) = rows.last() {
+                    next_after = Some(last.key_text.clone());
+                }
+                range_sent |= end;
+            }
+            in_flight.push_back(matches!(kind, ChunkKind::Reread(_)));
             let chunk = Chunk {
                 id: chunk_id,
                 plan: plan.clone(),
@@ -881,7 +932,6 @@ async fn copy_tables(
                 visibility,
                 rows,
                 end,
-                before: state.clone(),
             };
             if task
                 .chunks
@@ -892,12 +942,6 @@ async fn copy_tables(
                 return Ok(());
             }
             emit(&client, cfg, &format!("close {token} {chunk_id}")).await?;
-            // The loop answers once it met the close watermark: the table's next state (the
-            // same one when the chunk has to be read again).
-            match task.results.recv().await {
-                Some(next) => state = next,
-                None => return Ok(()),
-            }
         }
         tracing::info!(pipeline = %cfg.id, table = %table, rows = state.rows_copied, "existing rows copied");
     }
@@ -1106,7 +1150,6 @@ mod tests {
             visibility: Visibility::parse(snapshot).unwrap(),
             rows,
             end: true,
-            before: state(),
         }
     }
 
@@ -1120,10 +1163,11 @@ mod tests {
     }
 
     fn kept(closed: Closed) -> (Vec<String>, Vec<Vec<String>>) {
-        match closed {
-            Closed::Write { rows, reread } => (rows.into_iter().map(|r| r.key).collect(), reread),
-            Closed::Redo(why) => panic!("redo: {why}"),
-        }
+        assert_eq!(closed.why, None);
+        (
+            closed.rows.into_iter().map(|r| r.key).collect(),
+            closed.reread,
+        )
     }
 
     #[test]
@@ -1179,18 +1223,47 @@ mod tests {
     }
 
     #[test]
-    fn a_truncate_the_chunk_does_not_see_drops_it_and_unknown_keys_redo_it() {
+    fn a_truncate_the_chunk_does_not_see_drops_it_and_unknown_keys_reread_it() {
         let c = chunk(&[1, 2], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         w.record(11, &change(Operation::Truncate, None, None));
         let (rows, _) = kept(w.close(&c));
         assert!(rows.is_empty());
+        // A change whose image does not show the key: every row is read again by key.
         let mut w = Window::open(1, 7, vec!["id".into()]);
         w.record(
             11,
-            &change(Operation::Insert, None, Some(r#"{"v":"no key"}"#)),
+            &change(Operation::Update, None, Some(r#"{"v":"no key"}"#)),
         );
-        assert!(matches!(w.close(&c), Closed::Redo(_)));
+        let closed = w.close(&c);
+        assert!(closed.rows.is_empty() && closed.why.is_some());
+        assert_eq!(
+            closed.reread,
+            vec![vec!["1".to_string()], vec!["2".to_string()]]
+        );
+    }
+
+    #[test]
+    fn a_chunk_advances_the_table_and_the_last_one_completes_it() {
+        let c = chunk(&[1, 2], "10:10:");
+        let mut before = state();
+        before.reread = vec![vec!["9".to_string()]];
+        let next = c.advance(&before, 2, vec![vec!["2".to_string()]], 77);
+        assert_eq!(next.last_key, Some(vec!["2".to_string()]));
+        assert!(next.range_done && next.phase == Phase::Copying);
+        assert_eq!(
+            next.reread,
+            vec![vec!["9".to_string()], vec!["2".to_string()]]
+        );
+        let reread = Chunk {
+            kind: ChunkKind::Reread(next.reread.clone()),
+            ..chunk(&[2], "10:10:")
+        };
+        let done = reread.advance(&next, 1, vec![], 99);
+        assert_eq!(
+            (done.phase, done.done_lsn, done.rows_copied),
+            (Phase::Done, Some(99), 3)
+        );
     }
 
     #[test]
