@@ -188,7 +188,7 @@ prepare_snapshot() {
   pbuf -c "DROP TABLE IF EXISTS t; DROP SCHEMA IF EXISTS philotes CASCADE"
   psrc -c "$TABLE_DDL"; pbuf -c "$TABLE_DDL"
   psrc -c "INSERT INTO t SELECT i, i % 1000, i * 1.25, md5(i::text), 'row ' || i, now() FROM generate_series(1, $SNAP_ROWS) i"
-  psrc -c "ALTER TABLE t SET (autovacuum_enabled = off); VACUUM ANALYZE t; CREATE PUBLICATION bench FOR TABLE t; CHECKPOINT"
+  psrc -c "ALTER TABLE t SET (autovacuum_enabled = off)" -c "VACUUM ANALYZE t" -c "CREATE PUBLICATION bench FOR TABLE t" -c "CHECKPOINT"
 }
 
 run_copy() {

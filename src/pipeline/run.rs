@@ -38,6 +38,14 @@
 //! path is wrapped in a `timeout`. If the task is aborted, all of this state is dropped with
 //! it: the buffer holds the durable state (its uncommitted transaction is rolled back when the
 //! writer dies with the task), and the next session starts from the checkpoint.
+//!
+//! Snapshots (see [`snapshot`]): the snapshot task's channel is read in a `select!` branch
+//! (an mpsc receive: one not taken leaves the chunk queued) and, at a chunk's close
+//! watermark, awaited inside the stream branch's work, which is never cancelled by the
+//! `select!`. The task itself is aborted when the session ends (`AbortOnDrop`): it holds
+//! nothing durable (each chunk's rows and the table's progress are written by the loop in
+//! one buffer transaction), and its read-only transaction on the source ends with its
+//! connection. A chunk handed over but not yet written is read again by the next session.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -486,6 +494,7 @@ async fn session(
         encoder: RowEncoder::new(&cfg.id),
         pending: Pending {
             events: 0,
+            snapshot_events: 0,
             image_bytes: 0,
             counts: Vec::new(),
             relations: Vec::new(),
@@ -614,7 +623,7 @@ impl Streamer<'_> {
                 // kept for it; a failure ends the session. A receive not taken loses nothing.
                 message = self.snap.as_mut().map_or_else(|| futures_util::future::pending().boxed(), |l| l.chunks.recv().boxed()),
                     if self.snap.as_ref().is_some_and(|l| !l.finished && l.ready.is_none()) => {
-                    self.on_snapshot_message(message)?;
+                    self.on_snapshot_message(message).await?;
                 }
                 // 3. Flush deadline: no received event waits longer than flushInterval.
                 _ = sleep_until(self.pending.deadline.unwrap_or_else(Instant::now)), if self.pending.deadline.is_some() => {
@@ -689,14 +698,19 @@ impl Streamer<'_> {
             })
     }
 
-    fn on_snapshot_message(&mut self, message: Option<snapshot::Message>) -> Result<()> {
+    async fn on_snapshot_message(&mut self, message: Option<snapshot::Message>) -> Result<()> {
         let Some(link) = self.snap.as_mut() else {
             return Ok(());
         };
         match message {
             Some(snapshot::Message::Chunk(c)) => link.ready = Some(c),
             Some(snapshot::Message::Failed(e)) => return Err(e),
-            None => link.finished = true,
+            None => {
+                link.finished = true;
+                if self.opts.until_caught_up {
+                    self.flush().await?;
+                }
+            }
         }
         Ok(())
     }
@@ -931,7 +945,12 @@ impl Streamer<'_> {
             Some(_) => 1,
             None => self.cfg.batch_size,
         };
-        if self.pending.events >= batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES {
+        // Rows of a snapshot count by their bytes only: a buffer transaction commits with a
+        // flush of the buffer's WAL, and one per chunk of narrow rows would leave the buffer
+        // server idle for most of a copy (bench/RESULTS.md). A kill then costs at most
+        // MAX_BATCH_BYTES (or flushInterval) of copying.
+        let changes = self.pending.events - self.pending.snapshot_events;
+        if changes >= batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -1048,7 +1067,11 @@ impl Streamer<'_> {
             return Ok(());
         }
         self.pending.safe_lsn = lsn;
-        if self.opts.until_caught_up && lsn >= self.target {
+        // Caught up with the target: write at once, unless a snapshot still copies (its
+        // watermark transactions would each make a buffer transaction of their own; batches
+        // and the deadline write the copy, and its end is written when the task finishes).
+        let copying = self.snap.as_ref().is_some_and(|l| !l.finished);
+        if self.opts.until_caught_up && lsn >= self.target && !copying {
             self.flush().await
         } else {
             self.arm_deadline();
@@ -1102,6 +1125,7 @@ impl Streamer<'_> {
             .flatten();
         self.in_flight.push_back(one_change);
         pending.events = 0;
+        pending.snapshot_events = 0;
         pending.image_bytes = 0;
         let (Some(rows), Some(end)) = (permits.next(), permits.next()) else {
             return Err(Error::Buffer("the buffer writer stopped".into()));
@@ -1172,6 +1196,8 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 struct Pending {
     /// Events in the batch.
     events: usize,
+    /// Of them, rows copied by a snapshot.
+    snapshot_events: usize,
     /// Bytes of their row images.
     image_bytes: usize,
     /// Events per table and operation, for the metrics.
@@ -1192,6 +1218,9 @@ struct Pending {
 impl Pending {
     fn add(&mut self, change: &Change) {
         self.events += 1;
+        if change.operation == super::decode::Operation::Snapshot {
+            self.snapshot_events += 1;
+        }
         self.image_bytes += change.before.as_ref().map_or(0, String::len)
             + change.after.as_ref().map_or(0, String::len);
         match self.counts.last_mut() {
