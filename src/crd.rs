@@ -99,7 +99,7 @@ pub struct SnapshotSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<SnapshotMode>,
     /// Rows read from the source per chunk, at most (each chunk is one short read-only
-    /// transaction on the source; memory is bounded by one chunk, at most 16 MB of rows).
+    /// transaction on the source; memory is bounded by a few chunks of at most 8 MB each).
     /// Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

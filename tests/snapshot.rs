@@ -286,8 +286,9 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
     );
     assert_replay_equals_source(&source, &buffer, "test/snap-kills", "public.s", &["id"]).await;
     // Resumed, not restarted: a row is copied again only when a kill lost the chunk it was
-    // in (at most the chunk in flight per kill), or when it was stale in its chunk and read
-    // again. From scratch, the three restarts would add 14,000 copies.
+    // in (what was copied since the last buffer commit: at most flushInterval, 200 ms, of
+    // copying per kill), or when it was stale in its chunk and read again. From scratch, the
+    // three restarts would add 14,000 copies.
     let (total, distinct): (i64, i64) = {
         let r = buffer
             .query_one(
@@ -304,7 +305,7 @@ async fn a_snapshot_under_writes_and_kills_replays_to_the_source() {
     );
     assert!(distinct >= 8_000, "{distinct} rows copied");
     assert!(
-        total - distinct <= kills * 400 + 600,
+        total - distinct <= kills * 1500 + 600,
         "{} rows copied twice across {kills} kills ({total} SNAPSHOT events of {distinct} rows)",
         total - distinct
     );
@@ -647,8 +648,9 @@ async fn huge_rows_are_copied_in_memory_bounded_by_the_chunk() {
         120
     );
     assert_replay_equals_source(&source, &buffer, "test/snap-huge", "public.huge", &["id"]).await;
-    // 120 MB of rows; one chunk is at most 16 MB of images (held twice: as read and as
-    // encoded for the buffer), plus the row that crosses the bound.
+    // 120 MB of rows; a chunk is at most 8 MB of images plus the row that crosses the
+    // bound, and three are in memory at most (being read, queued, being written).
+    eprintln!("peak RSS {peak_kib} KiB copying 120 MB of rows");
     assert!(
         peak_kib < 100 * 1024,
         "peak RSS {peak_kib} KiB copying 120 MB of rows"
@@ -663,7 +665,7 @@ async fn streaming_goes_on_while_a_table_is_copied() {
     let (src, buf, source) = databases_with(
         "snap_stream",
         "CREATE TABLE big (id int PRIMARY KEY, v text);
-         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 60000) g;
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 300000) g;
          CREATE TABLE other (id int PRIMARY KEY);",
     )
     .await;
@@ -713,7 +715,8 @@ async fn streaming_goes_on_while_a_table_is_copied() {
         async move {
             let n: i64 = b
                 .query_one(
-                    "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/snap-stream' AND table_name = 'other'",
+                    "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/snap-stream' AND table_name = 'other' \
+                     AND operation = 'INSERT'",
                     &[],
                 )
                 .await

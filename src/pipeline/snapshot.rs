@@ -63,7 +63,7 @@ use super::run::Progress;
 pub const PREFIX: &str = "philotes.snapshot";
 
 /// A chunk holds at most this many bytes of row images, whatever `chunkSize` says.
-pub const MAX_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
 /// Rows fetched from the chunk's cursor per round trip.
 const FETCH_ROWS: usize = 1000;
@@ -1055,9 +1055,9 @@ async fn read_chunk_in_tx(
     let mut rows = Vec::new();
     let mut bytes = 0usize;
     let mut exhausted = false;
-    // Few rows first, then as many as fit the byte bound at the size seen so far: a chunk
-    // of wide rows stays near MAX_CHUNK_BYTES.
-    let mut fetch = 16usize;
+    // One row first, then up to twice as many each time, as fit a quarter of the bytes left
+    // at the size seen so far: a chunk of wide rows stays near MAX_CHUNK_BYTES (plus a row).
+    let mut fetch = 1usize;
     while rows.len() < limit && bytes < MAX_CHUNK_BYTES {
         let want = fetch.min(limit - rows.len());
         let fetched = client
@@ -1079,7 +1079,9 @@ async fn read_chunk_in_tx(
             break;
         }
         let average = bytes / rows.len().max(1) + 1;
-        fetch = ((MAX_CHUNK_BYTES - bytes.min(MAX_CHUNK_BYTES)) / 4 / average).clamp(1, FETCH_ROWS);
+        fetch = ((MAX_CHUNK_BYTES - bytes.min(MAX_CHUNK_BYTES)) / 4 / average)
+            .min(fetch * 2)
+            .clamp(1, FETCH_ROWS);
     }
     client.batch_execute("COMMIT").await.map_err(err)?;
     let end = exhausted && matches!(kind, ChunkKind::After(_));
