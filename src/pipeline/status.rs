@@ -310,6 +310,38 @@ mod tests {
     }
 
     #[test]
+    fn the_status_line_names_the_tables_being_copied() {
+        let cfg = cfg();
+        let table = |name: &str, phase, rows, estimate| super::super::snapshot::TableProgress {
+            table: name.into(),
+            phase,
+            rows_copied: rows,
+            rows_estimate: estimate,
+            request: "initial".into(),
+        };
+        let p = Progress {
+            state: State::Streaming,
+            snapshots: vec![
+                table("public.a", Phase::Copying, 1200, Some(50000)),
+                table("public.b", Phase::Done, 10, Some(10)),
+                table("public.c", Phase::Pending, 0, None),
+            ],
+            ..Progress::default()
+        };
+        let s = assess(&cfg, &p, Some(&stats(1, 1)), None);
+        assert_eq!(
+            s.snapshots,
+            vec!["public.a Copying 1200/50000", "public.c Pending 0/?"]
+        );
+        assert!(
+            s.human_line()
+                .ends_with(", snapshot: public.a Copying 1200/50000, public.c Pending 0/?"),
+            "{}",
+            s.human_line()
+        );
+    }
+
+    #[test]
     fn a_slot_near_its_limits_is_at_risk() {
         let cfg = cfg();
         let p = Progress {
