@@ -94,7 +94,7 @@ async fn assert_replay_equals_source(
 ) {
     let replayed = replay(buffer, pipeline, table, key).await;
     let mut normalized = BTreeMap::new();
-    for (k, row) in replayed {
+    for (_, row) in replayed {
         let v: Value = source
             .query_one(
                 &format!("SELECT to_jsonb(jsonb_populate_record(NULL::{table}, $1::jsonb))"),
@@ -103,7 +103,12 @@ async fn assert_replay_equals_source(
             .await
             .expect("rebuild row")
             .get(0);
-        normalized.insert(k, v.as_object().unwrap().clone());
+        // Keyed as the source's rows are (its rendering of the key values).
+        let k: Vec<&Value> = key.iter().map(|c| &v[*c]).collect();
+        normalized.insert(
+            serde_json::to_string(&k).unwrap(),
+            v.as_object().unwrap().clone(),
+        );
     }
     let want = source_rows(source, table, key).await;
     assert_eq!(normalized.len(), want.len(), "rows of {table} after replay");
@@ -627,6 +632,51 @@ async fn a_table_is_added_resynced_and_copied_again_on_demand() {
     );
     let (code, out) = run_cli(&["verify", "-f", file.path().to_str().expect("path")]);
     assert_eq!(code, 0, "{out}");
+
+    // Under mode Never, an explicit request is still carried out.
+    let never = manifest(
+        "snap-add",
+        &src,
+        &buf,
+        &["a", "b"],
+        "flushInterval: 100ms\nsnapshot: {mode: Never}",
+    );
+    let never_file = manifest_file(&never);
+    let before_a = snapshot_events(&buffer, "test/snap-add", "public.a").await;
+    let (code, out) = run_cli(&[
+        "snapshot",
+        "-f",
+        never_file.path().to_str().expect("path"),
+        "--table",
+        "a",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.a").await,
+        before_a + 51
+    );
+
+    // A table removed from the list forgets its copy; listed again, it is copied again
+    // (what changed while it was not captured comes back).
+    assert_eq!(
+        catch_up(&config(&only_a)).await,
+        pipeline::Outcome::CaughtUp
+    );
+    source
+        .batch_execute("UPDATE b SET v = 'while away' WHERE id = 9")
+        .await
+        .expect("update");
+    let before_b = snapshot_events(&buffer, "test/snap-add", "public.b").await;
+    assert_eq!(catch_up(&config(&both)).await, pipeline::Outcome::CaughtUp);
+    assert_eq!(
+        snapshot_events(&buffer, "test/snap-add", "public.b").await,
+        before_b + 699
+    );
+    assert_eq!(
+        phase(&buffer, "test/snap-add", "public.b").await,
+        ("Done".into(), 699)
+    );
+    assert_replay_equals_source(&source, &buffer, "test/snap-add", "public.b", &["id"]).await;
 }
 
 /// Memory is bounded by the chunk, not the table: 120 rows of 1 MB each are copied in
@@ -674,7 +724,7 @@ async fn streaming_goes_on_while_a_table_is_copied() {
         &src,
         &buf,
         &["big", "other"],
-        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 500}",
     ));
     let slot = cfg.slot.clone();
     let mut running = start(cfg, pipeline::RunOptions::default());
@@ -764,4 +814,101 @@ async fn streaming_goes_on_while_a_table_is_copied() {
         &["id"],
     )
     .await;
+}
+
+/// The copy reads values as the stream renders them, whatever the source's settings (a
+/// database with another DateStyle, IntervalStyle and bytea_output; keys of timestamptz and
+/// bytea compared while they are updated), and follows a column added in the middle of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_reads_values_as_the_stream_does_and_follows_a_new_column() {
+    let (src, buf, source) = databases_with(
+        "snap_styles",
+        "ALTER DATABASE snap_styles_src SET datestyle = 'SQL, DMY';
+         ALTER DATABASE snap_styles_src SET intervalstyle = 'sql_standard';
+         ALTER DATABASE snap_styles_src SET bytea_output = 'escape';
+         CREATE TABLE ev (at timestamptz, k bytea, n int NOT NULL, d interval, PRIMARY KEY (at, k));
+         INSERT INTO ev SELECT '2026-01-01 00:00:00+00'::timestamptz + g * interval '1 second',
+                               decode(md5(g::text), 'hex'), 0, g * interval '1 minute'
+           FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-styles",
+        &src,
+        &buf,
+        &["ev"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 200}",
+    ));
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    // A new connection gets the database's settings; the updates hit rows all over the key
+    // range, the ones being copied among them.
+    let writer = connect(&src).await;
+    let mut rng = Rng::seeded();
+    for round in 0..400 {
+        let g = 1 + rng.below(20_000);
+        writer
+            .batch_execute(&format!(
+                "UPDATE ev SET n = n + 1, d = d + interval '1 day' \
+                 WHERE at = '2026-01-01 00:00:00+00'::timestamptz + {g} * interval '1 second'"
+            ))
+            .await
+            .expect("update");
+        if round == 150 {
+            writer
+                .batch_execute("ALTER TABLE ev ADD COLUMN note text")
+                .await
+                .expect("add column");
+        }
+        if round > 150 && round % 3 == 0 {
+            writer
+                .batch_execute(&format!(
+                    "UPDATE ev SET note = 'g{g}' WHERE at = '2026-01-01 00:00:00+00'::timestamptz + {g} * interval '1 second'"
+                ))
+                .await
+                .expect("update note");
+        }
+    }
+    running
+        .wait("the copy to finish", Duration::from_secs(300), |p| {
+            p.snapshots
+                .iter()
+                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+        })
+        .await;
+    let lsn = wal_lsn(&source).await;
+    running.checkpointed(lsn).await;
+    running.stop().await.expect("stops");
+    let buffer = connect(&buf).await;
+    // The key as the replay sees it is the image's text; the source's rows are read with the
+    // same settings to compare.
+    source
+        .batch_execute(
+            "SET datestyle = 'ISO, MDY'; SET intervalstyle = postgres; SET bytea_output = hex",
+        )
+        .await
+        .expect("settings");
+    assert_replay_equals_source(
+        &source,
+        &buffer,
+        "test/snap-styles",
+        "public.ev",
+        &["at", "k"],
+    )
+    .await;
+    // Copied rows are written as the stream writes them: ISO timestamps, hex bytea.
+    let sample: Vec<String> = column(
+        &buffer,
+        "SELECT (after->>'at') || ' ' || (after->>'k') FROM philotes.cdc_events \
+         WHERE pipeline = 'test/snap-styles' AND operation = 'SNAPSHOT' ORDER BY commit_lsn, seq LIMIT 1",
+    )
+    .await;
+    assert!(
+        sample[0].starts_with("2026-01-01 00:00:01+00 \\x"),
+        "{sample:?}"
+    );
 }

@@ -199,7 +199,12 @@ fn snapshotting_condition(
     generation: Option<i64>,
     now: &str,
 ) -> Option<Condition> {
-    if status.snapshots.is_empty() {
+    // Nothing copied at all (every table captured without a snapshot): no condition.
+    if status
+        .snapshots
+        .iter()
+        .all(|t| t.phase == Phase::Skipped.as_str())
+    {
         return None;
     }
     let copying: Vec<String> = status

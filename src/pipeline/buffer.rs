@@ -291,6 +291,19 @@ impl Buffer {
             );
         }
         let upgraded = !new_pipeline && known.is_empty();
+        // A table no longer listed forgets its snapshot: listed again later, it is added
+        // anew and copied (its changes in between were not captured).
+        for table in known.keys().filter(|t| !cfg.tables.contains(t)) {
+            self.client
+                .execute(
+                    &format!(
+                        "DELETE FROM {schema}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
+                    ),
+                    &[&self.pipeline, &table.schema, &table.name],
+                )
+                .await
+                .map_err(err)?;
+        }
         let mut states = Vec::new();
         for table in &cfg.tables {
             let resync = cfg
@@ -301,11 +314,13 @@ impl Buffer {
                 .map(|(id, _)| format!("resync:{id}"));
             let asked = match known.get(table) {
                 Some(s) if resync.as_ref().is_some_and(|r| *r != s.request) => resync,
-                // Never: a copy not asked for by the current resync request is dropped.
+                // Never: a copy the pipeline asked for itself (a new pipeline, an added table)
+                // and has not finished is dropped; one a user asked for explicitly (resync,
+                // philotes snapshot, recover) is still carried out.
                 Some(s)
                     if s.to_copy()
                         && cfg.snapshot.mode == SnapshotMode::Never
-                        && resync.as_ref() != Some(&s.request) =>
+                        && (s.request == "initial" || s.request == "added") =>
                 {
                     Some("skipped".to_string())
                 }

@@ -317,6 +317,11 @@ impl Decoder {
         Ok(Decoded::Relation(rel))
     }
 
+    /// The stream's latest description of relation `id`, if it described it yet.
+    pub fn described(&self, id: u32) -> Option<Arc<Relation>> {
+        self.relations.get(&id).cloned()
+    }
+
     fn lookup(&self, id: u32) -> Result<Arc<Relation>> {
         self.relations.get(&id).cloned().ok_or_else(|| {
             Error::Decode(format!(

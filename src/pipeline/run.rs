@@ -399,6 +399,13 @@ async fn session(
         )
         .await?;
     }
+    // A snapshot renders timestamptz values in the stream's time zone.
+    let time_zone = on_source(cfg, "SHOW TimeZone", stream.simple_query("SHOW TimeZone"))
+        .await?
+        .first()
+        .and_then(|row| row.first())
+        .and_then(|v| v.as_deref())
+        .map(|v| String::from_utf8_lossy(v).into_owned());
     let provisioned = match first {
         Some(p) => p,
         None => provision().await?,
@@ -481,6 +488,7 @@ async fn session(
             todo,
             task,
             progress.clone(),
+            time_zone,
         ));
         (Some(link), Some(AbortOnDrop(handle)))
     };
@@ -573,6 +581,20 @@ struct Streamer<'a> {
     snapshot_submitted: Option<(u64, i64)>,
 }
 
+/// Whether two descriptions of a table have the same columns (names and types, in order).
+fn same_columns(a: &Relation, b: &Relation) -> bool {
+    a.columns.len() == b.columns.len()
+        && a.columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid)
+}
+
+/// The snapshot task ended without saying it copied everything.
+fn snapshot_task_gone() -> Error {
+    Error::Stream("the snapshot task stopped before copying every table; starting it again".into())
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -620,9 +642,10 @@ impl Streamer<'_> {
                     None => return Err(Error::Buffer("the buffer writer stopped".into())),
                 },
                 // The snapshot task's messages: a chunk before its close watermark arrives is
-                // kept for it; a failure ends the session. A receive not taken loses nothing.
+                // kept for it; the task's end is looked at (an error ends the session). A
+                // receive not taken loses nothing.
                 message = self.snap.as_mut().map_or_else(|| futures_util::future::pending().boxed(), |l| l.chunks.recv().boxed()),
-                    if self.snap.as_ref().is_some_and(|l| !l.finished && l.ready.is_none()) => {
+                    if self.snap.as_ref().is_some_and(|l| !l.finished) => {
                     self.on_snapshot_message(message).await?;
                 }
                 // 3. Flush deadline: no received event waits longer than flushInterval.
@@ -703,14 +726,16 @@ impl Streamer<'_> {
             return Ok(());
         };
         match message {
-            Some(snapshot::Message::Chunk(c)) => link.ready = Some(c),
-            Some(snapshot::Message::Failed(e)) => return Err(e),
-            None => {
+            Some(snapshot::Message::Chunk(c)) => link.ready.push_back(c),
+            Some(snapshot::Message::Finished(Ok(()))) if link.all_done() => {
                 link.finished = true;
                 if self.opts.until_caught_up {
                     self.flush().await?;
                 }
             }
+            Some(snapshot::Message::Finished(Err(e))) => return Err(e),
+            // Ended with tables left, or without a word (it panicked): never taken for done.
+            Some(snapshot::Message::Finished(Ok(()))) | None => return Err(snapshot_task_gone()),
         }
         Ok(())
     }
@@ -730,7 +755,8 @@ impl Streamer<'_> {
                 key_names,
             }) => {
                 if token == link.token {
-                    link.window = Some(Window::open(chunk, relation_id, key_names));
+                    let carried = link.window.take().filter(|w| w.chunk == 0);
+                    link.window = Some(Window::open_after(carried, chunk, relation_id, key_names));
                 }
                 return Ok(());
             }
@@ -740,31 +766,58 @@ impl Streamer<'_> {
         if token != link.token {
             return Ok(());
         }
-        let Some(window) = link.window.take().filter(|w| w.chunk == chunk_id) else {
-            return Ok(());
+        // The task waits for the answer to every chunk it handed over: one that cannot be
+        // answered ends the session (the next one reads the chunk again), never a silence.
+        let Some(window) = link
+            .window
+            .take()
+            .filter(|w| w.chunk == chunk_id && chunk_id > 0)
+        else {
+            return Err(Error::Stream(format!(
+                "snapshot chunk {chunk_id} closed without being opened in this stream; reading it again"
+            )));
         };
         // The task hands the chunk over before it writes the close watermark, so it is
-        // queued by now (or the task failed and said so).
-        let chunk = match link.ready.take() {
+        // queued by now (or the task ended and said why).
+        let chunk = match link.ready.pop_front() {
             Some(c) => c,
             None => match link.chunks.recv().await {
                 Some(snapshot::Message::Chunk(c)) => c,
-                Some(snapshot::Message::Failed(e)) => return Err(e),
-                None => {
-                    link.finished = true;
-                    return Ok(());
+                Some(snapshot::Message::Finished(Err(e))) => return Err(e),
+                Some(snapshot::Message::Finished(Ok(()))) | None => {
+                    return Err(snapshot_task_gone())
                 }
             },
         };
         if chunk.id != chunk_id {
-            return Ok(());
+            return Err(Error::Stream(format!(
+                "snapshot chunk {} arrived for the close watermark of chunk {chunk_id}; reading it again",
+                chunk.id
+            )));
         }
-        let Closed { rows, reread, why } = window.close(&chunk);
+        let key_names = window.key_names().to_vec();
+        // The stream describes the table differently from the definition the chunk was
+        // read with (a column added or dropped in between): its rows are read again.
+        let described = self.decoder.described(chunk.plan.relation.id);
+        let Closed { rows, reread, why } = match &described {
+            Some(d) if !same_columns(d, &chunk.plan.relation) => Closed {
+                rows: Vec::new(),
+                reread: chunk.rows.iter().map(|r| r.key_text.clone()).collect(),
+                why: Some(format!(
+                    "the definition of {} changed while it was read",
+                    chunk.plan.table
+                )),
+            },
+            _ => window.close(&chunk),
+        };
         if let Some(why) = why {
             tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");
         }
         let Some(before) = link.states.get(&chunk.plan.table).cloned() else {
-            return Ok(());
+            return Err(Error::Stream(format!(
+                "a snapshot chunk of {}, which this session does not copy",
+                chunk.plan.table
+            )));
         };
         let Some(open) = self.tx.as_ref() else {
             return Err(Error::Decode(
@@ -772,7 +825,8 @@ impl Streamer<'_> {
             ));
         };
         let (commit_lsn, seq) = (open.commit_lsn, open.seq);
-        let rel = chunk.plan.relation.clone();
+        // The stream's own description when it matches, so the table is not recorded twice.
+        let rel = described.unwrap_or_else(|| chunk.plan.relation.clone());
         let known = self
             .written_relations
             .get(&rel.id)
@@ -815,6 +869,11 @@ impl Streamer<'_> {
         self.pending.snapshots.push(next.clone());
         self.arm_deadline();
         if let Some(link) = self.snap.as_mut() {
+            // Changes of the table between this chunk and the next belong to the next one's
+            // window (see [`Window::open_after`]).
+            if phase != Phase::Done {
+                link.window = Some(Window::open(0, rel.id, key_names));
+            }
             link.states.insert(next.table.clone(), next.clone());
             let _ = link.results.send(next);
         }

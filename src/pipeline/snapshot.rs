@@ -28,10 +28,12 @@
 //! before everything they do not. Changes committed after the close watermark follow them.
 //!
 //! A transaction that committed before the open watermark and that `S` does not see would be
-//! missed by the window; step 1's wait rules it out for every transaction the source shows
-//! as committed. What remains is a backend that wrote and flushed its commit record before
-//! the open watermark and had not yet marked it in the commit log by the time the task asked
-//! (after the watermark's own commit returned): a window of a few instructions.
+//! missed by a window that began there. So the window of a chunk begins where the previous
+//! chunk of the table closed ([`Window::open_after`]), and step 1's wait covers every
+//! transaction the source shows as committed. What remains is the first chunk of a table: a
+//! backend that wrote and flushed its commit record before its open watermark and had not
+//! yet marked it in the commit log by the time the task asked (after the watermark's own
+//! commit returned), i.e. stalled between two adjacent steps of its commit.
 //!
 //! A dropped row whose newer image is incomplete (an UPDATE that left an unchanged TOASTed
 //! column out) is read again in a later chunk of its own (`reread`), so every row ends with
@@ -402,6 +404,30 @@ pub struct Window {
 }
 
 impl Window {
+    /// Opens the window of `chunk`, continuing `carried` (the changes of the same table
+    /// since the previous chunk closed) when there is one: a transaction that committed
+    /// just before this chunk's open watermark and that its snapshot does not see is then
+    /// in the window too.
+    pub fn open_after(
+        carried: Option<Window>,
+        chunk: u64,
+        relation_id: u32,
+        key_names: Vec<String>,
+    ) -> Window {
+        match carried {
+            Some(mut w) if w.relation_id == relation_id && w.key_names == key_names => {
+                w.chunk = chunk;
+                w
+            }
+            _ => Window::open(chunk, relation_id, key_names),
+        }
+    }
+
+    /// The names of the key the window tracks.
+    pub fn key_names(&self) -> &[String] {
+        &self.key_names
+    }
+
     pub fn open(chunk: u64, relation_id: u32, key_names: Vec<String>) -> Window {
         Window {
             chunk,
@@ -750,7 +776,8 @@ pub struct Task {
 #[derive(Debug)]
 pub enum Message {
     Chunk(Box<Chunk>),
-    Failed(Error),
+    /// The task ended: every table copied, or why not.
+    Finished(Result<()>),
 }
 
 /// The loop's end of the link.
@@ -759,13 +786,20 @@ pub struct Link {
     pub chunks: mpsc::Receiver<Message>,
     pub results: mpsc::UnboundedSender<TableState>,
     /// A chunk received before its close watermark.
-    pub ready: Option<Box<Chunk>>,
+    pub ready: std::collections::VecDeque<Box<Chunk>>,
     pub window: Option<Window>,
     /// The task ended: every table is copied (or it failed and said so).
     pub finished: bool,
     /// Each table's state as written with its last chunk (or read at the start): the loop
     /// owns it, the task follows it through `results`.
     pub states: HashMap<TableName, TableState>,
+}
+
+impl Link {
+    /// Every table this session copies is done.
+    pub fn all_done(&self) -> bool {
+        self.states.values().all(|t| t.phase == Phase::Done)
+    }
 }
 
 /// Starts a link; the task side goes to [`copy`].
@@ -777,7 +811,7 @@ pub fn link(token: String, todo: &[TableState]) -> (Link, Task) {
             token,
             chunks: chunks_rx,
             results: results_tx,
-            ready: None,
+            ready: std::collections::VecDeque::new(),
             window: None,
             finished: false,
             states: todo.iter().map(|t| (t.table.clone(), t.clone())).collect(),
@@ -834,10 +868,11 @@ pub async fn copy(
     todo: Vec<TableState>,
     mut task: Task,
     progress: watch::Sender<Progress>,
+    time_zone: Option<String>,
 ) {
-    if let Err(e) = copy_tables(&cfg, &token, todo, &mut task, &progress).await {
-        let _ = task.chunks.send(Message::Failed(e)).await;
-    }
+    let result = copy_tables(&cfg, &token, todo, &mut task, &progress, time_zone).await;
+    // The loop ends the session on an error; it reads this even while holding a chunk.
+    let _ = task.chunks.send(Message::Finished(result)).await;
 }
 
 async fn copy_tables(
@@ -846,18 +881,30 @@ async fn copy_tables(
     todo: Vec<TableState>,
     task: &mut Task,
     progress: &watch::Sender<Progress>,
+    time_zone: Option<String>,
 ) -> Result<()> {
     if todo.is_empty() {
         return Ok(());
     }
     let client = cfg.source.connect("source").await?;
+    // Values must read exactly as the stream renders them (keys are compared as text, and
+    // the images are the contract): the settings the replication session pins, and its
+    // time zone. Row security off: a policy that would hide rows makes the read fail
+    // instead (pgoutput ignores policies).
+    let mut settings = String::from(
+        "SET standard_conforming_strings = on; SET statement_timeout = 0; SET datestyle = 'ISO, MDY'; \
+         SET intervalstyle = postgres; SET extra_float_digits = 1; SET bytea_output = hex; SET row_security = off;",
+    );
+    if let Some(tz) = &time_zone {
+        let _ = write!(settings, " SET TimeZone = {};", quote_literal(tz));
+    }
     client
-        .batch_execute("SET standard_conforming_strings = on; SET statement_timeout = 0")
+        .batch_execute(&settings)
         .await
         .map_err(|e| source_error(cfg, &e))?;
     let mut chunk_id = 0u64;
     for mut state in todo {
-        let plan = Arc::new(plan(&client, cfg, &state.table).await?);
+        let mut plan = Arc::new(plan(&client, cfg, &state.table).await?);
         let table = state.table.to_string();
         progress.send_modify(|p| {
             if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
@@ -906,6 +953,12 @@ async fn copy_tables(
                 }
             };
             chunk_id += 1;
+            // Read again for every chunk after the first: a column added or dropped meanwhile
+            // is read as the table now is (and the loop reads a chunk's rows again when the
+            // stream's definition differs from the one they were read with).
+            if chunk_id > 1 {
+                plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
+            }
             emit(
                 &client,
                 cfg,
@@ -1068,7 +1121,16 @@ async fn read_chunk_in_tx(
         for m in &fetched {
             if let SimpleQueryMessage::Row(r) = m {
                 n += 1;
-                let values: Vec<Option<&str>> = (0..r.len()).map(|i| r.get(i)).collect();
+                let values = (0..r.len())
+                    .map(|i| r.try_get(i))
+                    .collect::<std::result::Result<Vec<Option<&str>>, _>>()
+                    .map_err(|_| {
+                        Error::Snapshot(format!(
+                            "cannot copy the existing rows of {}: a value is not valid UTF-8 (a SQL_ASCII source stores bytes \
+                             unchecked); fix the value, or set spec.snapshot.mode: Never",
+                            plan.table
+                        ))
+                    })?;
                 let row = plan.row(&values)?;
                 bytes += row.image.len();
                 rows.push(row);
