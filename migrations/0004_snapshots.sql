@@ -22,6 +22,8 @@ CREATE TABLE cdc_snapshots (
     rows_copied   bigint      NOT NULL DEFAULT 0,
     range_done    boolean     NOT NULL DEFAULT false,  -- the chunks in key order reached the end of the table
     requested_at  timestamptz NOT NULL DEFAULT now(),
+    started_lsn   pg_lsn,                -- commit_lsn of the request's first chunk: once phase = 'Done', a row whose
+                                         --   last event sorts before it no longer exists (README: Snapshots)
     done_lsn      pg_lsn,                -- commit_lsn of the chunk that completed it: once phase = 'Done',
                                          --   replaying the table's events up to here gives the whole table
     updated_at    timestamptz NOT NULL DEFAULT now(),

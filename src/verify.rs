@@ -207,7 +207,7 @@ async fn verify_table(
     let rows = buffer
         .query(
             &format!(
-                "SELECT operation, key_columns, before, after FROM {}.cdc_events
+                "SELECT operation, key_columns, before, after, commit_lsn::text FROM {}.cdc_events
                  WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 ORDER BY commit_lsn, seq",
                 quote_ident(&cfg.buffer_schema)
             ),
@@ -216,18 +216,23 @@ async fn verify_table(
         .await
         .map_err(|e| Error::Buffer(describe_pg_error(&e)))?;
     let mut replay: BTreeMap<String, Row> = BTreeMap::new();
-    // Copied by a snapshot: the events of rows the snapshot had not reached yet meet no row.
-    let snapshotted = buffer
+    // Copied by a snapshot: the events of rows the snapshot had not reached yet meet no row,
+    // and a row whose last event sorts before the copy's first chunk no longer exists (the
+    // copy would have written it otherwise): it was deleted where no event says so (a gap).
+    let copy_started: Option<u64> = buffer
         .query_opt(
             &format!(
-                "SELECT 1 FROM {}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 AND phase = 'Done'",
+                "SELECT started_lsn::text FROM {}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 \
+                 AND phase = 'Done'",
                 quote_ident(&cfg.buffer_schema)
             ),
             &[&cfg.id, &table.schema, &table.name],
         )
         .await
         .map_err(|e| Error::Buffer(describe_pg_error(&e)))?
-        .is_some();
+        .map(|r| r.get::<_, Option<String>>(0).and_then(|l| lsn::parse(&l)).unwrap_or(0));
+    let snapshotted = copy_started.is_some();
+    let mut last_event: BTreeMap<String, u64> = BTreeMap::new();
     // Rows are matched on the primary key (or replica identity index) when the table has one:
     // under REPLICA IDENTITY FULL every column is a "key column", including TOASTed ones an
     // UPDATE may leave out.
@@ -246,6 +251,14 @@ async fn verify_table(
         let after: Option<Value> = row.try_get(3).map_err(unreadable)?;
         let after_key = after.as_ref().and_then(|a| key_of(a, &key_columns));
         let before_key = before.as_ref().and_then(|b| key_of(b, &key_columns));
+        let position = row
+            .try_get::<_, &str>(4)
+            .ok()
+            .and_then(lsn::parse)
+            .unwrap_or(0);
+        if let Some(k) = &after_key {
+            last_event.insert(k.clone(), position);
+        }
         match op {
             "SNAPSHOT" => {
                 r.snapshots += 1;
@@ -300,6 +313,9 @@ async fn verify_table(
             }
             _ => {}
         }
+    }
+    if let Some(started) = copy_started {
+        replay.retain(|k, _| last_event.get(k).is_some_and(|&at| at >= started));
     }
     // Both sides go through the source's own types: the replayed images are turned back into
     // rows of the table (`jsonb_populate_record` runs each type's input function on the text

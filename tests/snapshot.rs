@@ -92,23 +92,31 @@ async fn assert_replay_equals_source(
     table: &str,
     key: &[&str],
 ) {
-    let replayed = replay(buffer, pipeline, table, key).await;
+    let replayed: Vec<Value> = replay(buffer, pipeline, table, key)
+        .await
+        .into_values()
+        .map(Value::Object)
+        .collect();
     let mut normalized = BTreeMap::new();
-    for (_, row) in replayed {
-        let v: Value = source
-            .query_one(
-                &format!("SELECT to_jsonb(jsonb_populate_record(NULL::{table}, $1::jsonb))"),
-                &[&Value::Object(row)],
+    for batch in replayed.chunks(1000) {
+        let rows = source
+            .query(
+                &format!(
+                    "SELECT to_jsonb(jsonb_populate_record(NULL::{table}, r)) FROM jsonb_array_elements($1::jsonb) r"
+                ),
+                &[&Value::Array(batch.to_vec())],
             )
             .await
-            .expect("rebuild row")
-            .get(0);
-        // Keyed as the source's rows are (its rendering of the key values).
-        let k: Vec<&Value> = key.iter().map(|c| &v[*c]).collect();
-        normalized.insert(
-            serde_json::to_string(&k).unwrap(),
-            v.as_object().unwrap().clone(),
-        );
+            .expect("rebuild rows");
+        for row in rows {
+            let v: Value = row.get(0);
+            // Keyed as the source's rows are (its rendering of the key values).
+            let k: Vec<&Value> = key.iter().map(|c| &v[*c]).collect();
+            normalized.insert(
+                serde_json::to_string(&k).unwrap(),
+                v.as_object().unwrap().clone(),
+            );
+        }
     }
     let want = source_rows(source, table, key).await;
     assert_eq!(normalized.len(), want.len(), "rows of {table} after replay");

@@ -258,7 +258,7 @@ impl Buffer {
             .query(
                 &format!(
                     "SELECT schema_name, table_name, request, phase, last_key::text, reread::text, rows_copied, range_done, \
-                     done_lsn::text FROM {schema}.cdc_snapshots WHERE pipeline = $1"
+                     done_lsn::text, started_lsn::text FROM {schema}.cdc_snapshots WHERE pipeline = $1"
                 ),
                 &[&self.pipeline],
             )
@@ -287,6 +287,7 @@ impl Buffer {
                     rows_copied: r.get(6),
                     range_done: r.get(7),
                     done_lsn: r.get::<_, Option<&str>>(8).and_then(lsn::parse),
+                    started_lsn: r.get::<_, Option<&str>>(9).and_then(lsn::parse),
                 },
             );
         }
@@ -741,7 +742,7 @@ async fn save_request(
             &format!(
                 "INSERT INTO {schema}.cdc_snapshots (pipeline, schema_name, table_name, request, phase) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (pipeline, schema_name, table_name) DO UPDATE SET request = excluded.request, phase = excluded.phase, \
-                 last_key = NULL, reread = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, requested_at = now(), updated_at = now()"
+                 last_key = NULL, reread = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, started_lsn = NULL, requested_at = now(), updated_at = now()"
             ),
             &[&pipeline, &t.table.schema, &t.table.name, &t.request, &t.phase.as_str()],
         )
@@ -764,7 +765,7 @@ async fn save_snapshot(
         .execute(
             &format!(
                 "UPDATE {schema}.cdc_snapshots SET phase = $4, last_key = $5::text::json, reread = $6::text::json, rows_copied = $7, \
-                 range_done = $8, done_lsn = $9::text::pg_lsn, updated_at = now() \
+                 range_done = $8, done_lsn = $9::text::pg_lsn, started_lsn = $10::text::pg_lsn, updated_at = now() \
                  WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
             ),
             &[
@@ -777,6 +778,7 @@ async fn save_snapshot(
                 &t.rows_copied,
                 &t.range_done,
                 &t.done_lsn.map(lsn::format),
+                &t.started_lsn.map(lsn::format),
             ],
         )
         .await

@@ -756,7 +756,14 @@ impl Streamer<'_> {
             }) => {
                 if token == link.token {
                     let carried = link.window.take().filter(|w| w.chunk == 0);
-                    link.window = Some(Window::open_after(carried, chunk, relation_id, key_names));
+                    let at = self.tx.as_ref().map_or(lsn, |t| t.commit_lsn);
+                    link.window = Some(Window::open_after(
+                        carried,
+                        chunk,
+                        relation_id,
+                        key_names,
+                        at,
+                    ));
                 }
                 return Ok(());
             }
@@ -796,6 +803,7 @@ impl Streamer<'_> {
             )));
         }
         let key_names = window.key_names().to_vec();
+        let opened = window.opened_at();
         // The stream describes the table differently from the definition the chunk was
         // read with (a column added or dropped in between): its rows are read again.
         let described = self.decoder.described(chunk.plan.relation.id);
@@ -854,7 +862,7 @@ impl Streamer<'_> {
             };
             self.on_change(change, lsn).await?;
         }
-        let next = chunk.advance(&before, written, reread, commit_lsn);
+        let next = chunk.advance(&before, written, reread, opened, commit_lsn);
         let table = next.table.to_string();
         let (phase, rows_copied) = (next.phase, next.rows_copied);
         self.progress.send_modify(|p| {

@@ -111,6 +111,8 @@ pub struct TableState {
     pub rows_copied: i64,
     /// The chunks in key order reached the end of the table (rows to read again may remain).
     pub range_done: bool,
+    /// Where this request's first chunk began (its window's opening watermark).
+    pub started_lsn: Option<u64>,
     /// Set once done: the commit position of the chunk that completed it.
     pub done_lsn: Option<u64>,
 }
@@ -130,6 +132,7 @@ impl TableState {
             reread: Vec::new(),
             rows_copied: 0,
             range_done: false,
+            started_lsn: None,
             done_lsn: None,
         }
     }
@@ -333,16 +336,21 @@ pub struct Chunk {
 
 impl Chunk {
     /// The table's state `before` this chunk, once its kept rows (`written` of them) are
-    /// written and `reread` keys are left to read again; `at` is where they are written.
+    /// written and `reread` keys are left to read again; `at` is where they are written,
+    /// `opened` where the chunk's window began.
     pub fn advance(
         &self,
         before: &TableState,
         written: usize,
         reread: Vec<Vec<String>>,
+        opened: u64,
         at: u64,
     ) -> TableState {
         let mut next = before.clone();
         next.rows_copied += written as i64;
+        // Everything of the table from here on is in the log: events after it, or rows
+        // of the copy (README: the consumer rule of a finished copy).
+        next.started_lsn.get_or_insert(opened);
         match &self.kind {
             ChunkKind::After(_) => {
                 if let Some(last) = self.rows.last() {
@@ -401,6 +409,8 @@ pub struct Window {
     touches: Vec<Touch>,
     /// Transactions with a change whose key could not be read.
     unknown: Vec<u32>,
+    /// The commit position of the watermark that opened it (0: carried from a close).
+    opened_at: u64,
 }
 
 impl Window {
@@ -413,14 +423,23 @@ impl Window {
         chunk: u64,
         relation_id: u32,
         key_names: Vec<String>,
+        at: u64,
     ) -> Window {
         match carried {
             Some(mut w) if w.relation_id == relation_id && w.key_names == key_names => {
                 w.chunk = chunk;
                 w
             }
-            _ => Window::open(chunk, relation_id, key_names),
+            _ => Window {
+                opened_at: at,
+                ..Window::open(chunk, relation_id, key_names)
+            },
         }
+    }
+
+    /// Where the window began: the commit position of the watermark that opened it.
+    pub fn opened_at(&self) -> u64 {
+        self.opened_at
     }
 
     /// The names of the key the window tracks.
@@ -430,6 +449,7 @@ impl Window {
 
     pub fn open(chunk: u64, relation_id: u32, key_names: Vec<String>) -> Window {
         Window {
+            opened_at: 0,
             chunk,
             relation_id,
             key_names,
@@ -1197,6 +1217,7 @@ mod tests {
             reread: vec![],
             rows_copied: 0,
             range_done: false,
+            started_lsn: None,
             done_lsn: None,
         }
     }
@@ -1312,7 +1333,7 @@ mod tests {
         let c = chunk(&[1, 2], "10:10:");
         let mut before = state();
         before.reread = vec![vec!["9".to_string()]];
-        let next = c.advance(&before, 2, vec![vec!["2".to_string()]], 77);
+        let next = c.advance(&before, 2, vec![vec!["2".to_string()]], 70, 77);
         assert_eq!(next.last_key, Some(vec!["2".to_string()]));
         assert!(next.range_done && next.phase == Phase::Copying);
         assert_eq!(
@@ -1323,7 +1344,7 @@ mod tests {
             kind: ChunkKind::Reread(next.reread.clone()),
             ..chunk(&[2], "10:10:")
         };
-        let done = reread.advance(&next, 1, vec![], 99);
+        let done = reread.advance(&next, 1, vec![], 90, 99);
         assert_eq!(
             (done.phase, done.done_lsn, done.rows_copied),
             (Phase::Done, Some(99), 3)
