@@ -920,3 +920,57 @@ async fn a_copy_reads_values_as_the_stream_does_and_follows_a_new_column() {
         "{sample:?}"
     );
 }
+
+/// A TRUNCATE in the middle of a copy, and rows inserted after it: the chunks read before it
+/// are superseded by the TRUNCATE event, those the copy's snapshot read after it hold only
+/// the new rows; the replay equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_during_a_copy_replays_to_the_source() {
+    let (src, buf, source) = databases_with(
+        "snap_truncate",
+        "CREATE TABLE tr (id int PRIMARY KEY, v text);
+         INSERT INTO tr SELECT g, 'old ' || g FROM generate_series(1, 30000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-truncate",
+        &src,
+        &buf,
+        &["tr"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 200}",
+    ));
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait("the copy to be under way", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied >= 2000)
+        })
+        .await;
+    source
+        .batch_execute(
+            "TRUNCATE tr; INSERT INTO tr SELECT g, 'new ' || g FROM generate_series(1, 30000, 7) g;",
+        )
+        .await
+        .expect("truncate");
+    let copying = running
+        .progress
+        .borrow()
+        .snapshots
+        .iter()
+        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
+    assert!(
+        copying,
+        "the copy ended before the TRUNCATE; make the table larger"
+    );
+    running
+        .wait("the copy to finish", Duration::from_secs(120), |p| {
+            p.snapshots
+                .iter()
+                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+        })
+        .await;
+    let lsn = wal_lsn(&source).await;
+    running.checkpointed(lsn).await;
+    running.stop().await.expect("stops");
+    let buffer = connect(&buf).await;
+    assert_replay_equals_source(&source, &buffer, "test/snap-truncate", "public.tr", &["id"]).await;
+}
