@@ -1219,5 +1219,28 @@ async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
     )
     .await;
     assert_eq!(updated, ["changed"]);
+    // A resync request in the spec copies the table again, once.
+    pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"snapshot": {"resync": {"id": "r1", "tables": ["t"]}}}})),
+        )
+        .await
+        .unwrap();
+    let again = wait_status(&pipelines, "p", "the table copied again", |s| {
+        s.phase.as_deref() == Some("Running")
+            && s.snapshots
+                .first()
+                .is_some_and(|t| t.request == "resync:r1" && t.phase == "Done")
+    })
+    .await;
+    assert_eq!(again.snapshots[0].rows_copied, 20001);
+    let copies: Vec<i64> = column(
+        &buffer,
+        "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'snapshot/p' AND operation = 'SNAPSHOT'",
+    )
+    .await;
+    assert_eq!(copies[0], copied + 20001);
     op.stop().await;
 }
