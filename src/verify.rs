@@ -207,8 +207,8 @@ async fn verify_table(
     let rows = buffer
         .query(
             &format!(
-                "SELECT operation, key_columns, before, after, commit_lsn::text FROM {}.cdc_events
-                 WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 ORDER BY commit_lsn, seq",
+                "SELECT operation, key_columns, before, after, commit_lsn::text AS position FROM {}.cdc_events
+                 WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 ORDER BY cdc_events.commit_lsn, seq",
                 quote_ident(&cfg.buffer_schema)
             ),
             &[&cfg.id, &table.schema, &table.name],
