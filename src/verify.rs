@@ -164,7 +164,7 @@ pub async fn verify(cfg: &PipelineConfig) -> Result<Report> {
     report.gaps = buffer
         .query(
             &format!(
-                "SELECT from_lsn::text, to_lsn::text, reason FROM {schema}.cdc_gaps WHERE pipeline = $1 ORDER BY from_lsn"
+                "SELECT from_lsn::text, to_lsn::text, reason FROM {schema}.cdc_gaps WHERE pipeline = $1 ORDER BY cdc_gaps.from_lsn"
             ),
             &[&cfg.id],
         )
