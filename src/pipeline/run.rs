@@ -521,6 +521,7 @@ async fn session(
         in_flight: VecDeque::new(),
         snap,
         snapshot_submitted: None,
+        snapshots_in_flight: VecDeque::new(),
     };
     let result = st.stream(&mut stream, shutdown).await;
     // Whatever happened, the writer finishes what it was asked to commit (an unfinished
@@ -529,6 +530,7 @@ async fn session(
     *buffer_slot = buffer;
     for _ in unread {
         st.in_flight.pop_front();
+        publish_snapshots(&mut st.snapshots_in_flight, st.progress, &st.cfg.id);
     }
     match (result, closed) {
         // Writing one change per transaction, the refused one is the oldest not committed.
@@ -579,6 +581,9 @@ struct Streamer<'a> {
     /// The checkpoint (position, events) of the last commit request that carried snapshot
     /// progress: caught up means copied too, durably.
     snapshot_submitted: Option<(u64, i64)>,
+    /// Per commit request not yet reported committed, oldest first: the snapshot progress
+    /// it writes, published once it is durable.
+    snapshots_in_flight: VecDeque<Vec<TableState>>,
 }
 
 /// Whether two descriptions of a table have the same columns (names and types, in order).
@@ -588,6 +593,30 @@ fn same_columns(a: &Relation, b: &Relation) -> bool {
             .iter()
             .zip(&b.columns)
             .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid)
+}
+
+/// The oldest commit request was committed: the snapshot progress it wrote is durable, so it
+/// is what status and metrics show.
+fn publish_snapshots(
+    in_flight: &mut VecDeque<Vec<TableState>>,
+    progress: &watch::Sender<Progress>,
+    pipeline: &str,
+) {
+    let Some(states) = in_flight.pop_front() else {
+        return;
+    };
+    for next in states {
+        let table = next.table.to_string();
+        if next.phase == Phase::Done {
+            tracing::info!(pipeline = %pipeline, table = %table, rows = next.rows_copied, "snapshot done");
+        }
+        progress.send_modify(|p| {
+            if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
+                t.phase = next.phase;
+                t.rows_copied = next.rows_copied;
+            }
+        });
+    }
 }
 
 /// The snapshot task ended without saying it copied everything.
@@ -863,17 +892,9 @@ impl Streamer<'_> {
             self.on_change(change, lsn).await?;
         }
         let next = chunk.advance(&before, written, reread, opened, commit_lsn);
-        let table = next.table.to_string();
-        let (phase, rows_copied) = (next.phase, next.rows_copied);
-        self.progress.send_modify(|p| {
-            if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
-                t.phase = phase;
-                t.rows_copied = rows_copied;
-            }
-        });
-        if phase == Phase::Done {
-            tracing::info!(pipeline = %self.cfg.id, table = %table, rows = rows_copied, "snapshot done");
-        }
+        let phase = next.phase;
+        // Published (status, metrics, the log line) once the buffer transaction holding it
+        // commits: see `snapshots_committed`.
         self.pending.snapshots.push(next.clone());
         self.arm_deadline();
         if let Some(link) = self.snap.as_mut() {
@@ -1180,6 +1201,8 @@ impl Streamer<'_> {
         if !pending.snapshots.is_empty() {
             self.snapshot_submitted = Some((next.lsn, next.events_total));
         }
+        self.snapshots_in_flight
+            .push_back(pending.snapshots.clone());
         let commit = Commit {
             relations: std::mem::take(&mut pending.relations),
             snapshots: std::mem::take(&mut pending.snapshots),
@@ -1215,6 +1238,7 @@ impl Streamer<'_> {
         failpoint("after-buffer-commit");
         debug_assert!(committed.checkpoint.lsn >= self.ckpt.lsn);
         self.in_flight.pop_front();
+        publish_snapshots(&mut self.snapshots_in_flight, self.progress, &self.cfg.id);
         self.ckpt = committed.checkpoint;
         self.stop_finding_once_past();
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
