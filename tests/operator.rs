@@ -1129,6 +1129,14 @@ async fn losing_the_lease_stops_the_pipelines() {
     .await;
 }
 
+/// The `Snapshotting` condition of a status.
+fn snapshotting(s: &philotes::crd::CdcPipelineStatus) -> &philotes::crd::Condition {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == "Snapshotting")
+        .expect("Snapshotting condition")
+}
+
 /// A snapshot under the operator: while the rows a table held are copied, the status shows
 /// the table `Copying` with its progress and the estimate, the `Snapshotting` condition is
 /// True and the phase reads `Snapshotting` (still Ready: changes stream meanwhile); once
@@ -1171,11 +1179,7 @@ async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
         ),
         ("public.t", Some(20000), "initial")
     );
-    let condition = copying
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Snapshotting")
-        .expect("Snapshotting condition");
+    let condition = snapshotting(&copying);
     assert_eq!(
         (condition.status.as_str(), condition.reason.as_str()),
         ("True", "Copying")
@@ -1195,11 +1199,7 @@ async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
     assert_eq!(ready(&done), ("True".into(), "Streaming".into()));
     let copied = done.snapshots[0].rows_copied;
     assert!((19_999..=20_001).contains(&copied), "{copied} rows copied");
-    let condition = done
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Snapshotting")
-        .expect("Snapshotting condition");
+    let condition = snapshotting(&done);
     assert_eq!(
         (condition.status.as_str(), condition.reason.as_str()),
         ("False", "SnapshotsDone")

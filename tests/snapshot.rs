@@ -129,6 +129,21 @@ async fn assert_replay_equals_source(
     }
 }
 
+/// Waits until every table is copied and everything written on the source so far is
+/// checkpointed, then stops the pipeline.
+async fn finish_copy(mut running: Running, source: &Client) {
+    running
+        .wait("the copy to finish", Duration::from_secs(300), |p| {
+            p.snapshots
+                .iter()
+                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+        })
+        .await;
+    let lsn = wal_lsn(source).await;
+    running.checkpointed(lsn).await;
+    running.stop().await.expect("stops");
+}
+
 async fn snapshot_events(buffer: &Client, pipeline: &str, table: &str) -> i64 {
     buffer
         .query_one(
@@ -803,16 +818,7 @@ async fn streaming_goes_on_while_a_table_is_copied() {
         longest < Duration::from_secs(2),
         "a transaction stayed open {longest:?}"
     );
-    running
-        .wait("the copy to finish", Duration::from_secs(300), |p| {
-            p.snapshots
-                .iter()
-                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
-        })
-        .await;
-    let lsn = wal_lsn(&source).await;
-    running.checkpointed(lsn).await;
-    running.stop().await.expect("stops");
+    finish_copy(running, &source).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-stream", "public.big", &["id"]).await;
     assert_replay_equals_source(
         &source,
@@ -881,16 +887,7 @@ async fn a_copy_reads_values_as_the_stream_does_and_follows_a_new_column() {
                 .expect("update note");
         }
     }
-    running
-        .wait("the copy to finish", Duration::from_secs(300), |p| {
-            p.snapshots
-                .iter()
-                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
-        })
-        .await;
-    let lsn = wal_lsn(&source).await;
-    running.checkpointed(lsn).await;
-    running.stop().await.expect("stops");
+    finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
     // The key as the replay sees it is the image's text; the source's rows are read with the
     // same settings to compare.
@@ -961,16 +958,7 @@ async fn a_truncate_during_a_copy_replays_to_the_source() {
         copying,
         "the copy ended before the TRUNCATE; make the table larger"
     );
-    running
-        .wait("the copy to finish", Duration::from_secs(120), |p| {
-            p.snapshots
-                .iter()
-                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
-        })
-        .await;
-    let lsn = wal_lsn(&source).await;
-    running.checkpointed(lsn).await;
-    running.stop().await.expect("stops");
+    finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-truncate", "public.tr", &["id"]).await;
 }

@@ -925,6 +925,7 @@ async fn copy_tables(
     let mut chunk_id = 0u64;
     for mut state in todo {
         let mut plan = Arc::new(plan(&client, cfg, &state.table).await?);
+        let mut fresh_plan = true;
         let table = state.table.to_string();
         progress.send_modify(|p| {
             if let Some(t) = p.snapshots.iter_mut().find(|t| t.table == table) {
@@ -976,9 +977,10 @@ async fn copy_tables(
             // Read again for every chunk after the first: a column added or dropped meanwhile
             // is read as the table now is (and the loop reads a chunk's rows again when the
             // stream's definition differs from the one they were read with).
-            if chunk_id > 1 {
+            if !fresh_plan {
                 plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
             }
+            fresh_plan = false;
             emit(
                 &client,
                 cfg,
@@ -1052,35 +1054,36 @@ async fn emit(client: &Client, cfg: &PipelineConfig, content: &str) -> Result<()
 /// Waits until the transactions the source has marked committed but not yet made visible
 /// (waiting for a synchronous standby, or between the two steps) are visible.
 async fn wait_committed_visible(client: &Client, cfg: &PipelineConfig) -> Result<()> {
-    let err = |e: tokio_postgres::Error| source_error(cfg, &e);
-    let committed: Vec<String> = client
-        .query(
-            "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'",
-            &[],
-        )
-        .await
-        .map_err(err)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let mut left = in_progress(client, cfg, true).await?;
     let mut wait = Duration::from_millis(1);
-    let mut left = committed;
     while !left.is_empty() {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(100));
-        let running: HashSet<String> = client
-            .query(
-                "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x",
-                &[],
-            )
-            .await
-            .map_err(err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let running: HashSet<String> = in_progress(client, cfg, false).await?.into_iter().collect();
         left.retain(|x| running.contains(x));
     }
     Ok(())
+}
+
+/// The transactions a snapshot taken now sees as in progress (`committed`: only those the
+/// commit log already marks committed).
+async fn in_progress(
+    client: &Client,
+    cfg: &PipelineConfig,
+    committed: bool,
+) -> Result<Vec<String>> {
+    let sql = if committed {
+        "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'"
+    } else {
+        "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x"
+    };
+    Ok(client
+        .query(sql, &[])
+        .await
+        .map_err(|e| source_error(cfg, &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
