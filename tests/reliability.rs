@@ -415,10 +415,11 @@ async fn passwords_with_special_characters_work_and_never_leak() {
         .spawn()
         .map(Proc)
         .unwrap();
+    // Streaming, and the (empty) table's copy done, so the two rows arrive as changes only.
     let streaming = tokio::time::timeout(Duration::from_secs(60), async {
         while !std::fs::read_to_string(log.path())
             .unwrap_or_default()
-            .contains("\"message\":\"streaming\"")
+            .contains("\"message\":\"snapshot done\"")
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
