@@ -47,14 +47,16 @@ pub struct CdcPipelineSpec {
     pub source: SourceSpec,
     /// The PostgreSQL database the change events are written to.
     pub buffer: BufferSpec,
-    /// Maximum number of events written to the buffer in one transaction (rows stream to the
-    /// buffer as they arrive; this sets how often they are committed and checkpointed).
-    /// Default 10000.
+    /// Maximum number of events written to the buffer in one transaction. Rows stream to the
+    /// buffer as they arrive, and a transaction commits as soon as nothing more has arrived
+    /// and the previous one committed (group commit: batches grow under load by themselves);
+    /// this bounds them. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub batch_size: Option<u32>,
     /// Maximum time a received event waits before it is written to the buffer, as a
-    /// Kubernetes duration (`250ms`, `5s`, `1m30s`). Default `5s`.
+    /// Kubernetes duration (`250ms`, `5s`, `1m30s`). An upper bound: changes are usually
+    /// written within milliseconds (README: Freshness). Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub flush_interval: Option<String>,

@@ -1143,3 +1143,117 @@ async fn column_lists_and_row_filters_capture_in_part() {
         .get(0);
     assert_eq!(left, 0);
 }
+
+/// Counts the events of every buffer transaction the pipeline commits.
+#[derive(Default)]
+struct Batches(std::sync::Mutex<Vec<u64>>);
+
+impl philotes::pipeline::BatchObserver for Batches {
+    fn batch_written(&self, _: &str, counts: &[philotes::pipeline::buffer::Count], _: Duration) {
+        let events = counts.iter().map(|c| c.events).sum();
+        self.0.lock().unwrap().push(events);
+    }
+}
+
+/// Group commit (README: Freshness): a transaction is durable, and confirmed to the source, as
+/// soon as the stream has nothing more and the writer is idle, not when `flushInterval` (here
+/// an hour) expires; under a burst, changes gather while the writer commits, so a buffer
+/// transaction holds many of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_durable_without_waiting_for_flush_interval() {
+    let (src, buf, db) = databases_with("fresh", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let cfg = config(&manifest(
+        "fresh",
+        &src,
+        &buf,
+        &["t"],
+        "flushInterval: 1h\nstatusInterval: 1s",
+    ));
+    let batches = std::sync::Arc::new(Batches::default());
+    let mut r = start(
+        cfg.clone(),
+        RunOptions {
+            observer: Some(batches.clone()),
+            ..RunOptions::default()
+        },
+    );
+    r.streaming().await;
+    let buffer = connect(&buf).await;
+    // One transaction at a time: each is durable before the next is written.
+    for id in 1..=20 {
+        db.execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        r.wait(
+            &format!("transaction {id} to be durable"),
+            Duration::from_secs(30),
+            |p| p.events_total >= i64::from(id),
+        )
+        .await;
+        let n: i64 = buffer
+            .query_one(
+                "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/fresh'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, i64::from(id), "transaction {id} is in the buffer");
+    }
+    // The source is told: its slot follows the checkpoint.
+    let last: String = buffer
+        .query_one(
+            "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'test/fresh'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let last = philotes::pipeline::lsn::parse(&last).unwrap();
+    let slot = cfg.slot.clone();
+    eventually("the slot to confirm the last transaction", Duration::from_secs(30), || {
+        let db = &db;
+        let slot = slot.clone();
+        async move {
+            let s: String = db
+                .query_one(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (philotes::pipeline::lsn::parse(&s)? >= last).then_some(())
+        }
+    })
+    .await;
+    // A burst of 3,000 one-row transactions.
+    db.batch_execute(
+        "CREATE PROCEDURE burst() LANGUAGE plpgsql AS $$ BEGIN
+           FOR i IN 21..3020 LOOP INSERT INTO t VALUES (i); COMMIT; END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("CALL burst()").await.unwrap();
+    r.wait("the burst to be durable", Duration::from_secs(60), |p| {
+        p.events_total >= 3020
+    })
+    .await;
+    r.stop().await.unwrap();
+    let ev = events(&buffer, "philotes", "test/fresh").await;
+    let ids: Vec<i64> = ev
+        .iter()
+        .map(|e| e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=3020).collect::<Vec<_>>(),
+        "every change once, in commit order"
+    );
+    let sizes = batches.0.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<u64>(), 3020);
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "under the burst, buffer transactions grew beyond one change: {sizes:?}"
+    );
+}

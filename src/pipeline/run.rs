@@ -517,6 +517,7 @@ async fn session(
         writer: Writer::spawn(buffer),
         progress,
         heard: Instant::now(),
+        stream_idle: true,
         isolation: isolation.clone(),
         in_flight: VecDeque::new(),
         snap,
@@ -571,6 +572,8 @@ struct Streamer<'a> {
     progress: &'a watch::Sender<Progress>,
     /// When the stream last delivered anything (a keepalive included).
     heard: Instant,
+    /// Whether the last take from the stream emptied its queue: nothing more had arrived.
+    stream_idle: bool,
     /// How a value the buffer refused is being dealt with.
     isolation: Isolation,
     /// Per commit request not yet reported committed, oldest first: the position of its one
@@ -689,11 +692,13 @@ impl Streamer<'_> {
                 //    for every message.
                 event = stream.recv() => {
                     let mut taken = self.on_received(event).await;
+                    self.stream_idle = false;
                     for _ in 0..DRAIN_QUEUED {
                         if taken.is_err() {
                             break;
                         }
                         let Some(event) = stream.recv().now_or_never() else {
+                            self.stream_idle = true;
                             break;
                         };
                         taken = self.on_received(event).await;
@@ -719,11 +724,36 @@ impl Streamer<'_> {
                     )));
                 }
             }
+            // 6. Group commit: see [`Streamer::commit_now`].
+            if self.commit_now() {
+                self.flush().await?;
+            }
             if self.caught_up() {
                 confirm_and_stop(stream, self.ckpt.lsn).await;
                 return Ok(Outcome::CaughtUp);
             }
         }
+    }
+
+    /// Whether to commit the batch now rather than at `batchSize` or `flushInterval`: it
+    /// holds whole transactions' changes, nothing more has arrived, and the writer is idle.
+    /// At low load every transaction is then durable within a buffer commit of arriving; under
+    /// load, changes gather while the writer commits the last batch, so batches grow by
+    /// themselves up to `batchSize` (group commit). A keepalive's advance alone waits for the
+    /// deadline (an idle pipeline does not write a checkpoint per keepalive), and so do a
+    /// snapshot's rows, which are written by their bytes (see [`Streamer::on_change`]), except
+    /// a table's last chunk: the end of a copy is durable as soon as a change would be.
+    fn commit_now(&self) -> bool {
+        self.stream_idle
+            && self.tx.is_none()
+            && self.in_flight.is_empty()
+            && (self.pending.events > self.pending.snapshot_events
+                || !self.pending.dead_letters.is_empty()
+                || self
+                    .pending
+                    .snapshots
+                    .iter()
+                    .any(|t| t.phase == Phase::Done))
     }
 
     async fn on_received(
