@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Capture throughput of philotes side by side with PostgreSQL's own tools, in one run on one
-# machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all five)
+# machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all six)
 # Environment: BENCH_ROWS (row changes per workload, default 1000000), BENCH_ROUNDS (3),
 #              BENCH_SNAPSHOT_ROWS (rows of the snapshot workload's table, default 5000000),
 #              BENCH_DURABILITY (production: fsync, synchronous_commit and full_page_writes on,
 #              the default; off: fsync and full_page_writes off, a labelled variant),
+#              BENCH_FRESH_RATES (transactions per second of the freshness workload's trickles,
+#              default "50 500"), BENCH_FRESH_SECONDS (30 per trickle), BENCH_FRESH_BURST
+#              (one-row transactions of its burst, 20000),
 #              BENCH_OUT (results directory, default bench/out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,10 @@ synchronous_commit = on";;
 full_page_writes = off";;
   *) echo "BENCH_DURABILITY must be production or off" >&2; exit 1;;
 esac
-WORKLOADS=("$@"); [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(insert mixed bigtx wide snapshot)
+WORKLOADS=("$@"); [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(insert mixed bigtx wide snapshot freshness)
+read -r -a FRESH_RATES <<< "${BENCH_FRESH_RATES:-50 500}"
+FRESH_SECONDS=${BENCH_FRESH_SECONDS:-30}
+FRESH_BURST=${BENCH_FRESH_BURST:-20000}
 mkdir -p "$OUT"
 BIN=$(pg_config --bindir)
 [ -x "$BIN/postgres" ] || { echo "PostgreSQL server binaries not found (pg_config --bindir)" >&2; exit 1; }
@@ -173,6 +179,8 @@ run_philotes() {
     || { cat "$WORK/philotes.log" >&2; return 1; }
 }
 
+slot_of() { case $1 in recvlogical) echo recv;; *) echo "$1";; esac; }
+
 check() { # contender: did it receive the whole workload?
   case $1 in
     recvlogical) [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'recv'")" = t ];;
@@ -245,16 +253,131 @@ snapshot_round() { # round
 import sys
 wl, rnd, c, t0, t1, n, s0, s1, b0, b1, cu, cs = sys.argv[1:13]
 rss = sys.argv[13] if len(sys.argv) > 13 and c == "philotes" else ""
-print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}")
+print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}\t")
 PY
     cleanup_snapshot "$c"
   done
 }
 
+# The freshness workload: how stale the copy is. A steady trickle of one-row transactions at
+# FRESH_RATES per second for FRESH_SECONDS each, then a burst of FRESH_BURST as fast as one
+# session commits them; per transaction, the time from the row's insert on the source
+# (clock_timestamp(), just before its commit) to its write at the destination (a column
+# defaulting to the destination's clock_timestamp(): on cdc_events for philotes, on the
+# subscriber's table for native). Both servers share this machine's clock.
+FRESH_DDL="CREATE TABLE f (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), pad text)"
+prepare_freshness() {
+  psrc -c "DROP TABLE IF EXISTS f; DROP PUBLICATION IF EXISTS fresh"
+  pbuf -c "DROP TABLE IF EXISTS f; DROP SCHEMA IF EXISTS philotes CASCADE"
+  psrc -c "$FRESH_DDL" -c "CREATE PUBLICATION fresh FOR TABLE f"
+  pbuf -c "CREATE TABLE f (id bigint PRIMARY KEY, at timestamptz, pad text, written timestamptz NOT NULL DEFAULT clock_timestamp())"
+  psrc -c "CREATE OR REPLACE PROCEDURE trickle(rate int, seconds int) LANGUAGE plpgsql AS \$\$
+    DECLARE t0 float8 := extract(epoch FROM clock_timestamp()); BEGIN
+      FOR i IN 1..rate * seconds LOOP
+        INSERT INTO f (pad) VALUES (md5(i::text)); COMMIT;
+        PERFORM pg_sleep(greatest(0, t0 + i::float8 / rate - extract(epoch FROM clock_timestamp())));
+      END LOOP; END \$\$" \
+       -c "CREATE OR REPLACE PROCEDURE burst(n int) LANGUAGE plpgsql AS \$\$ BEGIN
+      FOR i IN 1..n LOOP INSERT INTO f (pad) VALUES (md5(i::text)); COMMIT; END LOOP; END \$\$"
+}
+
+start_fresh() { # contender
+  case $1 in
+    native)
+      pbuf -c "CREATE SUBSCRIPTION fsub CONNECTION 'host=127.0.0.1 port=$SRC_PORT user=postgres dbname=postgres' PUBLICATION fresh WITH (copy_data = false)"
+      until [ "$(pbuf -At -c "SELECT count(*) FROM pg_stat_subscription WHERE subname = 'fsub' AND received_lsn IS NOT NULL")" = 1 ]; do sleep 0.05; done;;
+    philotes)
+      # Default settings (flushInterval 5s, batchSize 10000); the slot is created at start.
+      cat > "$WORK/fresh.yaml" <<YAML
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {name: fresh, namespace: bench}
+spec:
+  source: {connectionSecretRef: {name: src}, tables: [public.f], publication: fresh, slot: philotes_fresh}
+  buffer: {connectionSecretRef: {name: buf}}
+  snapshot: {mode: Never}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: src, namespace: bench}
+stringData: {uri: "postgres://postgres@127.0.0.1:$SRC_PORT/postgres?sslmode=disable"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: buf, namespace: bench}
+stringData: {uri: "postgres://postgres@127.0.0.1:$BUF_PORT/postgres?sslmode=disable"}
+YAML
+      "$PHILOTES" run -f "$WORK/fresh.yaml" 2>"$WORK/philotes-fresh.log" & FRESH_PID=$!
+      until [ "$(psrc -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'philotes_fresh' AND active")" = 1 ]; do sleep 0.05; done
+      # The measuring column, on the buffer's event table (not part of the contract).
+      pbuf -c "ALTER TABLE philotes.cdc_events ADD COLUMN bench_written timestamptz DEFAULT clock_timestamp()";;
+  esac
+}
+
+stop_fresh() { # contender
+  case $1 in
+    native) pbuf -c "DROP SUBSCRIPTION fsub" >/dev/null;;
+    philotes)
+      FRESH_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$FRESH_PID/status")
+      kill -TERM "$FRESH_PID"; wait "$FRESH_PID" || { cat "$WORK/philotes-fresh.log" >&2; return 1; }
+      psrc -c "SELECT pg_drop_replication_slot('philotes_fresh')" >/dev/null
+      pbuf -c "DROP SCHEMA philotes CASCADE" >/dev/null;;
+  esac
+}
+
+fresh_latencies() { # contender lo hi: one latency in ms per transaction, once all arrived
+  local n=$(($3 - $2 + 1)) q
+  case $1 in
+    native) q="SELECT extract(epoch FROM written - at) * 1000 FROM f WHERE id BETWEEN $2 AND $3";;
+    philotes) q="SELECT extract(epoch FROM bench_written - (after->>'at')::timestamptz) * 1000 FROM philotes.cdc_events
+                 WHERE table_name = 'f' AND (after->>'id')::bigint BETWEEN $2 AND $3";;
+  esac
+  until [ "$(pbuf -At -c "SELECT count(*) FROM ($q) x")" = "$n" ]; do sleep 0.2; done
+  pbuf -At -c "$q"
+}
+
+freshness_round() { # round
+  local round=$1 c order phase lo hi t0 t1
+  echo "==> freshness, round $round/$ROUNDS"
+  prepare_freshness
+  local contenders=(native philotes)
+  order=("${contenders[@]:$(( (round - 1) % 2 ))}" "${contenders[@]:0:$(( (round - 1) % 2 ))}")
+  for c in "${order[@]}"; do
+    FRESH_RSS=""
+    start_fresh "$c"
+    for phase in "${FRESH_RATES[@]}" burst; do
+      lo=$(( $(psrc -At -c "SELECT coalesce(max(id), 0) FROM f") + 1 ))
+      t0=$(now)
+      case $phase in burst) psrc -c "CALL burst($FRESH_BURST)";; *) psrc -c "CALL trickle($phase, $FRESH_SECONDS)";; esac
+      t1=$(now)
+      hi=$(psrc -At -c "SELECT max(id) FROM f")
+      fresh_latencies "$c" "$lo" "$hi" > "$WORK/latencies"
+      python3 - "$round" "$c" "$phase" "$lo" "$hi" "$t0" "$t1" "$WORK/latencies" <<'PY' | tee -a "$FRESH_RESULTS"
+import statistics, sys
+rnd, c, phase, lo, hi, t0, t1, path = sys.argv[1:9]
+ms = sorted(float(x) for x in open(path) if x.strip())
+def pct(p):
+    return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
+n = int(hi) - int(lo) + 1
+rate = n / (float(t1) - float(t0))
+print(f"{rnd}\t{c}\t{phase}\t{n}\t{rate:.0f}\t{pct(50):.1f}\t{pct(95):.1f}\t{pct(99):.1f}\t{ms[-1]:.1f}")
+PY
+    done
+    stop_fresh "$c"
+    if [ "$c" = philotes ]; then echo -e "$round\tphilotes\trss\t\t\t\t\t\t\t$FRESH_RSS" >> "$FRESH_RESULTS"; fi
+  done
+}
+
 RESULTS=$OUT/results.tsv
-echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib\tsource_cpu_s\tbuffer_cpu_s\tclient_cpu_s" > "$RESULTS"
+echo -e "workload\tround\tcontender\tseconds\trow_changes\tpeak_rss_kib\tsource_cpu_s\tbuffer_cpu_s\tclient_cpu_s\twalsender_cpu_s" > "$RESULTS"
+FRESH_RESULTS=$OUT/freshness.tsv
+echo -e "round\tcontender\tphase\ttransactions\ttx_per_s\tp50_ms\tp95_ms\tp99_ms\tmax_ms\tpeak_rss_kib" > "$FRESH_RESULTS"
 CONTENDERS=(recvlogical native philotes)
 for wl in "${WORKLOADS[@]}"; do
+  if [ "$wl" = freshness ]; then
+    for round in $(seq 1 "$ROUNDS"); do freshness_round "$round"; done
+    continue
+  fi
   if [ "$wl" = snapshot ]; then
     for round in $(seq 1 "$ROUNDS"); do snapshot_round "$round"; done
     continue
@@ -276,21 +399,26 @@ for wl in "${WORKLOADS[@]}"; do
       psrc -c "CHECKPOINT" >/dev/null; pbuf -c "CHECKPOINT" >/dev/null
       rm -f "$WORK/client"
       read -r src0 buf0 < <(server_cpu)
+      # The floor: the CPU the walsender serving this contender's slot spends decoding.
+      rm -f "$WORK/walsender"
+      python3 "$ROOT/bench/walsender.py" "$BIN/psql" "$SRC" "$(slot_of "$c")" "$WORK/walsender" & sampler=$!
       t0=$(now); "run_$c"; t1=$(now)
       read -r src1 buf1 < <(server_cpu)
+      sleep 0.1; kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+      walsender=""; [ -f "$WORK/walsender" ] && walsender=$(cat "$WORK/walsender")
       check "$c" || { echo "$c did not receive the whole $wl workload" >&2; exit 1; }
       # Native logical replication has no client process: its apply worker is in the buffer server.
       client="0 0 "; [ -f "$WORK/client" ] && client=$(tail -1 "$WORK/client")
-      python3 - "$wl" "$round" "$c" "$t0" "$t1" "$EXPECTED" "$src0" "$src1" "$buf0" "$buf1" $client <<'PY' | tee -a "$RESULTS"
+      python3 - "$wl" "$round" "$c" "$t0" "$t1" "$EXPECTED" "$src0" "$src1" "$buf0" "$buf1" "$walsender" $client <<'PY' | tee -a "$RESULTS"
 import sys
-wl, rnd, c, t0, t1, n, s0, s1, b0, b1, cu, cs = sys.argv[1:13]
-rss = sys.argv[13] if len(sys.argv) > 13 and c == "philotes" else ""
-print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}")
+wl, rnd, c, t0, t1, n, s0, s1, b0, b1, ws, cu, cs = sys.argv[1:14]
+rss = sys.argv[14] if len(sys.argv) > 14 and c == "philotes" else ""
+print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}\t{ws}")
 PY
     done
     pbuf -c "DROP SUBSCRIPTION sub" >/dev/null
     for s in recv philotes; do psrc -c "SELECT pg_drop_replication_slot('$s')" >/dev/null; done
   done
 done
-python3 bench/report.py "$RESULTS" "$DURABILITY" > "$OUT/summary.md"
+python3 bench/report.py "$RESULTS" "$DURABILITY" "$FRESH_RESULTS" > "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarise bench/capture.sh's results.tsv: median time per workload and contender, the
+"""Summarise bench/capture.sh's results.tsv (and freshness.tsv): median time per workload and contender, the
 ratios philotes/pg_recvlogical and philotes/native, rows per second, philotes's peak RSS;
 then where the CPU went: median CPU seconds of the source server, the buffer server and the
 client process for each contender."""
@@ -28,6 +28,7 @@ times = defaultdict(list)
 cpu = defaultdict(list)
 changes = {}
 rss = defaultdict(list)
+walsender = defaultdict(list)
 for r in rows:
     key = (r["workload"], r["contender"])
     times[key].append(float(r["seconds"]))
@@ -36,6 +37,8 @@ for r in rows:
         rss[r["workload"]].append(int(r["peak_rss_kib"]))
     if r.get("source_cpu_s"):
         cpu[key].append(tuple(float(r[k]) for k in ("source_cpu_s", "buffer_cpu_s", "client_cpu_s")))
+    if r.get("walsender_cpu_s"):
+        walsender[key].append(float(r["walsender_cpu_s"]))
 workloads = list(dict.fromkeys(r["workload"] for r in rows))
 
 if rows:
@@ -51,6 +54,19 @@ if rows:
         )
     print()
     print(f"Median of {max(len(v) for v in times.values())} rounds per cell; the order of the contenders rotates between rounds.")
+    if walsender:
+        print()
+        print("The floor for one slot: the CPU seconds the source's walsender spent decoding for each")
+        print("contender (it is single-threaded, so no client of one slot drains faster), and each")
+        print("contender's wall time as a multiple of its walsender's CPU time:")
+        print()
+        print("| workload | walsender CPU (philotes) | philotes / floor | native / floor | pg_recvlogical / floor |")
+        print("|---|---:|---:|---:|---:|")
+        for wl in workloads:
+            f = {c: statistics.median(walsender[(wl, c)]) for c in CONTENDERS if walsender[(wl, c)]}
+            m = {c: statistics.median(times[(wl, c)]) for c in CONTENDERS if times[(wl, c)]}
+            ratio = lambda c: f"{m[c] / f[c]:.2f}×" if f.get(c) else "–"
+            print(f"| {wl} | {f.get('philotes', 0):.2f} s | {ratio('philotes')} | {ratio('native')} | {ratio('recvlogical')} |")
 
 if snapshot_rows:
     st = defaultdict(list)
@@ -101,3 +117,42 @@ if cpu:
             total = statistics.median(sum(s) for s in samples)
             wall = statistics.median(times[(wl, c)])
             print(f"| {wl} | {NAMES[c]} | {wall:.2f} s | {src:.2f} | {buf:.2f} | {cli:.2f} | {total:.2f} |")
+
+fresh = []
+if len(sys.argv) > 3:
+    try:
+        fresh = list(csv.DictReader(open(sys.argv[3]), delimiter="\t"))
+    except FileNotFoundError:
+        fresh = []
+if fresh:
+    lat = defaultdict(list)
+    frss = []
+    phases = []
+    for r in fresh:
+        if r["phase"] == "rss":
+            if r["peak_rss_kib"]:
+                frss.append(int(r["peak_rss_kib"]))
+            continue
+        phases.append(r["phase"])
+        lat[(r["phase"], r["contender"])].append(r)
+    print()
+    print("Freshness: one-row transactions, from the row's insert on the source to its write at the")
+    print("destination (milliseconds; per phase, the median over rounds of each percentile):")
+    print()
+    print("| load | contender | transactions | achieved tx/s | p50 | p95 | p99 | max |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for phase in dict.fromkeys(phases):
+        for c in ("native", "philotes"):
+            rs = lat[(phase, c)]
+            if not rs:
+                continue
+            med = lambda k: statistics.median(float(r[k]) for r in rs)
+            load = "burst" if phase == "burst" else f"{phase} tx/s"
+            print(
+                f"| {load} | {c} | {int(med('transactions')):,} | {med('tx_per_s'):,.0f} | {med('p50_ms'):.1f} "
+                f"| {med('p95_ms'):.1f} | {med('p99_ms'):.1f} | {med('max_ms'):.1f} |"
+            )
+    print()
+    rounds = len({r["round"] for r in fresh})
+    peak = f"; philotes peak RSS {max(frss) / 1024:.0f} MB" if frss else ""
+    print(f"{rounds} rounds, the order of the contenders rotating{peak}. Default settings (flushInterval 5s).")
