@@ -1130,3 +1130,100 @@ async fn a_promoted_standby_that_was_behind_is_refused() {
         .get(0);
     assert_eq!(n, 50);
 }
+
+/// Shutdown fits in the pod's grace period (30 s by default) however many pipelines run:
+/// they are stopped all at once, not one after another. Three pipelines whose buffer went
+/// silent (each stop then waits its whole allowance, then aborts) stop in one allowance, not
+/// three; and the abort loses nothing: a later run writes every change exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_stop_in_parallel_within_the_grace_period() {
+    use philotes::controller::status::Observed;
+    use philotes::controller::supervisor::{Supervisor, STOP_WAIT};
+
+    let proxy = proxy::Proxy::start(shared().port).await;
+    let supervisor = Supervisor::new(philotes::metrics::Metrics::new());
+    let mut pipelines = Vec::new();
+    for i in 0..3 {
+        let name = format!("parstop{i}");
+        let (src, buf, source) = databases_with(&name, "CREATE TABLE t (id int PRIMARY KEY)").await;
+        let through_proxy = buf.replace(
+            &format!("127.0.0.1:{}", shared().port),
+            &format!("127.0.0.1:{}", proxy.port),
+        );
+        let cfg = config(&manifest(
+            &name,
+            &src,
+            &through_proxy,
+            &["t"],
+            "flushInterval: 50ms",
+        ));
+        let key = format!("test/{name}");
+        supervisor
+            .ensure(&key, cfg.clone(), 1, i)
+            .await
+            .expect("started");
+        pipelines.push((key, cfg, source, buf));
+    }
+    for (key, _, _, _) in &pipelines {
+        eventually(
+            &format!("{key} to stream"),
+            Duration::from_secs(60),
+            || async {
+                match supervisor.observe(key).await {
+                    Some(Observed::Task { progress, .. })
+                        if progress.state == philotes::pipeline::State::Streaming
+                            && progress.checkpoint_lsn > 0
+                            && progress
+                                .snapshots
+                                .iter()
+                                .all(|t| t.phase == philotes::pipeline::snapshot::Phase::Done) =>
+                    {
+                        Some(())
+                    }
+                    _ => None,
+                }
+            },
+        )
+        .await;
+    }
+    // The buffer goes silent, then every source gets changes the loops cannot write.
+    proxy.black_hole();
+    for (_, _, source, _) in &pipelines {
+        source
+            .batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+            .await
+            .expect("insert");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    supervisor.stop_all().await;
+    let took = started.elapsed();
+    assert!(
+        took >= STOP_WAIT && took < STOP_WAIT * 2,
+        "three stops that each wait {STOP_WAIT:?} took {took:?}"
+    );
+    assert!(supervisor.running().await.is_empty());
+    for (key, cfg, _, buf) in &pipelines {
+        // The aborted writers' buffer sessions sit in their transactions (holding the
+        // pipeline's lock) until the buffer server notices their peer is gone, which its TCP
+        // keepalive would do in minutes: ended here at once.
+        let buffer = connect(buf).await;
+        buffer
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .await
+            .expect("end the silent sessions");
+        // New connections pass the proxy: the next run writes what the aborted one did not.
+        assert_eq!(catch_up(cfg).await, philotes::pipeline::Outcome::CaughtUp);
+        let n: Vec<i64> = column(
+            &connect(buf).await,
+            &format!("SELECT count(*) FROM philotes.cdc_events WHERE pipeline = '{key}'"),
+        )
+        .await;
+        assert_eq!(n[0], 100, "{key}: every change once");
+        let report = philotes::verify::verify(cfg).await.expect("verify");
+        assert!(report.ok(), "{key}: {report}");
+    }
+}

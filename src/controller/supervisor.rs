@@ -66,6 +66,10 @@ impl Supervisor {
     /// under one lock, so two pipelines cannot both start on one slot. Two addresses of one
     /// server are caught when the pipeline starts (the checkpoint's identity, the slot's
     /// position, or PostgreSQL reporting the slot active).
+    ///
+    /// Tasks this displaces (a restart's old task, pipelines created later on the slot) are
+    /// stopped by the new task before it starts streaming, not under the lock: a stop may
+    /// take up to [`STOP_WAIT`], and every other reconcile would wait for it.
     pub async fn ensure(
         &self,
         key: &str,
@@ -97,11 +101,12 @@ impl Supervisor {
             }
             later.push(other.clone());
         }
+        let mut displaced = Vec::new();
         for other in later {
             if let Some(task) = tasks.remove(&other) {
                 tracing::warn!(pipeline = %other, slot = %cfg.slot, "CdcPipeline {key}, created earlier, names the same slot: stopping this one");
                 self.metrics.forget_pipeline(&other);
-                stop_task(task).await;
+                displaced.push(task);
             }
         }
         let mut restarted = false;
@@ -115,11 +120,14 @@ impl Supervisor {
                 return Ok(Started::AlreadyRunning);
             }
             if let Some(old) = tasks.remove(key) {
-                stop_task(old).await;
+                displaced.push(old);
             }
             restarted = true;
         }
-        tasks.insert(key.to_string(), self.spawn(cfg, fingerprint, created));
+        tasks.insert(
+            key.to_string(),
+            self.spawn(cfg, fingerprint, created, displaced),
+        );
         Ok(if restarted {
             Started::Restarted
         } else {
@@ -132,7 +140,15 @@ impl Supervisor {
         self.tasks.lock().await.contains_key(key)
     }
 
-    fn spawn(&self, cfg: PipelineConfig, fingerprint: u64, created: i64) -> Task {
+    /// Starts a task running `cfg` once the `displaced` tasks have stopped (flushed and
+    /// confirmed, or aborted after [`STOP_WAIT`]), so two tasks never stream one slot.
+    fn spawn(
+        &self,
+        cfg: PipelineConfig,
+        fingerprint: u64,
+        created: i64,
+        displaced: Vec<Task>,
+    ) -> Task {
         let cfg_kept = cfg.clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (progress_tx, progress) = watch::channel(Progress::default());
@@ -147,7 +163,12 @@ impl Supervisor {
             retry_setup: true,
             observer: Some(self.metrics.clone()),
         };
-        let join = tokio::spawn(pipeline::run(cfg, opts, shutdown_rx, progress_tx));
+        let join = tokio::spawn(async move {
+            // Aborted while waiting here, the displaced tasks were told to stop already (the
+            // first thing `stop_task` does) and finish stopping on their own.
+            futures_util::future::join_all(displaced.into_iter().map(stop_task)).await;
+            pipeline::run(cfg, opts, shutdown_rx, progress_tx).await
+        });
         Task {
             fingerprint,
             cfg: cfg_kept,
@@ -174,11 +195,11 @@ impl Supervisor {
         }
     }
 
+    /// Stops every task, all at once: shutdown takes as long as the slowest pipeline's stop
+    /// (at most [`STOP_WAIT`]), not their sum, so it fits in the pod's grace period.
     pub async fn stop_all(&self) {
         let tasks: Vec<Task> = self.tasks.lock().await.drain().map(|(_, t)| t).collect();
-        for t in tasks {
-            stop_task(t).await;
-        }
+        futures_util::future::join_all(tasks.into_iter().map(stop_task)).await;
     }
 
     /// What the task of `key` reports, if one exists.
@@ -272,15 +293,18 @@ async fn reap(task: &mut Task) {
     });
 }
 
+/// How long a stop waits for a pipeline to flush and confirm before aborting it. Aborting
+/// loses nothing: what the buffer did not commit is streamed again from the checkpoint.
+pub const STOP_WAIT: Duration = Duration::from_secs(20);
+
 async fn stop_task(mut task: Task) {
     let _ = task.shutdown.send(true);
     if let Some(mut join) = task.join.take() {
-        if tokio::time::timeout(Duration::from_secs(30), &mut join)
-            .await
-            .is_err()
-        {
+        // Cancelling the wait loses nothing: see STOP_WAIT.
+        if tokio::time::timeout(STOP_WAIT, &mut join).await.is_err() {
             tracing::warn!(
-                "pipeline did not stop within 30s; aborting it (its checkpoint stays as it was)"
+                pipeline = %task.cfg.id,
+                "pipeline did not stop within {STOP_WAIT:?}; aborting it (its checkpoint stays as it was)"
             );
             join.abort();
         }
