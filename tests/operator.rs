@@ -1244,3 +1244,90 @@ async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
     assert_eq!(copies[0], copied + 20001);
     op.stop().await;
 }
+
+/// Reconciles counted by the operator's metrics (every result).
+fn reconciles(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("philotes_reconciles_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The controller's own status writes do not reconcile the pipeline again (issue: quiet on
+/// the API server): while a trickle of changes makes every refresh write the status, a
+/// pipeline is reconciled once per statusInterval, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_writes_do_not_trigger_reconciles() {
+    let ns = "quiet";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases(&format!("op_{ns}")).await;
+    let db = connect(&src).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    put_secret(&admin, ns, "p-src", &src).await;
+    put_secret(&admin, ns, "p-buf", &buf).await;
+    pipelines
+        .create(
+            &PostParams::default(),
+            &pipeline("p", &["t"], json!({"statusInterval": "2s"})),
+        )
+        .await
+        .unwrap();
+    let op = Operator::start(api, ns, None);
+    wait_status(&pipelines, "p", "running", |s| {
+        s.phase.as_deref() == Some("Running")
+    })
+    .await;
+    let window = Duration::from_secs(12);
+    let writes = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let mut id = 0;
+        while started.elapsed() < window {
+            id += 1;
+            db.execute("INSERT INTO t VALUES ($1)", &[&id])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        id
+    });
+    let before = reconciles(&op.metrics().await);
+    let events_before = pipelines
+        .get("p")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .events_total;
+    let mut versions = std::collections::BTreeSet::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < window {
+        versions.insert(pipelines.get("p").await.unwrap().metadata.resource_version);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = reconciles(&op.metrics().await);
+    let written = writes.await.unwrap();
+    let events_after = pipelines
+        .get("p")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .events_total;
+    // The status was written throughout (so each write could have reconciled again)...
+    assert!(
+        versions.len() >= 4 && events_after > events_before,
+        "status written {} times, events {events_before:?} -> {events_after:?} ({written} inserts)",
+        versions.len()
+    );
+    // ...and the pipeline was reconciled about once per 2 s interval (6 in 12 s), not after
+    // each of its own writes too (about 12).
+    let n = after - before;
+    assert!(
+        n <= 9.0,
+        "{n} reconciles in {window:?} with statusInterval 2s"
+    );
+    op.stop().await;
+}

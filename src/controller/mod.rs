@@ -20,8 +20,8 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, PredicateConfig, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
@@ -103,8 +103,17 @@ pub async fn run(
         controller: "philotes".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    let controller = Controller::new(pipelines, watcher::Config::default());
-    let store = controller.store();
+    // Reconciles come from what a user changes (spec, annotations, finalizers, deletion),
+    // from the Secrets watch and from each pipeline's requeue every statusInterval, not from
+    // the controller's own status writes: the store sees every change, the controller only
+    // those that move `user_visible_change`.
+    let (store, writer) = reflector::store();
+    let changes = watcher(pipelines, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(user_change, PredicateConfig::default());
+    let controller = Controller::for_stream(changes, store.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         supervisor: supervisor.clone(),
@@ -203,6 +212,22 @@ fn error_policy(p: Arc<CdcPipeline>, err: &ReconcileError, ctx: Arc<Context>) ->
         })
         .inc();
     Action::requeue(Duration::from_secs(15))
+}
+
+/// What of a `CdcPipeline` a reconcile acts on, hashed: a change of it (or its first sight)
+/// reconciles at once. Status is left out, so the controller's own status writes do not
+/// reconcile again; `metadata.generation` covers the spec.
+fn user_change(p: &CdcPipeline) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    p.meta().generation.hash(&mut h);
+    p.annotations().hash(&mut h);
+    p.finalizers().hash(&mut h);
+    p.meta()
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 /// `namespace/name`.
