@@ -55,9 +55,11 @@ pub async fn run_with_client(
     crate::pipeline::conn::install_crypto_provider();
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let heartbeat = Arc::new(http::Heartbeat::default());
     let health = http::Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        heartbeat: heartbeat.clone(),
     };
     let addr = opts.metrics_addr;
     tokio::spawn(async move {
@@ -138,6 +140,7 @@ pub async fn run_with_client(
         },
         metrics,
         ready,
+        heartbeat,
         trigger,
     )
     .await;

@@ -65,11 +65,16 @@ impl Operator {
     }
 
     async fn metrics(&self) -> String {
+        self.get("/metrics").await
+    }
+
+    /// The whole HTTP response to `GET path` on the metrics port.
+    async fn get(&self, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
             .await
             .expect("metrics port");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut out = String::new();
@@ -1329,5 +1334,8 @@ async fn status_writes_do_not_trigger_reconciles() {
         n <= 9.0,
         "{n} reconciles in {window:?} with statusInterval 2s"
     );
+    // The loop turns: /healthz says so.
+    let health = op.get("/healthz").await;
+    assert!(health.contains(" 200 "), "{health}");
     op.stop().await;
 }

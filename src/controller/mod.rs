@@ -33,6 +33,7 @@ use crate::pipeline::{self, config, PipelineConfig};
 use self::refs::Secrets;
 use self::status::{Inputs, Observed};
 use self::supervisor::Supervisor;
+use crate::http::Heartbeat;
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "philotes";
@@ -73,6 +74,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Every `CdcPipeline` the controller watches, as last seen.
     pub pipelines: Store<CdcPipeline>,
+    /// Told of every reconcile, for `/healthz`.
+    pub heartbeat: Arc<Heartbeat>,
 }
 
 /// Options of `philotes controller`.
@@ -89,6 +92,7 @@ pub async fn run(
     opts: Options,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    heartbeat: Arc<Heartbeat>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (pipelines, secrets): (Api<CdcPipeline>, Api<Secret>) = match &opts.namespace {
@@ -120,6 +124,7 @@ pub async fn run(
         metrics,
         recorder: Recorder::new(client, reporter),
         pipelines: store.clone(),
+        heartbeat,
     });
     ready.store(true, Ordering::Relaxed);
     controller
@@ -152,6 +157,13 @@ pub async fn run(
 }
 
 async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let every = config::status_interval(&p.spec).unwrap_or(Duration::from_secs(10));
+    if p.meta().deletion_timestamp.is_some() {
+        ctx.heartbeat.forget(&key(&p));
+    } else {
+        ctx.heartbeat
+            .turned(&key(&p), every, std::time::Instant::now());
+    }
     let ns = p.namespace().unwrap_or_default();
     let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     let p = ensure_finalizer(&api, p).await?;
@@ -675,6 +687,7 @@ mod mock_tests {
             metrics,
             recorder: Recorder::new(client, "philotes-test".into()),
             pipelines: kube::runtime::reflector::store().0,
+            heartbeat: Arc::new(Heartbeat::default()),
         });
         (ctx, handle)
     }
