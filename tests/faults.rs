@@ -183,8 +183,13 @@ async fn a_backlog_of_wide_rows_streams_in_memory_bounded_by_bytes() {
 /// Guarantee 5: SIGTERM writes and checkpoints what was received, then exits 0 promptly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
-    let (src, buf, source) = databases_with("term", "CREATE TABLE t (id int PRIMARY KEY)").await;
-    // Nothing would be written for an hour but for the shutdown.
+    let (src, buf, source) = databases_with(
+        "term",
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE other (id int)",
+    )
+    .await;
+    // Changes are written at once (group commit), but the checkpoint's advances past them on
+    // the source's keepalives wait for flushInterval: an hour, but for the shutdown.
     let file = manifest_file(&manifest(
         "term",
         &src,
@@ -227,24 +232,38 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
             .await
             .unwrap();
     }
+    // WAL of a table not captured: the slot may move past it only with a checkpoint.
+    source
+        .batch_execute("INSERT INTO other SELECT generate_series(1, 5000)")
+        .await
+        .unwrap();
     let target = wal_lsn(&source).await;
-    // Wait until the pipeline has received it all (it holds it in memory: flushInterval 1h).
+    // Wait until the pipeline has received it all (the advance is held in memory).
     eventually(
         "the pipeline to receive everything",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             let r = received().and_then(|s| philotes::pipeline::lsn::parse(&s));
             async move { (r? >= target).then_some(()) }
         },
     )
     .await;
-    let written: i64 = connect(&buf)
-        .await
-        .query_one("SELECT count(*) FROM philotes.cdc_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(written, 0, "nothing written before the signal");
+    let checkpoint = || async {
+        let s: String = connect(&buf)
+            .await
+            .query_one(
+                "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'test/term'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        philotes::pipeline::lsn::parse(&s).unwrap()
+    };
+    assert!(
+        checkpoint().await < target,
+        "the checkpoint's advance is not written before the signal"
+    );
     sigterm(&child);
     let started = Instant::now();
     let mut child = child;
@@ -260,6 +279,21 @@ async fn sigterm_flushes_and_checkpoints_then_exits_zero() {
     };
     let out = std::fs::read_to_string(log.path()).unwrap_or_default();
     assert!(status.success(), "exit {status}: {out}");
+    // The stop wrote the checkpoint past the uncaptured WAL and told the source.
+    let ckpt = checkpoint().await;
+    assert!(
+        ckpt >= target,
+        "checkpoint {ckpt} written at the stop, target {target}"
+    );
+    let confirmed: String = source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'philotes_test_term'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(philotes::pipeline::lsn::parse(&confirmed), Some(ckpt));
     let buffer = connect(&buf).await;
     let row = buffer
         .query_one(
