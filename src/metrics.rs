@@ -73,6 +73,8 @@ pub struct Metrics {
     /// 1 while a table's existing rows are being copied, else 0.
     pub snapshot_copying: Family<TableLabels, Gauge>,
     snapshot_tables: std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// The `events` series of each pipeline, so they go with it.
+    event_series: std::sync::Mutex<std::collections::HashMap<String, Vec<EventLabels>>>,
 }
 
 impl Metrics {
@@ -157,6 +159,7 @@ impl Metrics {
             snapshot_rows_copied,
             snapshot_copying,
             snapshot_tables: Default::default(),
+            event_series: Default::default(),
             slot_safe_wal_size_bytes,
             slot_inactive_seconds,
             slot_invalidated,
@@ -192,6 +195,16 @@ impl Metrics {
         self.set_not_ready(pipeline, None);
         self.set_invalidated(pipeline, None);
         self.set_snapshots(pipeline, &[]);
+        self.batch_write_seconds.remove(&labels);
+        let series = self
+            .event_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(pipeline)
+            .unwrap_or_default();
+        for s in series {
+            self.events.remove(&s);
+        }
     }
 
     /// Records each table's snapshot `(table, copying, rows copied)`, dropping the series of
@@ -280,13 +293,59 @@ impl BatchObserver for Metrics {
             })
             .observe(elapsed.as_secs_f64());
         for c in counts {
-            self.events
-                .get_or_create(&EventLabels {
-                    pipeline: pipeline.to_string(),
-                    table: format!("{}.{}", c.relation.schema, c.relation.name),
-                    operation: c.operation.as_str().to_string(),
-                })
-                .inc_by(c.events);
+            let labels = EventLabels {
+                pipeline: pipeline.to_string(),
+                table: format!("{}.{}", c.relation.schema, c.relation.name),
+                operation: c.operation.as_str().to_string(),
+            };
+            if self.events.get(&labels).is_none() {
+                self.event_series
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(pipeline.to_string())
+                    .or_default()
+                    .push(labels.clone());
+            }
+            self.events.get_or_create(&labels).inc_by(c.events);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::buffer::Count;
+    use crate::pipeline::decode::{Operation, Relation};
+
+    #[test]
+    fn a_forgotten_pipeline_leaves_no_series() {
+        let m = Metrics::new();
+        let rel = Arc::new(Relation {
+            id: 1,
+            schema: "public".into(),
+            name: "orders".into(),
+            replica_identity: 'd',
+            columns: Vec::new(),
+        });
+        let counts = [Count {
+            relation: rel,
+            operation: Operation::Insert,
+            events: 3,
+        }];
+        m.batch_written("shop/gone", &counts, Duration::from_millis(2));
+        m.batch_written("shop/gone", &counts, Duration::from_millis(2));
+        m.batch_written("shop/kept", &counts, Duration::from_millis(2));
+        let before = m.encode();
+        assert!(
+            before.contains(r#"pipeline="shop/gone",table="public.orders",operation="INSERT"} 6"#),
+            "{before}"
+        );
+        m.forget_pipeline("shop/gone");
+        let after = m.encode();
+        assert!(!after.contains("shop/gone"), "{after}");
+        assert!(
+            after.contains(r#"pipeline="shop/kept",table="public.orders",operation="INSERT"} 3"#),
+            "{after}"
+        );
     }
 }

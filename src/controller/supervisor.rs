@@ -185,14 +185,16 @@ impl Supervisor {
     /// Stops the pipeline's task, if any, after it flushed and checkpointed.
     pub async fn stop(&self, key: &str) -> bool {
         let task = self.tasks.lock().await.remove(key);
-        self.metrics.forget_pipeline(key);
-        match task {
+        let stopped = match task {
             Some(t) => {
                 stop_task(t).await;
                 true
             }
             None => false,
-        }
+        };
+        // After the stop: its last batches would bring the series back.
+        self.metrics.forget_pipeline(key);
+        stopped
     }
 
     /// Stops every task, all at once: shutdown takes as long as the slowest pipeline's stop
