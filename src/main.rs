@@ -60,6 +60,9 @@ enum Command {
         /// Name of the leader Lease.
         #[arg(long, default_value = "philotes-controller")]
         lease_name: String,
+        /// Use only Secrets carrying this label (KEY=VALUE); others are refused by name.
+        #[arg(long, value_parser = philotes::controller::refs::SecretLabel::parse)]
+        secret_label: Option<philotes::controller::refs::SecretLabel>,
     },
     /// Check the buffer against the source: replay cdc_events and compare every captured
     /// table row by row. Exits 1 on any difference.
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
             no_leader_election,
             lease_namespace,
             lease_name,
+            secret_label,
         } => {
             let opts = philotes::operator::OperatorOptions {
                 namespace,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|| "philotes-system".into()),
                 lease_name,
                 identity: None,
+                secret_label,
             };
             match runtime.block_on(philotes::operator::run(
                 opts,

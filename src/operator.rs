@@ -22,6 +22,8 @@ pub struct OperatorOptions {
     pub lease_name: String,
     /// Identity in the Lease; default `$POD_NAME`, else hostname and process id.
     pub identity: Option<String>,
+    /// Use only Secrets carrying this label (`--secret-label KEY=VALUE`).
+    pub secret_label: Option<crate::controller::refs::SecretLabel>,
 }
 
 /// How the process ended.
@@ -137,6 +139,7 @@ pub async fn run_with_client(
         client.clone(),
         controller::Options {
             namespace: opts.namespace.clone(),
+            secret_label: opts.secret_label.clone(),
         },
         metrics,
         ready,

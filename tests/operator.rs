@@ -25,6 +25,16 @@ struct Operator {
 impl Operator {
     /// A controller for one namespace, authenticated as the operator's ServiceAccount.
     fn start(api: &ApiServer, namespace: &str, lease: Option<&str>) -> Operator {
+        Operator::start_with(api, namespace, lease, None)
+    }
+
+    /// As [`Operator::start`], restricted to Secrets carrying `secret_label` (KEY=VALUE).
+    fn start_with(
+        api: &ApiServer,
+        namespace: &str,
+        lease: Option<&str>,
+        secret_label: Option<&str>,
+    ) -> Operator {
         let (tx, rx) = oneshot::channel::<()>();
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -38,6 +48,8 @@ impl Operator {
             lease_namespace: "philotes-system".into(),
             lease_name: lease.unwrap_or("unused").to_string(),
             identity: Some(format!("test-operator-{metrics_port}")),
+            secret_label: secret_label
+                .map(|l| philotes::controller::refs::SecretLabel::parse(l).unwrap()),
         };
         let client = api.operator();
         let handle = tokio::spawn(async move {
@@ -1337,5 +1349,69 @@ async fn status_writes_do_not_trigger_reconciles() {
     // The loop turns: /healthz says so.
     let health = op.get("/healthz").await;
     assert!(health.contains(" 200 "), "{health}");
+    op.stop().await;
+}
+
+/// With `--secret-label`, a pipeline may use only Secrets carrying the label: an unlabelled
+/// one is refused by name with the command that labels it, and labelling it starts the
+/// pipeline (the watch of labelled Secrets' metadata brings the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_labelled_secrets_are_used_when_the_operator_is_restricted() {
+    let ns = "labelled";
+    let (api, admin, pipelines) = setup(ns).await;
+    let (src, buf) = databases(&format!("op_{ns}")).await;
+    connect(&src)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    put_secret(&admin, ns, "p-src", &src).await;
+    put_secret(&admin, ns, "p-buf", &buf).await;
+    pipelines
+        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
+        .await
+        .unwrap();
+    let op = Operator::start_with(api, ns, None, Some("philotes.io/use=true"));
+    let refused = wait_status(&pipelines, "p", "the unlabelled secret refused", |s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "Ready"
+                && c.status == "False"
+                && c.message.contains("does not carry the label")
+        })
+    })
+    .await;
+    let message = &refused
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("secret labelled/p-src")
+            && message.contains("kubectl -n labelled label secret p-src philotes.io/use=true"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("postgres://"),
+        "no secret value in status: {message}"
+    );
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    for name in ["p-src", "p-buf"] {
+        secrets
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"philotes.io/use": "true"}}})),
+            )
+            .await
+            .unwrap();
+    }
+    wait_status(
+        &pipelines,
+        "p",
+        "running once the secrets are labelled",
+        |s| s.phase.as_deref() == Some("Running"),
+    )
+    .await;
     op.stop().await;
 }

@@ -16,6 +16,13 @@ use super::{deletes_slot, key, publish_status, Context, ReconcileError, SKIP_CLE
 pub async fn cleanup(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError> {
     let key = key(p);
     ctx.supervisor.stop(&key).await;
+    ctx.secrets.retain_referenced(
+        ctx.pipelines
+            .state()
+            .iter()
+            .map(|o| &**o)
+            .filter(|o| super::key(o) != key),
+    );
     if !deletes_slot(p) {
         tracing::info!(pipeline = %key, "deleted; slot and publication retained (slotDeletionPolicy Retain)");
         return Ok(Action::await_change());
@@ -45,7 +52,7 @@ pub async fn cleanup(p: &CdcPipeline, ctx: &Context) -> Result<Action, Reconcile
 
 async fn drop_on_source(p: &CdcPipeline, ctx: &Context) -> Result<source::Dropped, String> {
     let ns = p.namespace().unwrap_or_default();
-    let secrets = Secrets::fetch(&ctx.client, p, &ns)
+    let secrets = Secrets::fetch(&ctx.client, &ctx.secrets, p, &ns)
         .await
         .map_err(|e| e.to_string())?;
     let cfg = PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets)

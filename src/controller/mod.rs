@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -30,7 +31,7 @@ use crate::crd::{CdcPipeline, CdcPipelineStatus, SlotDeletionPolicy};
 use crate::metrics::{ErrorLabels, Metrics, PipelineLabels, ReconcileLabels};
 use crate::pipeline::{self, config, PipelineConfig};
 
-use self::refs::Secrets;
+use self::refs::{SecretCache, SecretLabel, Secrets};
 use self::status::{Inputs, Observed};
 use self::supervisor::Supervisor;
 use crate::http::Heartbeat;
@@ -76,6 +77,8 @@ pub struct Context {
     pub pipelines: Store<CdcPipeline>,
     /// Told of every reconcile, for `/healthz`.
     pub heartbeat: Arc<Heartbeat>,
+    /// The referenced Secrets' data, read only when their metadata changed.
+    pub secrets: SecretCache,
 }
 
 /// Options of `philotes controller`.
@@ -83,6 +86,8 @@ pub struct Context {
 pub struct Options {
     /// Watch only this namespace; all namespaces when `None`.
     pub namespace: Option<String>,
+    /// Use only Secrets carrying this label.
+    pub secret_label: Option<SecretLabel>,
 }
 
 /// Runs the controller until `shutdown` resolves, then stops every pipeline (flushed and
@@ -95,13 +100,15 @@ pub async fn run(
     heartbeat: Arc<Heartbeat>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (pipelines, secrets): (Api<CdcPipeline>, Api<Secret>) = match &opts.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    // Secrets' metadata only: their data is never listed or watched.
+    let (pipelines, secrets): (Api<CdcPipeline>, Api<PartialObjectMeta<Secret>>) =
+        match &opts.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
     let supervisor = Supervisor::new(metrics.clone());
     let reporter = Reporter {
         controller: "philotes".into(),
@@ -118,6 +125,18 @@ pub async fn run(
         .applied_objects()
         .predicate_filter(user_change, PredicateConfig::default());
     let controller = Controller::for_stream(changes, store.clone());
+    // Secrets: metadata only (their data is read when a referenced one changed), and with
+    // --secret-label only those carrying the label.
+    let secret_config = match &opts.secret_label {
+        Some(label) => watcher::Config::default().labels(&label.selector()),
+        None => watcher::Config::default(),
+    };
+    let (secret_meta, secret_writer) = reflector::store();
+    let secret_changes = watcher(secrets, secret_config)
+        .default_backoff()
+        .modify(|m| m.managed_fields_mut().clear())
+        .reflect(secret_writer)
+        .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         supervisor: supervisor.clone(),
@@ -125,25 +144,22 @@ pub async fn run(
         recorder: Recorder::new(client, reporter),
         pipelines: store.clone(),
         heartbeat,
+        secrets: SecretCache::new(secret_meta, opts.secret_label.clone()),
     });
     ready.store(true, Ordering::Relaxed);
     controller
         // A changed secret re-reconciles the pipelines that reference it.
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let ns = secret.namespace().unwrap_or_default();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                    .filter(|p| refs::referenced(p).contains(&name))
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
+            let ns = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|p| refs::referenced(p).contains(&name))
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -262,7 +278,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
         }
         (Observed::Suspended, None)
     } else {
-        let secrets = Secrets::fetch(&ctx.client, p, &ns).await?;
+        let secrets = Secrets::fetch(&ctx.client, &ctx.secrets, p, &ns).await?;
         match PipelineConfig::resolve(&ns, &p.name_any(), &p.spec, &secrets) {
             Err(e) => {
                 // An unusable spec or secret: stop what runs and wait for a change (the
@@ -688,6 +704,7 @@ mod mock_tests {
             recorder: Recorder::new(client, "philotes-test".into()),
             pipelines: kube::runtime::reflector::store().0,
             heartbeat: Arc::new(Heartbeat::default()),
+            secrets: SecretCache::new(kube::runtime::reflector::store().0, None),
         });
         (ctx, handle)
     }

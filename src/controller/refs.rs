@@ -1,26 +1,125 @@
 //! Reading what a `CdcPipeline` references: its Secrets.
+//!
+//! The controller watches Secrets' metadata only (names, labels, resourceVersions; never
+//! their data) to know when one a pipeline references changes, and reads a referenced
+//! Secret's data with a GET only when its resourceVersion differs from the one cached: no GET
+//! at all in a steady state. With a `--secret-label KEY=VALUE` restriction, only Secrets
+//! carrying that label are watched and used.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, ResourceExt};
 
 use crate::crd::CdcPipeline;
 use crate::pipeline::config::{secret_value, secret_values, SecretSource, SecretValues};
 use crate::pipeline::error::{Error, Result};
 
-/// The referenced secrets' data, fetched once per reconcile.
+/// A label a Secret must carry to be used by a pipeline (`--secret-label KEY=VALUE`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretLabel {
+    pub key: String,
+    pub value: String,
+}
+
+impl SecretLabel {
+    /// Parses `KEY=VALUE`.
+    pub fn parse(s: &str) -> std::result::Result<SecretLabel, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.contains(',') && !v.contains(',') => {
+                Ok(SecretLabel {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "--secret-label {s:?}: expected one label as KEY=VALUE, e.g. philotes.io/use=true"
+            )),
+        }
+    }
+
+    /// The watch's label selector.
+    pub fn selector(&self) -> String {
+        format!("{}={}", self.key, self.value)
+    }
+
+    fn carried_by(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels.get(&self.key) == Some(&self.value)
+    }
+}
+
+/// Referenced Secrets' data by namespace, name and the resourceVersion it was read at.
+pub struct SecretCache {
+    /// Metadata of the watched Secrets, kept by the controller's watch.
+    meta: Store<PartialObjectMeta<Secret>>,
+    data: Mutex<HashMap<(String, String), (String, SecretValues)>>,
+    label: Option<SecretLabel>,
+}
+
+impl SecretCache {
+    pub fn new(meta: Store<PartialObjectMeta<Secret>>, label: Option<SecretLabel>) -> SecretCache {
+        SecretCache {
+            meta,
+            data: Mutex::new(HashMap::new()),
+            label,
+        }
+    }
+
+    fn cached(&self, namespace: &str, name: &str, version: &str) -> Option<SecretValues> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.get(&(namespace.to_string(), name.to_string()))
+            .filter(|(v, _)| v == version)
+            .map(|(_, values)| values.clone())
+    }
+
+    fn keep(&self, namespace: &str, name: &str, version: String, values: SecretValues) {
+        self.data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((namespace.to_string(), name.to_string()), (version, values));
+    }
+
+    /// Forgets what is no longer referenced by `pipelines` (deleted pipelines' Secrets).
+    pub fn retain_referenced<'a>(&self, pipelines: impl Iterator<Item = &'a CdcPipeline>) {
+        let wanted: std::collections::HashSet<(String, String)> = pipelines
+            .flat_map(|p| {
+                let ns = p.namespace().unwrap_or_default();
+                referenced(p).into_iter().map(move |n| (ns.clone(), n))
+            })
+            .collect();
+        self.data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| wanted.contains(k));
+    }
+}
+
+/// What one reference resolved to.
+#[derive(Hash)]
+enum Found {
+    Values(SecretValues),
+    Missing,
+    /// Exists, but without the label the operator is restricted to.
+    Unlabelled(String),
+}
+
+/// The referenced secrets' data, as of one reconcile.
 #[derive(Default)]
 pub struct Secrets {
-    data: BTreeMap<String, Option<SecretValues>>,
+    data: BTreeMap<String, Found>,
 }
 
 impl Secrets {
-    /// Fetches every secret the pipeline references. A missing secret is recorded as such
-    /// (the error names it when a key is asked for); API errors are returned.
+    /// Every secret the pipeline references: from the cache when the watched metadata shows
+    /// it unchanged, else read (and cached). A missing or unlabelled secret is recorded as
+    /// such (the error names it when a key is asked for); API errors are returned.
     pub async fn fetch(
         client: &Client,
+        cache: &SecretCache,
         p: &CdcPipeline,
         namespace: &str,
     ) -> Result<Secrets, kube::Error> {
@@ -30,8 +129,32 @@ impl Secrets {
             if data.contains_key(&name) {
                 continue;
             }
-            let values = api.get_opt(&name).await?.map(secret_values);
-            data.insert(name, values);
+            let watched = cache
+                .meta
+                .get(&ObjectRef::new(&name).within(namespace))
+                .and_then(|m| m.resource_version());
+            if let Some(values) = watched
+                .as_deref()
+                .and_then(|v| cache.cached(namespace, &name, v))
+            {
+                data.insert(name, Found::Values(values));
+                continue;
+            }
+            let found = match api.get_opt(&name).await? {
+                None => Found::Missing,
+                Some(s) => match &cache.label {
+                    Some(label) if !label.carried_by(s.labels()) => {
+                        Found::Unlabelled(label.selector())
+                    }
+                    _ => {
+                        let version = s.resource_version().unwrap_or_default();
+                        let values = secret_values(s);
+                        cache.keep(namespace, &name, version, values.clone());
+                        Found::Values(values)
+                    }
+                },
+            };
+            data.insert(name, found);
         }
         Ok(Secrets { data })
     }
@@ -53,10 +176,35 @@ pub fn referenced(p: &CdcPipeline) -> Vec<String> {
 impl SecretSource for Secrets {
     fn get(&self, namespace: &str, name: &str, key: &str) -> Result<String> {
         match self.data.get(name) {
-            Some(Some(values)) => secret_value(values, namespace, name, key),
+            Some(Found::Values(values)) => secret_value(values, namespace, name, key),
+            Some(Found::Unlabelled(selector)) => Err(Error::Secret(format!(
+                "secret {namespace}/{name} does not carry the label {selector}, which this operator requires of the \
+                 Secrets a CdcPipeline uses (--secret-label, chart value secretLabel); label it: \
+                 kubectl -n {namespace} label secret {name} {selector}"
+            ))),
             _ => Err(Error::Secret(format!(
                 "secret {namespace}/{name} not found; create it in namespace {namespace}"
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_label_is_one_key_and_value() {
+        assert_eq!(
+            SecretLabel::parse("philotes.io/use=true"),
+            Ok(SecretLabel {
+                key: "philotes.io/use".into(),
+                value: "true".into()
+            })
+        );
+        for bad in ["", "=x", "novalue", "a=b,c=d"] {
+            let e = SecretLabel::parse(bad).expect_err(bad);
+            assert!(e.contains("KEY=VALUE"), "{e}");
         }
     }
 }
