@@ -365,7 +365,7 @@ async fn session(
         &cfg.publication,
         start_lsn,
         cfg.buffer_size.min(MAX_QUEUED_MESSAGES),
-        Duration::from_secs(1),
+        FEEDBACK_INTERVAL,
         cfg.stream_timeout,
     );
     let mut stream = on_source(cfg, "the replication connection", async {
@@ -1293,9 +1293,16 @@ impl Streamer<'_> {
     }
 }
 
-/// How long a stop waits for the source to be told the final checkpoint (the stream's status
-/// interval is 1 s), and then for the stream to end.
+/// How long a stop waits for the source to be told the final checkpoint (see
+/// [`FEEDBACK_INTERVAL`]), and then for the stream to end.
 const CONFIRM_WAIT: Duration = Duration::from_secs(3);
+
+/// How often, at most, the source is told a new checkpoint (a standby status update, sent only
+/// when the checkpoint moved). The slot's `confirmed_flush_lsn` follows the buffer within
+/// this, so the source frees WAL sooner and a stop is confirmed sooner: at 1 s, every
+/// `--until-caught-up` run and every stop waited half a second on average for the next update
+/// (bench/RESULTS.md, 2026-11-26). At most ten small messages a second.
+const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Queued messages taken in one go after a received one, before shutdown, commits and the
 /// flush deadline are looked at again.
