@@ -174,6 +174,14 @@ pub async fn run(
 
 async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let every = config::status_interval(&p.spec).unwrap_or(Duration::from_secs(10));
+    let live: std::collections::HashSet<String> = ctx
+        .pipelines
+        .state()
+        .iter()
+        .filter(|o| o.meta().deletion_timestamp.is_none())
+        .map(|o| key(o))
+        .collect();
+    ctx.heartbeat.retain(|k| live.contains(k));
     if p.meta().deletion_timestamp.is_some() {
         ctx.heartbeat.forget(&key(&p));
     } else {

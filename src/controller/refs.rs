@@ -27,18 +27,46 @@ pub struct SecretLabel {
 }
 
 impl SecretLabel {
-    /// Parses `KEY=VALUE`.
+    /// Parses `KEY=VALUE`, with Kubernetes' label syntax: a key is an optional DNS prefix and
+    /// `/`, then a name of at most 63 characters; a value at most 63 characters. Names and
+    /// values are letters, digits, `-`, `_` and `.`, beginning and ending with a letter or
+    /// digit (a value may be empty).
     pub fn parse(s: &str) -> std::result::Result<SecretLabel, String> {
-        match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !k.contains(',') && !v.contains(',') => {
-                Ok(SecretLabel {
-                    key: k.to_string(),
-                    value: v.to_string(),
+        let bad = || {
+            format!(
+                "--secret-label {s:?}: expected one Kubernetes label as KEY=VALUE, e.g. philotes.io/use=true"
+            )
+        };
+        let (key, value) = s.split_once('=').ok_or_else(bad)?;
+        let segment = |t: &str, empty_ok: bool| {
+            (empty_ok && t.is_empty())
+                || (t.len() <= 63
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    && t.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && t.ends_with(|c: char| c.is_ascii_alphanumeric()))
+        };
+        let (prefix, name) = match key.rsplit_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, key),
+        };
+        let prefix_ok = prefix.is_none_or(|p| {
+            !p.is_empty()
+                && p.len() <= 253
+                && p.split('.').all(|part| {
+                    !part.is_empty()
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 })
-            }
-            _ => Err(format!(
-                "--secret-label {s:?}: expected one label as KEY=VALUE, e.g. philotes.io/use=true"
-            )),
+        });
+        if prefix_ok && segment(name, false) && segment(value, true) {
+            Ok(SecretLabel {
+                key: key.to_string(),
+                value: value.to_string(),
+            })
+        } else {
+            Err(bad())
         }
     }
 
@@ -140,9 +168,25 @@ impl Secrets {
                 data.insert(name, Found::Values(values));
                 continue;
             }
+            // Restricted to labelled Secrets: one not watched is looked at by its metadata
+            // first, so an unlabelled Secret's data is never read.
+            if let (Some(label), None) = (&cache.label, &watched) {
+                match api.get_metadata_opt(&name).await? {
+                    None => {
+                        data.insert(name, Found::Missing);
+                        continue;
+                    }
+                    Some(m) if !label.carried_by(m.labels()) => {
+                        data.insert(name, Found::Unlabelled(label.selector()));
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
             let found = match api.get_opt(&name).await? {
                 None => Found::Missing,
                 Some(s) => match &cache.label {
+                    // Labelled when looked at, unlabelled since: its data goes unused.
                     Some(label) if !label.carried_by(s.labels()) => {
                         Found::Unlabelled(label.selector())
                     }
@@ -202,7 +246,20 @@ mod tests {
                 value: "true".into()
             })
         );
-        for bad in ["", "=x", "novalue", "a=b,c=d"] {
+        assert!(
+            SecretLabel::parse("team=").is_ok(),
+            "an empty value is a label"
+        );
+        for bad in [
+            "",
+            "=x",
+            "novalue",
+            "a=b,c=d",
+            "a=b=c",
+            "a=has space",
+            "Bad_Prefix/x=y",
+            "x=-y",
+        ] {
             let e = SecretLabel::parse(bad).expect_err(bad);
             assert!(e.contains("KEY=VALUE"), "{e}");
         }

@@ -167,6 +167,10 @@ impl Supervisor {
             // Aborted while waiting here, the displaced tasks were told to stop already (the
             // first thing `stop_task` does) and finish stopping on their own.
             futures_util::future::join_all(displaced.into_iter().map(stop_task)).await;
+            // Stopped itself meanwhile: nothing to set up.
+            if *shutdown_rx.borrow() {
+                return Ok(Outcome::Stopped);
+            }
             pipeline::run(cfg, opts, shutdown_rx, progress_tx).await
         });
         Task {
@@ -297,7 +301,10 @@ async fn reap(task: &mut Task) {
 
 /// How long a stop waits for a pipeline to flush and confirm before aborting it. Aborting
 /// loses nothing: what the buffer did not commit is streamed again from the checkpoint.
-pub const STOP_WAIT: Duration = Duration::from_secs(20);
+/// A shutdown may first wait for a reconcile that is itself stopping a pipeline, then stops
+/// every pipeline at once: twice this, plus the lease's release, stays inside the chart's
+/// 30 s `terminationGracePeriodSeconds`.
+pub const STOP_WAIT: Duration = Duration::from_secs(12);
 
 async fn stop_task(mut task: Task) {
     let _ = task.shutdown.send(true);

@@ -1297,11 +1297,12 @@ impl Streamer<'_> {
 /// [`FEEDBACK_INTERVAL`]), and then for the stream to end.
 const CONFIRM_WAIT: Duration = Duration::from_secs(3);
 
-/// How often, at most, the source is told a new checkpoint (a standby status update, sent only
-/// when the checkpoint moved). The slot's `confirmed_flush_lsn` follows the buffer within
-/// this, so the source frees WAL sooner and a stop is confirmed sooner: at 1 s, every
-/// `--until-caught-up` run and every stop waited half a second on average for the next update
-/// (bench/RESULTS.md, 2026-11-26). At most ten small messages a second.
+/// How often the source is told the checkpoint (a standby status update: at most this often
+/// when the checkpoint moved, and every interval while messages flow). The slot's
+/// `confirmed_flush_lsn` follows the buffer within this, so the source frees WAL sooner and a
+/// stop is confirmed sooner: at 1 s, every `--until-caught-up` run and every stop waited half a
+/// second on average for the next update (bench/RESULTS.md, 2026-11-26). At most ten small
+/// messages a second.
 const FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Queued messages taken in one go after a received one, before shutdown, commits and the
