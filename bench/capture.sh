@@ -150,13 +150,13 @@ run_native() {
   until [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'native'")" = t ]; do sleep 0.05; done
 }
 
-write_pipeline() { # file slot snapshot-mode
+write_pipeline() { # file slot snapshot-mode [table publication name]
   cat > "$1" <<YAML
 apiVersion: philotes.io/v1alpha1
 kind: CdcPipeline
-metadata: {name: bench, namespace: bench}
+metadata: {name: ${6:-bench}, namespace: bench}
 spec:
-  source: {connectionSecretRef: {name: src}, tables: [public.t], publication: bench, slot: $2}
+  source: {connectionSecretRef: {name: src}, tables: [public.${4:-t}], publication: ${5:-bench}, slot: $2}
   buffer: {connectionSecretRef: {name: buf}}
   snapshot: {mode: $3}
 ---
@@ -288,25 +288,7 @@ start_fresh() { # contender
       until [ "$(pbuf -At -c "SELECT count(*) FROM pg_stat_subscription WHERE subname = 'fsub' AND received_lsn IS NOT NULL")" = 1 ]; do sleep 0.05; done;;
     philotes)
       # Default settings (flushInterval 5s, batchSize 10000); the slot is created at start.
-      cat > "$WORK/fresh.yaml" <<YAML
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {name: fresh, namespace: bench}
-spec:
-  source: {connectionSecretRef: {name: src}, tables: [public.f], publication: fresh, slot: philotes_fresh}
-  buffer: {connectionSecretRef: {name: buf}}
-  snapshot: {mode: Never}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: src, namespace: bench}
-stringData: {uri: "postgres://postgres@127.0.0.1:$SRC_PORT/postgres?sslmode=disable"}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: buf, namespace: bench}
-stringData: {uri: "postgres://postgres@127.0.0.1:$BUF_PORT/postgres?sslmode=disable"}
-YAML
+      write_pipeline "$WORK/fresh.yaml" philotes_fresh Never f fresh fresh
       "$PHILOTES" run -f "$WORK/fresh.yaml" 2>"$WORK/philotes-fresh.log" & FRESH_PID=$!
       until [ "$(psrc -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'philotes_fresh' AND active")" = 1 ]; do sleep 0.05; done
       # The measuring column, on the buffer's event table (not part of the contract).

@@ -399,23 +399,7 @@ async fn idle_tables_do_not_hold_back_the_slot() {
     let after = wal_lsn(&db).await;
     assert!(after > before + 100_000, "the workload wrote WAL");
     r.checkpointed(after).await;
-    let slot = cfg.slot.clone();
-    eventually("the slot's confirmed_flush_lsn to pass the busy work", Duration::from_secs(30), || {
-        let db = &db;
-        let slot = slot.clone();
-        async move {
-            let s: String = db
-                .query_one(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (philotes::pipeline::lsn::parse(&s)? >= after).then_some(())
-        }
-    })
-    .await;
+    slot_confirmed(&db, &cfg.slot, after).await;
     r.stop().await.unwrap();
     let ev = events(&connect(&buf).await, "philotes", "test/idle").await;
     assert!(ev.is_empty(), "nothing captured from an uncaptured table");
@@ -1210,23 +1194,7 @@ async fn a_transaction_is_durable_without_waiting_for_flush_interval() {
         .unwrap()
         .get(0);
     let last = philotes::pipeline::lsn::parse(&last).unwrap();
-    let slot = cfg.slot.clone();
-    eventually("the slot to confirm the last transaction", Duration::from_secs(30), || {
-        let db = &db;
-        let slot = slot.clone();
-        async move {
-            let s: String = db
-                .query_one(
-                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (philotes::pipeline::lsn::parse(&s)? >= last).then_some(())
-        }
-    })
-    .await;
+    slot_confirmed(&db, &cfg.slot, last).await;
     // A burst of 3,000 one-row transactions.
     db.batch_execute(
         "CREATE PROCEDURE burst() LANGUAGE plpgsql AS $$ BEGIN

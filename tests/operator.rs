@@ -1044,6 +1044,19 @@ async fn one_pipeline(
     Api<CdcPipeline>,
     tokio_postgres::Client,
 ) {
+    one_pipeline_with(ns, json!({})).await
+}
+
+/// As [`one_pipeline`], with `extra` spec fields.
+async fn one_pipeline_with(
+    ns: &str,
+    extra: serde_json::Value,
+) -> (
+    &'static ApiServer,
+    Client,
+    Api<CdcPipeline>,
+    tokio_postgres::Client,
+) {
     let (api, admin, pipelines) = setup(ns).await;
     let (src, buf) = databases(&format!("op_{ns}")).await;
     let db = connect(&src).await;
@@ -1053,7 +1066,7 @@ async fn one_pipeline(
     put_secret(&admin, ns, "p-src", &src).await;
     put_secret(&admin, ns, "p-buf", &buf).await;
     pipelines
-        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
+        .create(&PostParams::default(), &pipeline("p", &["t"], extra))
         .await
         .unwrap();
     (api, admin, pipelines, db)
@@ -1277,21 +1290,7 @@ fn reconciles(metrics: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_writes_do_not_trigger_reconciles() {
     let ns = "quiet";
-    let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases(&format!("op_{ns}")).await;
-    let db = connect(&src).await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    put_secret(&admin, ns, "p-src", &src).await;
-    put_secret(&admin, ns, "p-buf", &buf).await;
-    pipelines
-        .create(
-            &PostParams::default(),
-            &pipeline("p", &["t"], json!({"statusInterval": "2s"})),
-        )
-        .await
-        .unwrap();
+    let (api, _admin, pipelines, db) = one_pipeline_with(ns, json!({"statusInterval": "2s"})).await;
     let op = Operator::start(api, ns, None);
     wait_status(&pipelines, "p", "running", |s| {
         s.phase.as_deref() == Some("Running")
@@ -1358,19 +1357,7 @@ async fn status_writes_do_not_trigger_reconciles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_labelled_secrets_are_used_when_the_operator_is_restricted() {
     let ns = "labelled";
-    let (api, admin, pipelines) = setup(ns).await;
-    let (src, buf) = databases(&format!("op_{ns}")).await;
-    connect(&src)
-        .await
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    put_secret(&admin, ns, "p-src", &src).await;
-    put_secret(&admin, ns, "p-buf", &buf).await;
-    pipelines
-        .create(&PostParams::default(), &pipeline("p", &["t"], json!({})))
-        .await
-        .unwrap();
+    let (api, admin, pipelines, _db) = one_pipeline(ns).await;
     let op = Operator::start_with(api, ns, None, Some("philotes.io/use=true"));
     let refused = wait_status(&pipelines, "p", "the unlabelled secret refused", |s| {
         s.conditions.iter().any(|c| {

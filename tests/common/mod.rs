@@ -259,6 +259,26 @@ pub async fn slot_released(source: &Client, slot: &str, timeout: Duration) {
     .await
 }
 
+/// Waits until replication slot `slot`'s `confirmed_flush_lsn` reaches `lsn`, at most 30 s.
+pub async fn slot_confirmed(source: &Client, slot: &str, lsn: u64) {
+    eventually(
+        &format!("slot {slot} to confirm {}", philotes::pipeline::lsn::format(lsn)),
+        Duration::from_secs(30),
+        || async {
+            let s: String = source
+                .query_one(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (philotes::pipeline::lsn::parse(&s)? >= lsn).then_some(())
+        },
+    )
+    .await
+}
+
 /// Polls `check` until it returns `Some`, or panics naming `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
