@@ -263,7 +263,7 @@ PY
 # FRESH_RATES per second for FRESH_SECONDS each, then a burst of FRESH_BURST as fast as one
 # session commits them; per transaction, the time from the row's insert on the source
 # (clock_timestamp(), just before its commit) to its write at the destination (a column
-# defaulting to the destination's clock_timestamp(): on cdc_events for philotes, on the
+# defaulting to the destination's clock_timestamp(): on cdc_event_log for philotes, on the
 # subscriber's table for native). Both servers share this machine's clock.
 FRESH_DDL="CREATE TABLE f (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), pad text)"
 prepare_freshness() {
@@ -292,7 +292,7 @@ start_fresh() { # contender
       "$PHILOTES" run -f "$WORK/fresh.yaml" 2>"$WORK/philotes-fresh.log" & FRESH_PID=$!
       until [ "$(psrc -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'philotes_fresh' AND active")" = 1 ]; do sleep 0.05; done
       # The measuring column, on the buffer's event table (not part of the contract).
-      pbuf -c "ALTER TABLE philotes.cdc_events ADD COLUMN bench_written timestamptz DEFAULT clock_timestamp()";;
+      pbuf -c "ALTER TABLE philotes.cdc_event_log ADD COLUMN bench_written timestamptz DEFAULT clock_timestamp()";;
   esac
 }
 
@@ -311,8 +311,8 @@ fresh_latencies() { # contender lo hi: one latency in ms per transaction, once a
   local n=$(($3 - $2 + 1)) q
   case $1 in
     native) q="SELECT extract(epoch FROM written - at) * 1000 FROM f WHERE id BETWEEN $2 AND $3";;
-    philotes) q="SELECT extract(epoch FROM bench_written - (after->>'at')::timestamptz) * 1000 FROM philotes.cdc_events
-                 WHERE table_name = 'f' AND (after->>'id')::bigint BETWEEN $2 AND $3";;
+    philotes) q="SELECT extract(epoch FROM bench_written - (after->>'at')::timestamptz) * 1000 FROM philotes.cdc_event_log
+                 WHERE (after->>'id')::bigint BETWEEN $2 AND $3";;
   esac
   until [ "$(pbuf -At -c "SELECT count(*) FROM ($q) x")" = "$n" ]; do sleep 0.2; done
   pbuf -At -c "$q"

@@ -615,6 +615,14 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
         old[0].after,
         Some(serde_json::json!({"id": 1, "v": "kept"}))
     );
+    let moved: Vec<String> = column(
+        &db,
+        "SELECT t.schema_name || '.' || t.table_name || ' ' || t.id::text || ' ' || e.operation::text
+         FROM philotes.cdc_event_log e JOIN philotes.cdc_tables t ON t.pipeline_id = e.pipeline_id AND t.id = e.table_id
+         WHERE t.id < 0",
+    )
+    .await;
+    assert_eq!(moved, ["public.old -1 I"]);
     let new = events(&db, "philotes", "test/migrate").await;
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].after, Some(serde_json::json!({"id": 2, "v": "new"})));
@@ -638,11 +646,17 @@ async fn a_buffer_of_the_previous_release_resumes_exactly_once() {
         .await
         .unwrap();
     catch_up(&cfg).await;
-    // What 0.1 left: its two migrations in philotes_migrations, no identity, no later tables.
+    // What 0.1 left: its two migrations in philotes_migrations, no identity, no later tables,
+    // its events in a table of their own.
     let buffer = connect(&buf).await;
     buffer
         .batch_execute(
-            "ALTER TABLE philotes.cdc_checkpoints DROP COLUMN system_identifier, DROP COLUMN timeline,
+            "CREATE TABLE philotes.events_0_1 AS SELECT * FROM philotes.cdc_events;
+             DROP VIEW philotes.cdc_events;
+             DROP TABLE philotes.cdc_event_log, philotes.cdc_tables, philotes.cdc_pipelines;
+             ALTER TABLE philotes.events_0_1 RENAME TO cdc_events;
+             ALTER TABLE philotes.cdc_events ADD PRIMARY KEY (pipeline, commit_lsn, seq);
+             ALTER TABLE philotes.cdc_checkpoints DROP COLUMN system_identifier, DROP COLUMN timeline,
                  DROP COLUMN database, DROP COLUMN slot_name, DROP COLUMN publication_name, DROP COLUMN slot_start_lsn;
              DROP TABLE philotes.cdc_gaps, philotes.cdc_dead_letters, philotes.cdc_snapshots, philotes._sqlx_migrations;
              CREATE TABLE philotes.philotes_migrations (version integer PRIMARY KEY, name text NOT NULL,
@@ -693,6 +707,16 @@ async fn a_buffer_of_the_previous_release_resumes_exactly_once() {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, (1..=150).collect::<Vec<_>>());
+    // The 100 events written before the upgrade were moved into cdc_event_log (their table
+    // got a negative id); the later ones reference the table by its hash.
+    let moved: Vec<i64> = column(
+        &buffer,
+        "SELECT count(*) FROM philotes.cdc_event_log e JOIN philotes.cdc_tables t
+           ON t.pipeline_id = e.pipeline_id AND t.id = e.table_id
+         GROUP BY t.id < 0 ORDER BY t.id < 0",
+    )
+    .await;
+    assert_eq!(moved, [70, 100]);
     // The checkpoint now knows what it is a checkpoint of.
     let identity: Vec<Option<String>> = column(
         &buffer,

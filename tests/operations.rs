@@ -75,7 +75,7 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
         .batch_execute(
             "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
                $$BEGIN PERFORM pg_sleep(0.0002); RETURN NEW; END$$;
-             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_events
+             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
                FOR EACH ROW EXECUTE FUNCTION public.slow();",
         )
         .await
@@ -142,7 +142,7 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
         );
     }
     buffer
-        .batch_execute("DROP TRIGGER slow ON philotes.cdc_events")
+        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
         .await
         .expect("drop the trigger");
     let (code, out) = catch_up_cli(file.path());
@@ -661,7 +661,7 @@ async fn a_value_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
                END IF;
                RETURN NEW;
              END $$;
-             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_events
+             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_event_log
                FOR EACH ROW EXECUTE FUNCTION philotes_refuse();",
         )
         .await

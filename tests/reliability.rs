@@ -353,12 +353,14 @@ async fn verify_detects_lost_altered_and_duplicated_events() {
     let buffer = connect(&buf).await;
     buffer
         .batch_execute(
-            "DELETE FROM philotes.cdc_events WHERE pipeline = 'test/tamper' AND operation = 'INSERT' AND after->>'id' = '3';
-             UPDATE philotes.cdc_events SET after = jsonb_set(after::jsonb, '{v}', '\"tampered\"') WHERE after->>'id' = '7';
-             INSERT INTO philotes.cdc_events
-               SELECT pipeline, commit_lsn, seq + 1000, lsn, xid, commit_time, schema_name, table_name, operation, key_columns, before,
+            // The rows themselves are in cdc_event_log; cdc_events is a view over it.
+            "DELETE FROM philotes.cdc_event_log WHERE operation = 'I' AND after->>'id' = '3'
+               AND pipeline_id = (SELECT id FROM philotes.cdc_pipelines WHERE name = 'test/tamper');
+             UPDATE philotes.cdc_event_log SET after = jsonb_set(after::jsonb, '{v}', '\"tampered\"') WHERE after->>'id' = '7';
+             INSERT INTO philotes.cdc_event_log
+               SELECT pipeline_id, seq + 1000, commit_lsn, lsn, xid, commit_time, table_id, operation, before,
                       jsonb_set(after::jsonb, '{id}', '99')
-               FROM philotes.cdc_events WHERE after->>'id' = '9' AND operation = 'INSERT';",
+               FROM philotes.cdc_event_log WHERE after->>'id' = '9' AND operation = 'I';",
         )
         .await
         .unwrap();

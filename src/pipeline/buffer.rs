@@ -8,7 +8,7 @@
 //! the transaction with the table definitions and the checkpoint, and the writer reports it
 //! back once committed. Only then does the loop confirm the checkpoint to the source.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
         Some("23505") => "the buffer already holds an event at a position this pipeline has not checkpointed \
              (another writer, or a buffer restored from a different point than its checkpoint); \
              Philotes stops rather than overwrite or skip it",
-        Some("42501") => "grant the buffer user INSERT, UPDATE and SELECT on the schema's tables",
+        Some("42501") => "grant the buffer user INSERT, UPDATE and SELECT on the schema's tables and USAGE on its sequences",
         Some("42P01") | Some("42703") => {
             "the buffer schema's tables were dropped or altered by hand; restore them or use a new spec.buffer.schema"
         }
@@ -100,8 +100,11 @@ pub struct Buffer {
     client: Client,
     schema: String,
     pipeline: String,
+    /// The pipeline's `cdc_pipelines.id`, which its event rows carry.
+    pipeline_id: i32,
     copy_events: String,
     insert_relation: String,
+    insert_table: String,
     upsert_checkpoint: String,
     select_checkpoint: String,
 }
@@ -149,13 +152,24 @@ impl Buffer {
                 cfg.id, cfg.buffer
             )));
         }
+        let pipeline_id = pipeline_id(&client, &schema, &cfg.id)
+            .await
+            .map_err(setup_err)?;
         Ok(Buffer {
             client,
             schema: schema.clone(),
             pipeline: cfg.id.clone(),
+            pipeline_id,
             copy_events: format!(
-                "COPY {schema}.cdc_events (pipeline, commit_lsn, seq, lsn, xid, commit_time, schema_name, \
-                 table_name, operation, key_columns, before, after) FROM STDIN (FORMAT binary)"
+                "COPY {schema}.cdc_event_log (pipeline_id, commit_lsn, seq, lsn, xid, commit_time, table_id, \
+                 operation, before, after) FROM STDIN (FORMAT binary)"
+            ),
+            // Returns the row that was already there, if any (a statement does not see its
+            // own CTE's insert), to be compared with the one written.
+            insert_table: format!(
+                "WITH ins AS (INSERT INTO {schema}.cdc_tables (pipeline_id, id, schema_name, table_name, key_columns) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING) \
+                 SELECT schema_name, table_name, key_columns FROM {schema}.cdc_tables WHERE pipeline_id = $1 AND id = $2"
             ),
             insert_relation: format!(
                 "INSERT INTO {schema}.cdc_relations (pipeline, commit_lsn, seq, relation_id, schema_name, \
@@ -177,6 +191,11 @@ impl Buffer {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// The id the pipeline's event rows carry (`cdc_pipelines`).
+    pub fn pipeline_id(&self) -> i32 {
+        self.pipeline_id
     }
 
     /// The durable checkpoint and the identity recorded with it, if the pipeline has one.
@@ -463,6 +482,15 @@ impl Buffer {
                                 .await
                                 .map_err(err)?;
                         }
+                        for t in &commit.tables {
+                            insert_table(
+                                &tx,
+                                &self.insert_table,
+                                (self.pipeline_id, &self.pipeline),
+                                t,
+                            )
+                            .await?;
+                        }
                         for r in &commit.relations {
                             insert_relation(&tx, &self.insert_relation, &self.pipeline, r)
                                 .await
@@ -504,6 +532,55 @@ impl Buffer {
     }
 }
 
+/// Records what an event's `table_id` stands for, in the transaction of the first events
+/// that use it. Two tables whose 64-bit ids collide stop the pipeline rather than have one's
+/// events read as the other's.
+async fn insert_table(
+    client: &impl GenericClient,
+    statement: &str,
+    (pipeline_id, pipeline): (i32, &str),
+    t: &TableRef,
+) -> Result<()> {
+    let known = client
+        .query_opt(
+            statement,
+            &[&pipeline_id, &t.id, &t.schema, &t.name, &t.keys],
+        )
+        .await
+        .map_err(|e| buffer_error(&e))?;
+    let Some(row) = known else { return Ok(()) };
+    let (schema, name, keys): (String, String, Vec<String>) = (row.get(0), row.get(1), row.get(2));
+    if schema == t.schema && name == t.name && keys == t.keys {
+        return Ok(());
+    }
+    Err(Error::BufferSetup(format!(
+            "table {}.{} (key {:?}) of pipeline {} has the same cdc_tables id {} as {schema}.{name} (key {keys:?}); \
+             its events cannot be told apart, so Philotes stops: capture one of them in another pipeline and report this",
+            t.schema, t.name, t.keys, pipeline, t.id
+        )))
+}
+
+/// The pipeline's id in `cdc_pipelines`, added on its first start.
+async fn pipeline_id(
+    client: &Client,
+    schema: &str,
+    pipeline: &str,
+) -> std::result::Result<i32, tokio_postgres::Error> {
+    let select = format!("SELECT id FROM {schema}.cdc_pipelines WHERE name = $1");
+    // Read first: a buffer that already knows the pipeline needs no write here.
+    if let Some(row) = client.query_opt(&select, &[&pipeline]).await? {
+        return Ok(row.get(0));
+    }
+    let insert = format!(
+        "INSERT INTO {schema}.cdc_pipelines (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id"
+    );
+    if let Some(row) = client.query_opt(&insert, &[&pipeline]).await? {
+        return Ok(row.get(0));
+    }
+    // Another process added it meanwhile.
+    Ok(client.query_one(&select, &[&pipeline]).await?.get(0))
+}
+
 /// Requests to the [`Writer`], in order.
 pub enum WriteOp {
     /// `cdc_events` rows from a [`RowEncoder`], for the transaction being written.
@@ -525,6 +602,8 @@ pub struct DeadLetter {
 }
 
 pub struct Commit {
+    /// The table references first used by this transaction's rows (`cdc_tables`).
+    pub tables: Vec<TableRef>,
     pub relations: Vec<RelationRecord>,
     /// Tables whose snapshot advanced with this transaction's rows (`cdc_snapshots`).
     pub snapshots: Vec<TableState>,
@@ -812,28 +891,65 @@ async fn upsert_checkpoint(
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The end of a binary COPY stream: a tuple with -1 fields.
 const COPY_TRAILER: [u8; 2] = (-1i16).to_be_bytes();
-/// `cdc_events` has 12 columns.
-const EVENT_FIELDS: i16 = 12;
-const TEXT_OID: i32 = 25;
+/// `cdc_event_log` has 10 columns.
+const EVENT_FIELDS: i16 = 10;
 
-/// Encodes `cdc_events` rows in COPY's binary format: no escaping on our side and no text
-/// parsing of LSNs, timestamps and arrays on the buffer server's (which only validates the
-/// JSON images). The fields that repeat for every row of a table are encoded once.
+/// What a `cdc_tables` row says: the table of an event, as its rows reference it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRef {
+    pub id: i64,
+    pub schema: String,
+    pub name: String,
+    pub keys: Vec<String>,
+}
+
+impl TableRef {
+    /// The reference of a table description: a hash of its schema name, name and key columns
+    /// (64-bit FNV-1a, halved so it is positive; ids moved from schema version 4 are negative).
+    /// Stable across versions and processes, so a restart references the same row.
+    pub fn of(rel: &Relation) -> TableRef {
+        let keys: Vec<String> = rel.key_columns().map(str::to_string).collect();
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let parts = [rel.schema.as_str(), rel.name.as_str()]
+            .into_iter()
+            .chain(keys.iter().map(String::as_str));
+        for part in parts {
+            // Each part ends with a byte no name contains, so ("ab", "c") and ("a", "bc")
+            // differ.
+            for b in part.bytes().chain([0]) {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        TableRef {
+            id: (hash >> 1) as i64,
+            schema: rel.schema.clone(),
+            name: rel.name.clone(),
+            keys,
+        }
+    }
+}
+
+/// Encodes `cdc_event_log` rows in COPY's binary format: no escaping on our side and no text
+/// parsing of LSNs and timestamps on the buffer server's (which only validates the JSON
+/// images).
 pub struct RowEncoder {
-    /// The pipeline column, encoded.
-    pipeline: Vec<u8>,
-    /// Per relation id: the definition the encoding was made for, and its fields.
-    tables: HashMap<u32, (Arc<Relation>, TableFields)>,
+    pipeline_id: i32,
+    /// Per relation id: the definition the reference was made for, and the reference.
+    tables: HashMap<u32, (Arc<Relation>, i64)>,
+    /// References used by rows encoded in this session, and those not yet taken.
+    used: HashSet<i64>,
+    fresh: Vec<TableRef>,
     out: BytesMut,
 }
 
 impl RowEncoder {
-    pub fn new(pipeline: &str) -> RowEncoder {
-        let mut field = Vec::with_capacity(4 + pipeline.len());
-        put_field(&mut field, pipeline.as_bytes());
+    pub fn new(pipeline_id: i32) -> RowEncoder {
         RowEncoder {
-            pipeline: field,
+            pipeline_id,
             tables: HashMap::new(),
+            used: HashSet::new(),
+            fresh: Vec::new(),
             out: BytesMut::with_capacity(ROWS_CHUNK + ROWS_CHUNK / 4),
         }
     }
@@ -841,31 +957,29 @@ impl RowEncoder {
     /// Appends one row.
     pub fn push(&mut self, at: &Position, change: &Change) {
         let rel = &change.relation;
-        let table = match self.tables.get(&rel.id) {
-            Some((known, fields)) if Arc::ptr_eq(known, rel) => fields,
+        let table_id = match self.tables.get(&rel.id) {
+            Some((known, id)) if Arc::ptr_eq(known, rel) => *id,
             _ => {
-                let fields = TableFields::new(rel);
-                &self
-                    .tables
-                    .entry(rel.id)
-                    .insert_entry((rel.clone(), fields))
-                    .into_mut()
-                    .1
+                let table = TableRef::of(rel);
+                let id = table.id;
+                if self.used.insert(id) {
+                    self.fresh.push(table);
+                }
+                self.tables.insert(rel.id, (rel.clone(), id));
+                id
             }
         };
         let out = &mut self.out;
         let images = [&change.before, &change.after];
         out.reserve(
-            96 + self.pipeline.len()
-                + table.names.len()
-                + table.keys.len()
-                + images
-                    .iter()
-                    .map(|i| i.as_ref().map_or(0, |j| j.len() + 5))
-                    .sum::<usize>(),
+            80 + images
+                .iter()
+                .map(|i| i.as_ref().map_or(0, |j| j.len() + 5))
+                .sum::<usize>(),
         );
         out.put_i16(EVENT_FIELDS);
-        out.put_slice(&self.pipeline);
+        out.put_i32(4);
+        out.put_i32(self.pipeline_id);
         out.put_i32(8);
         out.put_u64(at.commit_lsn);
         out.put_i32(4);
@@ -876,9 +990,10 @@ impl RowEncoder {
         out.put_i64(i64::from(at.xid));
         out.put_i32(8);
         out.put_i64(at.commit_time);
-        out.put_slice(&table.names);
-        put_field(out, change.operation.as_str().as_bytes());
-        out.put_slice(&table.keys);
+        out.put_i32(8);
+        out.put_i64(table_id);
+        out.put_i32(1);
+        out.put_u8(change.operation.code());
         for image in images {
             match image {
                 Some(json) => {
@@ -888,6 +1003,12 @@ impl RowEncoder {
                 None => out.put_i32(-1),
             }
         }
+    }
+
+    /// The table references first used by the rows encoded since the last call: they go in
+    /// the same buffer transaction as those rows.
+    pub fn take_tables(&mut self) -> Vec<TableRef> {
+        std::mem::take(&mut self.fresh)
     }
 
     /// Bytes encoded and not yet taken.
@@ -913,37 +1034,6 @@ pub const ROWS_CHUNK: usize = 128 * 1024;
 fn put_field(out: &mut impl BufMut, value: &[u8]) {
     out.put_i32(value.len() as i32);
     out.put_slice(value);
-}
-
-/// The fields of a table's rows that only depend on the table, encoded once.
-struct TableFields {
-    /// schema_name and table_name.
-    names: Vec<u8>,
-    /// key_columns: a one-dimensional text[] (or an empty array) in binary array format.
-    keys: Vec<u8>,
-}
-
-impl TableFields {
-    fn new(rel: &Relation) -> TableFields {
-        let mut names = Vec::new();
-        put_field(&mut names, rel.schema.as_bytes());
-        put_field(&mut names, rel.name.as_bytes());
-        let keys: Vec<&str> = rel.key_columns().collect();
-        let mut array = Vec::new();
-        array.put_i32(if keys.is_empty() { 0 } else { 1 });
-        array.put_i32(0); // no nulls
-        array.put_i32(TEXT_OID);
-        if !keys.is_empty() {
-            array.put_i32(keys.len() as i32);
-            array.put_i32(1); // lower bound
-            for k in keys {
-                put_field(&mut array, k.as_bytes());
-            }
-        }
-        let mut field = Vec::with_capacity(4 + array.len());
-        put_field(&mut field, &array);
-        TableFields { names, keys: field }
-    }
 }
 
 #[cfg(test)]
@@ -978,31 +1068,68 @@ mod tests {
             before: None,
             after: Some("{}".into()),
         };
-        let mut enc = RowEncoder::new("p");
+        let mut enc = RowEncoder::new(7);
         enc.push(&at, &change);
-        let mut want: Vec<u8> = vec![0, 12];
+        let mut want: Vec<u8> = vec![0, 10];
         let field = |out: &mut Vec<u8>, b: &[u8]| {
             out.extend((b.len() as i32).to_be_bytes());
             out.extend(b);
         };
-        field(&mut want, b"p");
+        field(&mut want, &7i32.to_be_bytes());
         field(&mut want, &0x1_0000_0010u64.to_be_bytes());
         field(&mut want, &3i32.to_be_bytes());
         field(&mut want, &0x1_0000_0008u64.to_be_bytes());
         field(&mut want, &77i64.to_be_bytes());
         field(&mut want, &(-1i64).to_be_bytes());
-        field(&mut want, b"s");
-        field(&mut want, b"t");
-        field(&mut want, b"INSERT");
-        let mut array = Vec::new();
-        for n in [1i32, 0, 25, 1, 1, 2] {
-            array.extend(n.to_be_bytes());
-        }
-        array.extend(b"id");
-        field(&mut want, &array);
+        let table = TableRef::of(&change.relation);
+        field(&mut want, &table.id.to_be_bytes());
+        field(&mut want, b"I");
         want.extend((-1i32).to_be_bytes());
         field(&mut want, b"{}");
         assert_eq!(enc.take().as_ref(), want.as_slice());
         assert!(enc.is_empty());
+        // The reference is recorded with the first rows that use it, once.
+        assert_eq!(
+            enc.take_tables(),
+            [TableRef {
+                id: table.id,
+                schema: "s".into(),
+                name: "t".into(),
+                keys: vec!["id".into()],
+            }]
+        );
+        enc.push(&at, &change);
+        assert!(enc.take_tables().is_empty());
+    }
+
+    #[test]
+    fn table_references_are_stable_and_tell_names_apart() {
+        let rel = |schema: &str, name: &str, key: &str| Relation {
+            id: 1,
+            schema: schema.into(),
+            name: name.into(),
+            replica_identity: 'd',
+            columns: vec![Column {
+                name: key.into(),
+                type_oid: 23,
+                type_modifier: -1,
+                key: true,
+            }],
+        };
+        // Fixed: the same table gets the same id in every version and process (the value
+        // is FNV-1a 64 of "public\0t\0id\0", shifted right by one, computed independently).
+        assert_eq!(
+            TableRef::of(&rel("public", "t", "id")).id,
+            0x5864_4038_2c2c_db4d
+        );
+        let ids = [
+            TableRef::of(&rel("public", "t", "id")).id,
+            TableRef::of(&rel("public", "t", "key")).id,
+            TableRef::of(&rel("publi", "ct", "id")).id,
+            TableRef::of(&rel("public", "ti", "d")).id,
+        ];
+        assert!(ids.iter().all(|id| *id >= 0), "{ids:?}");
+        let distinct: HashSet<i64> = ids.into_iter().collect();
+        assert_eq!(distinct.len(), 4);
     }
 }

@@ -62,6 +62,17 @@ impl Operation {
             Operation::Snapshot => "SNAPSHOT",
         }
     }
+
+    /// The one-byte code `cdc_event_log.operation` holds.
+    pub fn code(self) -> u8 {
+        match self {
+            Operation::Insert => b'I',
+            Operation::Update => b'U',
+            Operation::Delete => b'D',
+            Operation::Truncate => b'T',
+            Operation::Snapshot => b'S',
+        }
+    }
 }
 
 /// One row-level change, ready to be written. Positions within the transaction (`seq`) and

@@ -499,7 +499,7 @@ async fn session(
         decoder: Decoder::new(),
         written_relations: HashMap::new(),
         tx: None,
-        encoder: RowEncoder::new(&cfg.id),
+        encoder: RowEncoder::new(buffer.pipeline_id()),
         pending: Pending {
             events: 0,
             snapshot_events: 0,
@@ -1234,6 +1234,7 @@ impl Streamer<'_> {
         self.snapshots_in_flight
             .push_back(pending.snapshots.clone());
         let commit = Commit {
+            tables: self.encoder.take_tables(),
             relations: std::mem::take(&mut pending.relations),
             snapshots: std::mem::take(&mut pending.snapshots),
             dead_letters: std::mem::take(&mut pending.dead_letters),
