@@ -658,7 +658,8 @@ async fn a_buffer_of_the_previous_release_resumes_exactly_once() {
              ALTER TABLE philotes.cdc_events ADD PRIMARY KEY (pipeline, commit_lsn, seq);
              ALTER TABLE philotes.cdc_checkpoints DROP COLUMN system_identifier, DROP COLUMN timeline,
                  DROP COLUMN database, DROP COLUMN slot_name, DROP COLUMN publication_name, DROP COLUMN slot_start_lsn;
-             DROP TABLE philotes.cdc_gaps, philotes.cdc_dead_letters, philotes.cdc_snapshots, philotes._sqlx_migrations;
+             DROP TABLE philotes.cdc_gaps, philotes.cdc_dead_letters, philotes.cdc_snapshots, philotes.cdc_writers,
+                 philotes._sqlx_migrations;
              CREATE TABLE philotes.philotes_migrations (version integer PRIMARY KEY, name text NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now());
              INSERT INTO philotes.philotes_migrations (version, name) VALUES (1, '0001_init.sql'), (2, '0002_json_images.sql');",

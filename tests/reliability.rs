@@ -507,3 +507,104 @@ async fn very_deep_json_is_captured() {
         .get(0);
     assert!(same);
 }
+
+/// Fencing: a session that another one superseded in `cdc_writers` (as a replica that took the
+/// pipeline over does when it starts) cannot commit. Its transaction writes nothing, it stops
+/// with `Fenced` naming the new writer, the slot is not advanced past what the buffer holds,
+/// and the next session captures everything exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_writer_is_fenced_by_the_buffer() {
+    let (src, buf, source) = databases_with("fence", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let text = manifest("fence", &src, &buf, &["t"], "flushInterval: 50ms");
+    let file = manifest_file(&text);
+    let cfg = config(&text);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = spawn_run(file.path(), &[], log.path());
+    let buffer = connect(&buf).await;
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .unwrap();
+    eventually("10 events durable", Duration::from_secs(30), || {
+        let buffer = &buffer;
+        async move {
+            // The schema does not exist until the pipeline created it.
+            let n = buffer
+                .query_one(
+                    "SELECT count(*) FROM philotes.cdc_events WHERE pipeline = 'test/fence'",
+                    &[],
+                )
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0));
+            (n == Some(10)).then_some(())
+        }
+    })
+    .await;
+    // What a new session's start does (here without the advisory lock, which a transaction
+    // pooler would not hold either).
+    buffer
+        .batch_execute(
+            "UPDATE philotes.cdc_writers SET epoch = epoch + 1, writer = 'replica-b', since = now()
+             WHERE pipeline = 'test/fence'",
+        )
+        .await
+        .unwrap();
+    // The bump waited for any commit holding the row: from here on nothing commits.
+    let before: Vec<String> = column(
+        &buffer,
+        "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'test/fence'",
+    )
+    .await;
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(11, 15)")
+        .await
+        .unwrap();
+    let status = eventually(
+        "the superseded writer exits",
+        Duration::from_secs(30),
+        || {
+            let status = child.0.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await;
+    let out = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("Fenced") && out.contains("replica-b"), "{out}");
+    // Nothing of its last transaction, and no checkpoint past what the buffer holds.
+    assert_eq!(events(&buffer, "philotes", "test/fence").await.len(), 10);
+    let after: Vec<String> = column(
+        &buffer,
+        "SELECT lsn::text FROM philotes.cdc_checkpoints WHERE pipeline = 'test/fence'",
+    )
+    .await;
+    assert_eq!(after, before);
+    let confirmed: Vec<Option<String>> = column(
+        &source,
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'philotes_test_fence'",
+    )
+    .await;
+    let (ckpt, slot) = (
+        philotes::pipeline::lsn::parse(&before[0]).unwrap(),
+        philotes::pipeline::lsn::parse(confirmed[0].as_deref().unwrap()).unwrap(),
+    );
+    assert!(slot <= ckpt, "slot {slot:X} past the checkpoint {ckpt:X}");
+
+    // The next session (a new epoch) takes over and captures everything exactly once.
+    catch_up(&cfg).await;
+    let mut ids: Vec<i64> = events(&buffer, "philotes", "test/fence")
+        .await
+        .iter()
+        .map(|e| e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=15).collect::<Vec<_>>());
+    let epoch: Vec<i64> = column(
+        &buffer,
+        "SELECT epoch FROM philotes.cdc_writers WHERE pipeline = 'test/fence'",
+    )
+    .await;
+    assert_eq!(epoch, [3]);
+    verified(&cfg).await;
+}

@@ -102,10 +102,13 @@ pub struct Buffer {
     pipeline: String,
     /// The pipeline's `cdc_pipelines.id`, which its event rows carry.
     pipeline_id: i32,
+    /// This session's epoch in `cdc_writers`, which every commit checks.
+    epoch: i64,
     copy_events: String,
     insert_relation: String,
     insert_table: String,
     upsert_checkpoint: String,
+    fenced_by: String,
     select_checkpoint: String,
 }
 
@@ -122,8 +125,14 @@ impl Buffer {
                 cfg.buffer,
                 describe_pg_error(&e)
             );
-            // The connection lost or the server shutting down heals by retrying.
-            if e.is_closed() || matches!(e.code().map(|c| c.code()), Some("57P01" | "57P03")) {
+            // The connection lost, the server shutting down or read-only for a while (a
+            // standby being promoted) heals by retrying.
+            if e.is_closed()
+                || matches!(
+                    e.code().map(|c| c.code()),
+                    Some("57P01" | "57P03" | "25006")
+                )
+            {
                 Error::Buffer(message)
             } else {
                 Error::BufferSetup(message)
@@ -155,11 +164,25 @@ impl Buffer {
         let pipeline_id = pipeline_id(&client, &schema, &cfg.id)
             .await
             .map_err(setup_err)?;
+        // Under the writer lock: this session supersedes every earlier one (fencing).
+        let epoch: i64 = client
+            .query_one(
+                &format!(
+                    "INSERT INTO {schema}.cdc_writers AS w (pipeline, epoch, writer) VALUES ($1, 1, $2) \
+                     ON CONFLICT (pipeline) DO UPDATE SET epoch = w.epoch + 1, writer = excluded.writer, since = now() \
+                     RETURNING epoch"
+                ),
+                &[&cfg.id, &writer_name()],
+            )
+            .await
+            .map_err(setup_err)?
+            .get(0);
         Ok(Buffer {
             client,
             schema: schema.clone(),
             pipeline: cfg.id.clone(),
             pipeline_id,
+            epoch,
             copy_events: format!(
                 "COPY {schema}.cdc_event_log (pipeline_id, commit_lsn, seq, lsn, xid, commit_time, table_id, \
                  operation, before, after) FROM STDIN (FORMAT binary)"
@@ -180,12 +203,17 @@ impl Buffer {
                 "SELECT lsn::text, last_commit_lsn::text, last_seq, events_total, system_identifier, timeline, database, \
                  slot_name, publication_name, slot_start_lsn::text FROM {schema}.cdc_checkpoints WHERE pipeline = $1"
             ),
+            // Inserts or updates nothing when another session took the pipeline over: the
+            // share lock makes a new session's epoch wait for this transaction, and this one
+            // see a newer epoch committed before it.
             upsert_checkpoint: format!(
-                "INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, last_commit_lsn, last_seq, events_total, updated_at) \
-                 VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, now()) \
+                "WITH w AS (SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $6 FOR SHARE) \
+                 INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, last_commit_lsn, last_seq, events_total, updated_at) \
+                 SELECT $1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, now() FROM w \
                  ON CONFLICT (pipeline) DO UPDATE SET lsn = excluded.lsn, last_commit_lsn = excluded.last_commit_lsn, \
                  last_seq = excluded.last_seq, events_total = excluded.events_total, updated_at = excluded.updated_at"
             ),
+            fenced_by: format!("SELECT writer, epoch, since::text FROM {schema}.cdc_writers WHERE pipeline = $1"),
         })
     }
 
@@ -501,14 +529,20 @@ impl Buffer {
                                 .await
                                 .map_err(err)?;
                         }
-                        upsert_checkpoint(
+                        let written = upsert_checkpoint(
                             &tx,
                             &self.upsert_checkpoint,
-                            &self.pipeline,
+                            (&self.pipeline, self.epoch),
                             &commit.checkpoint,
                         )
                         .await
                         .map_err(err)?;
+                        if written == 0 {
+                            // Dropping the transaction rolls it back: nothing of it is kept.
+                            return Err(
+                                fenced(&tx, &self.fenced_by, &self.pipeline, self.epoch).await
+                            );
+                        }
                         tx.commit().await.map_err(err)?;
                         // The loop may be gone (it stopped on an error): the commit stands,
                         // and the next session reads the checkpoint from the buffer.
@@ -530,6 +564,27 @@ impl Buffer {
         }
         Ok(())
     }
+}
+
+/// The error of a session whose commit found a newer epoch: who took over, and since when.
+async fn fenced(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    pipeline: &str,
+    epoch: i64,
+) -> Error {
+    let by = match tx.query_opt(statement, &[&pipeline]).await {
+        Ok(Some(row)) => {
+            let (writer, current, since): (String, i64, String) =
+                (row.get(0), row.get(1), row.get(2));
+            format!("{writer} (epoch {current}, since {since})")
+        }
+        _ => "another session".to_string(),
+    };
+    Error::Fenced(format!(
+        "pipeline {pipeline} is now written to the buffer by {by}, not by this session (epoch {epoch}): its last transaction was \
+         rolled back and it stops rather than take the pipeline back; if that writer should not exist, stop it first"
+    ))
 }
 
 /// Records what an event's `table_id` stands for, in the transaction of the first events
@@ -863,10 +918,12 @@ async fn save_snapshot(
         .await
 }
 
+/// Upserts the checkpoint if `epoch` is still the pipeline's in `cdc_writers`: 0 rows when
+/// it is not.
 async fn upsert_checkpoint(
     client: &impl GenericClient,
     statement: &str,
-    pipeline: &str,
+    (pipeline, epoch): (&str, i64),
     checkpoint: &Checkpoint,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
     let (last_commit, last_seq) = match checkpoint.last_event {
@@ -882,9 +939,20 @@ async fn upsert_checkpoint(
                 &last_commit,
                 &last_seq,
                 &checkpoint.events_total,
+                &epoch,
             ],
         )
         .await
+}
+
+/// Who writes in this process: the operator replica (`$POD_NAME`), else host and process id.
+pub fn writer_name() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}/{}", std::process::id())
+    })
 }
 
 /// The start of a binary COPY stream: signature, flags, header extension length.

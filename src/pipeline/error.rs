@@ -87,6 +87,10 @@ pub enum Error {
     /// privilege to read it, a standby source); nothing is copied until the user acts.
     #[error("{0}")]
     Snapshot(String),
+    /// Another session took over writing the pipeline to the buffer (`cdc_writers`): this
+    /// one's transaction was not committed, and it stops rather than take it back.
+    #[error("{0}")]
+    Fenced(String),
     /// The stream carried something the decoder does not understand.
     #[error("cannot decode the replication stream: {0}")]
     Decode(String),
@@ -114,6 +118,7 @@ impl Error {
             Error::PoisonEvent(_) => "PoisonEvent",
             Error::ValueRefused { .. } => "BufferRefusedValue",
             Error::Snapshot(_) => "SnapshotFailed",
+            Error::Fenced(_) => "Fenced",
         }
     }
 
