@@ -39,6 +39,7 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lagBytes","description":"Bytes of WAL the source holds that are not yet checkpointed"}"#,
     printcolumn = r#"{"name":"Events","type":"integer","jsonPath":".status.eventsTotal"}"#,
     printcolumn = r#"{"name":"Slot","type":"string","jsonPath":".status.slotName","priority":1}"#,
+    printcolumn = r#"{"name":"Owner","type":"string","jsonPath":".status.owner","priority":1,"description":"The operator replica that runs it"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -342,6 +343,11 @@ pub struct CdcPipelineStatus {
     /// does not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_of: Option<CheckpointOf>,
+    /// The operator replica that runs the pipeline, when replicas share the pipelines: written
+    /// by the new owner before it starts it and cleared by the old one once it stopped it
+    /// (README: Sharding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The value of the `philotes.io/recover` annotation last acted on, so one request is
     /// carried out once.
     #[serde(default, skip_serializing_if = "Option::is_none")]

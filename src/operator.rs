@@ -1,5 +1,6 @@
-//! `philotes controller`: the operator process. Serves health and metrics, campaigns for the
-//! leader lease, and runs the controller only while leading.
+//! `philotes controller`: the operator process. Serves health and metrics, joins the
+//! operator's replicas (a Lease each) and runs the controller for its share of the pipelines
+//! while it is a member.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use crate::controller::{self, leader};
+use crate::controller::{self, members};
 use crate::http;
 use crate::metrics::Metrics;
 
@@ -17,8 +18,11 @@ use crate::metrics::Metrics;
 pub struct OperatorOptions {
     pub namespace: Option<String>,
     pub metrics_addr: SocketAddr,
+    /// Share the pipelines with the other replicas (a Lease per replica); off: this process
+    /// runs every pipeline (only ever one replica!).
     pub leader_election: bool,
     pub lease_namespace: String,
+    /// The replicas' group: the prefix and label value of their Leases.
     pub lease_name: String,
     /// Identity in the Lease; default `$POD_NAME`, else hostname and process id.
     pub identity: Option<String>,
@@ -29,12 +33,17 @@ pub struct OperatorOptions {
 /// How the process ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// Signal received: pipelines flushed, lease released.
+    /// Signal received: pipelines flushed, the replica's Lease deleted.
     Signalled,
-    /// Leadership lost: pipelines stopped; the process should exit so it restarts as a
-    /// candidate.
+    /// Membership lost (its Lease not renewed in time, or taken): pipelines stopped; the
+    /// process should exit so it restarts and joins again.
     LostLeadership,
 }
+
+/// A replica whose Lease did not change for this long is gone: its pipelines move.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often a replica renews its Lease.
+pub const LEASE_RENEW: Duration = Duration::from_secs(4);
 
 pub async fn run(
     opts: OperatorOptions,
@@ -89,57 +98,70 @@ pub async fn run_with_client(
                 std::process::id()
             )
         });
-    let lease = leader::LeaseConfig {
+    let group = members::MemberConfig {
         namespace: opts.lease_namespace.clone(),
-        name: opts.lease_name.clone(),
-        identity,
-        duration: Duration::from_secs(15),
-        renew: Duration::from_secs(4),
+        group: opts.lease_name.clone(),
+        identity: identity.clone(),
+        duration: LEASE_DURATION,
+        renew: LEASE_RENEW,
     };
-    let (leader_tx, mut leader_rx) = watch::channel(!opts.leader_election);
-    let mut campaign: Option<tokio::task::JoinHandle<()>> = None; // set when campaigning
+    let (members_tx, mut members_rx) = watch::channel(members::Membership::default());
+    let mut membership: Option<tokio::task::JoinHandle<()>> = None;
     if opts.leader_election {
-        campaign = Some(tokio::spawn(leader::campaign(
+        membership = Some(tokio::spawn(members::run(
             client.clone(),
-            lease.clone(),
-            leader_tx,
+            group.clone(),
+            members_tx,
         )));
-        // Standing by is a healthy state: ready as soon as we can reach the API server.
+        // Joining is a healthy state: ready as soon as we can reach the API server.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut stop = stop_rx.clone();
-        tracing::info!(lease = %lease.name, identity = %lease.identity, "waiting for leadership");
+        tracing::info!(group = %group.group, identity = %group.identity, "joining the operator's replicas");
         tokio::select! {
-            r = leader_rx.wait_for(|l| *l) => { r.context("leader election ended")?; }
+            r = members_rx.wait_for(|m| m.member) => { r.context("membership ended")?; }
             _ = stop.wait_for(|s| *s) => {
-                if let Some(c) = campaign {
-                    c.abort();
+                if let Some(m) = membership {
+                    m.abort();
                 }
                 return Ok(Exit::Signalled);
             }
         }
-        tracing::info!("leading: starting the controller");
+        tracing::info!("a member: starting the controller");
     }
 
     let lost = Arc::new(AtomicBool::new(false));
     let trigger = {
         let mut stop = stop_rx.clone();
-        let mut leader_rx = leader_rx.clone();
+        let mut members_rx = members_rx.clone();
+        let sharded = opts.leader_election;
         let lost = lost.clone();
         async move {
+            let gone = async {
+                if sharded {
+                    let _ = members_rx.wait_for(|m| !m.member).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => {}
-                _ = leader_rx.wait_for(|l| !*l) => {
-                    tracing::warn!("leadership lost: stopping every pipeline");
+                _ = gone => {
+                    tracing::warn!("membership lost (the member lease was not renewed in time, or taken): stopping every pipeline");
                     lost.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
     };
+    let shard = opts.leader_election.then(|| controller::Shard {
+        identity: identity.clone(),
+        members: members_rx.clone(),
+    });
     controller::run(
         client.clone(),
         controller::Options {
             namespace: opts.namespace.clone(),
             secret_label: opts.secret_label.clone(),
+            shard,
         },
         metrics,
         ready,
@@ -147,15 +169,17 @@ pub async fn run_with_client(
         trigger,
     )
     .await;
-    // Stop campaigning before giving the lease up, or we would take it straight back.
-    if let Some(c) = campaign {
-        c.abort();
+    // Every pipeline is stopped (flushed, confirmed): stop renewing, then leave so the
+    // others take over at once.
+    if let Some(m) = membership {
+        m.abort();
     }
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(Exit::LostLeadership);
     }
     if opts.leader_election {
-        leader::release(client, &lease).await;
+        // Bounded: without an answer the others take over once the Lease expires.
+        let _ = tokio::time::timeout(Duration::from_secs(5), members::leave(client, &group)).await;
     }
     Ok(Exit::Signalled)
 }

@@ -1072,48 +1072,70 @@ async fn one_pipeline_with(
     (api, admin, pipelines, db)
 }
 
+/// Two replicas: the pipeline runs on the one `status.owner` names (the other runs nothing);
+/// when that one stops, the other takes it over at once and streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_leader_streams_and_a_standby_takes_over() {
+async fn one_replica_runs_a_pipeline_and_the_other_takes_over_on_stop() {
     let ns = "leader";
     let (api, admin, pipelines, db) = one_pipeline(ns).await;
     let first = Operator::start(api, ns, Some("leader-test"));
-    wait_status(&pipelines, "p", "running under the first replica", |s| {
-        s.phase.as_deref() == Some("Running")
+    let second = Operator::start(api, ns, Some("leader-test"));
+    let identity = |op: &Operator| format!("test-operator-{}", op.metrics_port);
+    // The owner the assignment picks from these two replicas.
+    let p = pipelines.get("p").await.unwrap();
+    let members = philotes::controller::members::Membership {
+        member: true,
+        live: [identity(&first), identity(&second)].into(),
+    };
+    let created = p
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .unwrap()
+        .0
+        .as_second();
+    let uid = p.metadata.uid.clone().unwrap();
+    let owner = members.assign(&[(created, uid.clone())])[&uid].clone();
+    wait_status(&pipelines, "p", "running under its owner", |s| {
+        s.phase.as_deref() == Some("Running") && s.owner.as_deref() == Some(owner.as_str())
     })
     .await;
-    let second = Operator::start(api, ns, Some("leader-test"));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // The first replica holds the lease; the second reconciles nothing and runs no pipeline.
+    let (running, other) = if owner == identity(&first) {
+        (first, second)
+    } else {
+        assert_eq!(owner, identity(&second));
+        (second, first)
+    };
+    // Each replica holds a Lease of its own.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(admin.clone(), "philotes-system");
-    let holder = leases
-        .get("leader-test")
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.holder_identity);
-    assert_eq!(
-        holder,
-        Some(format!("test-operator-{}", first.metrics_port))
-    );
-    let standby = second.metrics().await;
-    assert!(
-        !standby.contains("philotes_reconciles_total") && !standby.contains("leader/p"),
-        "{standby}"
-    );
-    assert!(first.metrics().await.contains("philotes_reconciles_total"));
+    for op in [&running, &other] {
+        let lease = leases
+            .get(&philotes::controller::members::lease_name(
+                "leader-test",
+                &identity(op),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity),
+            Some(identity(op))
+        );
+    }
+    assert!(running.metrics().await.contains("leader/p"));
+    assert!(!other.metrics().await.contains("leader/p"));
 
-    // The leader goes away (releasing its lease): the standby takes over and streams.
-    assert_eq!(first.stop().await, Exit::Signalled);
+    // The owner stops (leaving): the other takes over and streams.
+    assert_eq!(running.stop().await, Exit::Signalled);
     db.batch_execute("INSERT INTO t SELECT generate_series(1, 3)")
         .await
         .unwrap();
-    wait_status(&pipelines, "p", "the standby streaming", |s| {
+    let status = wait_status(&pipelines, "p", "the other replica streaming", |s| {
         s.events_total == Some(3)
     })
     .await;
-    second.stop().await;
-    let _ = admin;
+    assert_eq!(status.owner, Some(identity(&other)));
+    other.stop().await;
 }
 
 /// A replica that loses its lease (here: another holder writes itself in) stops its pipelines
@@ -1134,7 +1156,11 @@ async fn losing_the_lease_stops_the_pipelines() {
 
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(admin.clone(), "philotes-system");
-    let mut lease = leases.get("lose-test").await.unwrap();
+    let name = philotes::controller::members::lease_name(
+        "lose-test",
+        &format!("test-operator-{}", op.metrics_port),
+    );
+    let mut lease = leases.get(&name).await.unwrap();
     let spec = lease.spec.as_mut().unwrap();
     spec.holder_identity = Some("someone-else".into());
     spec.lease_duration_seconds = Some(600);
@@ -1142,7 +1168,7 @@ async fn losing_the_lease_stops_the_pipelines() {
         k8s_openapi::jiff::Timestamp::now(),
     ));
     leases
-        .replace("lose-test", &PostParams::default(), &lease)
+        .replace(&name, &PostParams::default(), &lease)
         .await
         .unwrap();
 

@@ -3,7 +3,7 @@
 //! status. The data loop itself runs in tasks owned by the [`supervisor`].
 
 pub mod cleanup;
-pub mod leader;
+pub mod members;
 pub mod refs;
 pub mod status;
 pub mod supervisor;
@@ -79,6 +79,15 @@ pub struct Context {
     pub heartbeat: Arc<Heartbeat>,
     /// The referenced Secrets' data, read only when their metadata changed.
     pub secrets: SecretCache,
+    /// This replica's share of the pipelines, when replicas share them.
+    pub shard: Option<Shard>,
+}
+
+/// This replica among the operator's replicas (see [`members`]).
+#[derive(Clone, Debug)]
+pub struct Shard {
+    pub identity: String,
+    pub members: tokio::sync::watch::Receiver<members::Membership>,
 }
 
 /// Options of `philotes controller`.
@@ -88,6 +97,8 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Use only Secrets carrying this label.
     pub secret_label: Option<SecretLabel>,
+    /// Run only this replica's share of the pipelines; `None`: all of them.
+    pub shard: Option<Shard>,
 }
 
 /// Runs the controller until `shutdown` resolves, then stops every pipeline (flushed and
@@ -145,9 +156,21 @@ pub async fn run(
         pipelines: store.clone(),
         heartbeat,
         secrets: SecretCache::new(secret_meta, opts.secret_label.clone()),
+        shard: opts.shard.clone(),
     });
     ready.store(true, Ordering::Relaxed);
-    controller
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    // The live replicas changed: every pipeline's owner is computed again.
+    let replicas_changed = match &opts.shard {
+        Some(shard) => futures_util::stream::unfold(shard.members.clone(), |mut m| async move {
+            m.changed().await.ok()?;
+            Some(((), m))
+        })
+        .boxed(),
+        None => futures_util::stream::pending().boxed(),
+    };
+    let drain = controller
+        .reconcile_all_on(replicas_changed)
         // A changed secret re-reconciles the pipelines that reference it.
         .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
             let ns = secret.namespace().unwrap_or_default();
@@ -160,16 +183,35 @@ pub async fn run(
                 .map(|p| ObjectRef::from_obj(&*p))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(async move {
+            shutdown.await;
+            let _ = fired_tx.send(());
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile stream");
             }
-        })
-        .await;
-    tracing::info!("controller stopped; stopping pipelines");
-    supervisor.stop_all().await;
+        });
+    let mut drain = std::pin::pin!(drain);
+    // Control plane only: which of the two ends first decides nothing on the data path.
+    tokio::select! {
+        _ = &mut drain => {}
+        _ = fired_rx => {}
+    }
+    // Every pipeline stops now, whatever a reconcile in progress waits for (an API server
+    // that does not answer, when this replica was cut off from it), while the controller lets
+    // those reconciles finish for as long as a pipeline's stop may take. Nothing is started
+    // meanwhile (stop_all closes the supervisor). A reconcile abandoned when that allowance
+    // ends was waiting on the API server, not on the data path.
+    tracing::info!("controller stopping; stopping pipelines");
+    let (_, drained) = tokio::join!(
+        supervisor.stop_all(),
+        tokio::time::timeout(supervisor::STOP_WAIT, &mut drain)
+    );
+    if drained.is_err() {
+        tracing::warn!("reconciles still waiting on the API server were abandoned");
+    }
 }
 
 async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -190,6 +232,23 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
     }
     let ns = p.namespace().unwrap_or_default();
     let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    // With replicas sharing the pipelines, only the owner goes on; the others make sure it
+    // does not run here.
+    let p = match &ctx.shard {
+        None => p,
+        Some(shard) => match placement(shard, &p, &ctx.pipelines.state()) {
+            Placement::Elsewhere => return let_go(&api, &p, &ctx, shard, every).await,
+            Placement::Held(owner) => {
+                tracing::debug!(pipeline = %key(&p), %owner, "waiting for the previous owner to stop it");
+                return Ok(Action::requeue(HANDOVER_POLL));
+            }
+            Placement::Mine { claimed: true } => p,
+            Placement::Mine { claimed: false } => match claim(&api, &p, &shard.identity).await? {
+                Some(p) => p,
+                None => return Ok(Action::requeue(HANDOVER_POLL)),
+            },
+        },
+    };
     let p = ensure_finalizer(&api, p).await?;
     let result = finalizer(&api, FINALIZER, p, |event| async {
         match event {
@@ -212,6 +271,123 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
         | kube::runtime::finalizer::Error::RemoveFinalizer(e) => ReconcileError::Kube(e),
         other => ReconcileError::Cleanup(other.to_string()),
     })
+}
+
+/// How often a replica looks again at a pipeline being handed over to or from it.
+const HANDOVER_POLL: Duration = Duration::from_secs(2);
+
+/// Where a pipeline runs, as this replica sees it.
+#[derive(Debug, PartialEq, Eq)]
+enum Placement {
+    /// Another live replica owns it (or this one is not a member).
+    Elsewhere,
+    /// This replica owns it, but the previous owner, still live, has not let go of it yet
+    /// (`status.owner`).
+    Held(String),
+    /// This replica owns it; `claimed`: `status.owner` says so already.
+    Mine { claimed: bool },
+}
+
+/// The handover protocol (README, Sharding): a pipeline runs on the replica the assignment
+/// picks among the live members ([`members::Membership::assign`], over every pipeline the
+/// controller sees), and only once `status.owner` names that replica. The
+/// previous owner stops it (flushed, checkpointed, confirmed) and then clears
+/// `status.owner`; the new one writes its name there with the resourceVersion as a
+/// precondition before it starts it. A previous owner that is no longer live (its Lease
+/// gone or not renewed for a lease duration) is not waited for: it stopped its pipelines
+/// itself when it could not renew, before the others could see it gone.
+fn placement(shard: &Shard, p: &CdcPipeline, all: &[Arc<CdcPipeline>]) -> Placement {
+    let members = shard.members.borrow();
+    let uid = p.uid().unwrap_or_default();
+    // `p` itself too, should the store not hold it yet.
+    let pipelines: Vec<(i64, String)> = all
+        .iter()
+        .map(|o| &**o)
+        .chain([p])
+        .map(|o| {
+            let created = o
+                .meta()
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second());
+            (created, o.uid().unwrap_or_default())
+        })
+        .collect();
+    let owner = members.assign(&pipelines).remove(&uid);
+    if !members.member || owner.as_deref() != Some(shard.identity.as_str()) {
+        return Placement::Elsewhere;
+    }
+    match p.status.as_ref().and_then(|s| s.owner.as_deref()) {
+        Some(o) if o == shard.identity => Placement::Mine { claimed: true },
+        Some(o) if members.live.contains(o) => Placement::Held(o.to_string()),
+        _ => Placement::Mine { claimed: false },
+    }
+}
+
+/// Writes this replica into `status.owner`, if the object is still the one read: `None`
+/// when it changed meanwhile (looked at again shortly).
+async fn claim(
+    api: &Api<CdcPipeline>,
+    p: &CdcPipeline,
+    identity: &str,
+) -> Result<Option<Arc<CdcPipeline>>, ReconcileError> {
+    let patch = json!({
+        "metadata": {"resourceVersion": p.resource_version()},
+        "status": {"owner": identity},
+    });
+    match api
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(updated) => {
+            tracing::info!(pipeline = %key(p), owner = identity, "pipeline claimed");
+            Ok(Some(Arc::new(updated)))
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Err(e) => Err(ReconcileError::Status(e)),
+    }
+}
+
+/// Not this replica's: stops it if it runs here (flushed, checkpointed and confirmed before
+/// this returns), then clears `status.owner` if it names this replica, which lets the new
+/// owner start it.
+async fn let_go(
+    api: &Api<CdcPipeline>,
+    p: &CdcPipeline,
+    ctx: &Context,
+    shard: &Shard,
+    every: Duration,
+) -> Result<Action, ReconcileError> {
+    let key = key(p);
+    if ctx.supervisor.stop(&key).await {
+        tracing::info!(pipeline = %key, "owned by another replica now: stopped here");
+    }
+    if p.status.as_ref().and_then(|s| s.owner.as_deref()) != Some(shard.identity.as_str()) {
+        return Ok(Action::requeue(every));
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": p.resource_version()},
+        "status": {"owner": null},
+    });
+    match api
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(pipeline = %key, "pipeline handed over");
+            Ok(Action::requeue(every))
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(HANDOVER_POLL)),
+        Err(e) => Err(ReconcileError::Status(e)),
+    }
 }
 
 /// Adds the finalizer with a merge patch guarded by the resourceVersion (a conflict retries).
@@ -258,6 +434,11 @@ fn user_change(p: &CdcPipeline) -> Option<u64> {
     p.meta().generation.hash(&mut h);
     p.annotations().hash(&mut h);
     p.finalizers().hash(&mut h);
+    // A handover: the new owner waits for the old one to clear it.
+    p.status
+        .as_ref()
+        .and_then(|s| s.owner.as_ref())
+        .hash(&mut h);
     p.meta()
         .deletion_timestamp
         .as_ref()
@@ -354,7 +535,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                         Ok(supervisor::Started::Restarted) => {
                             tracing::info!(pipeline = %key, "spec or secret changed: pipeline restarted")
                         }
-                        Ok(supervisor::Started::AlreadyRunning) => {}
+                        Ok(supervisor::Started::AlreadyRunning | supervisor::Started::Closing) => {}
                     }
                 }
                 let observed = match (ctx.supervisor.observe(&key).await, &refused) {
@@ -552,6 +733,7 @@ async fn finish(
         refused,
         recovered,
         checkpoint_of,
+        owner: ctx.shard.as_ref().map(|s| s.identity.as_str()),
     });
     record_metrics(ctx, key, &status);
     publish_status(ctx, p, previous, status).await?;
@@ -702,6 +884,10 @@ mod mock_tests {
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
     fn context() -> (Arc<Context>, Handle) {
+        context_with(None)
+    }
+
+    fn context_with(shard: Option<Shard>) -> (Arc<Context>, Handle) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let metrics = Metrics::new();
@@ -713,6 +899,7 @@ mod mock_tests {
             pipelines: kube::runtime::reflector::store().0,
             heartbeat: Arc::new(Heartbeat::default()),
             secrets: SecretCache::new(kube::runtime::reflector::store().0, None),
+            shard,
         });
         (ctx, handle)
     }
@@ -859,5 +1046,110 @@ mod mock_tests {
         );
         respond(send, 200, serde_json::to_value(&p).unwrap());
         task.await.unwrap().unwrap();
+    }
+
+    /// A replica `me` among `live`, and a pipeline (UID `uid-1`) with `status.owner`.
+    fn sharded(
+        me: &str,
+        live: &[&str],
+        owner: Option<&str>,
+    ) -> (Arc<Context>, Handle, Arc<CdcPipeline>, String) {
+        let members = members::Membership {
+            member: true,
+            live: live.iter().map(|m| m.to_string()).collect(),
+        };
+        let mut p = (*pipeline(json!({}))).clone();
+        p.metadata.uid = Some("uid-1".into());
+        p.status = Some(CdcPipelineStatus {
+            owner: owner.map(str::to_string),
+            ..CdcPipelineStatus::default()
+        });
+        let assigned = members.assign(&[(0, "uid-1".to_string())])["uid-1"].clone();
+        let (_tx, rx) = tokio::sync::watch::channel(members);
+        let shard = Shard {
+            identity: me.to_string(),
+            members: rx,
+        };
+        let (ctx, handle) = context_with(Some(shard));
+        (ctx, handle, Arc::new(p), assigned)
+    }
+
+    /// No request arrives within a short while.
+    async fn quiet(handle: &mut Handle) {
+        let next = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await;
+        assert!(next.is_err(), "unexpected request");
+    }
+
+    /// Two replicas claiming one pipeline at once: the one whose write fails on the
+    /// resourceVersion starts nothing and looks again shortly.
+    #[tokio::test]
+    async fn a_lost_claim_starts_nothing() {
+        let (ctx, mut handle, p, me) = sharded("r1", &["r1"], None);
+        let task = tokio::spawn(reconcile(p, ctx.clone()));
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert!(
+            uri.contains("/namespaces/ns/cdcpipelines/p/status"),
+            "{uri}"
+        );
+        assert_eq!(body["status"]["owner"], me.as_str());
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+        respond(
+            send,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        );
+        let action = task.await.unwrap().unwrap();
+        assert_eq!(action, Action::requeue(HANDOVER_POLL));
+        quiet(&mut handle).await;
+        assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
+    }
+
+    /// The new owner waits while `status.owner` names another live replica: no write, no
+    /// start, a look again shortly.
+    #[tokio::test]
+    async fn a_pipeline_the_previous_owner_still_holds_is_waited_for() {
+        // Of the two, the one the assignment picks is "me"; the other still holds it.
+        let (_, _, _, owner) = sharded("r1", &["r1", "r2"], None);
+        let other = if owner == "r1" { "r2" } else { "r1" };
+        let (ctx, mut handle, p, _) = sharded(&owner, &["r1", "r2"], Some(other));
+        let action = reconcile(p, ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(HANDOVER_POLL));
+        quiet(&mut handle).await;
+        assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
+        // Once that replica is gone (not live), it is claimed without waiting.
+        let (ctx, mut handle, p, _) = sharded(&owner, &[&owner], Some(other));
+        let task = tokio::spawn(reconcile(p, ctx));
+        let (method, _, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert_eq!(body["status"]["owner"], owner.as_str());
+        respond(
+            send,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"}),
+        );
+        assert_eq!(task.await.unwrap().unwrap(), Action::requeue(HANDOVER_POLL));
+    }
+
+    /// A pipeline the assignment gives to another replica, which `status.owner` says this one
+    /// holds: it is let go (`status.owner` cleared, with the resourceVersion as precondition).
+    #[tokio::test]
+    async fn a_pipeline_of_another_replica_is_let_go() {
+        let (_, _, _, owner) = sharded("r1", &["r1", "r2"], None);
+        let me = if owner == "r1" { "r2" } else { "r1" };
+        let (ctx, mut handle, p, _) = sharded(me, &["r1", "r2"], Some(me));
+        let task = tokio::spawn(reconcile(p.clone(), ctx.clone()));
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert!(
+            uri.contains("/namespaces/ns/cdcpipelines/p/status"),
+            "{uri}"
+        );
+        assert_eq!(body["status"]["owner"], serde_json::Value::Null);
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+        respond(send, 200, serde_json::to_value(&*p).unwrap());
+        let action = task.await.unwrap().unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        quiet(&mut handle).await;
     }
 }

@@ -35,6 +35,8 @@ pub struct Inputs<'a> {
     pub recovered: Option<&'a str>,
     /// What the running task's checkpoint belongs to, once it has one.
     pub checkpoint_of: Option<CheckpointOf>,
+    /// The replica that runs it, when replicas share the pipelines.
+    pub owner: Option<&'a str>,
 }
 
 /// The status to write. Transition times are kept when a condition did not change.
@@ -104,6 +106,7 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         observed_generation: i.generation,
         slot_name: i.slot.map(str::to_string),
         publication_name: i.publication.map(str::to_string),
+        owner: i.owner.map(str::to_string),
         ..CdcPipelineStatus::default()
     };
     // Keep the last known numbers while the task is not reporting.
@@ -312,6 +315,7 @@ mod tests {
             refused: None,
             recovered: None,
             checkpoint_of: None,
+            owner: None,
         }
     }
 

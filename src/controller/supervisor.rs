@@ -38,6 +38,8 @@ pub enum Started {
     Started,
     /// The spec or a secret changed: the old task was stopped (flushed) first.
     Restarted,
+    /// Nothing started: the operator is stopping ([`Supervisor::stop_all`]).
+    Closing,
 }
 
 /// How long a pipeline that failed permanently waits before it is tried again with the same
@@ -47,6 +49,8 @@ pub const FAILED_RETRY: Duration = Duration::from_secs(60);
 pub struct Supervisor {
     tasks: Mutex<HashMap<String, Task>>,
     metrics: Arc<Metrics>,
+    /// Set by [`Supervisor::stop_all`]: nothing is started any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Supervisor {
@@ -54,6 +58,7 @@ impl Supervisor {
         Arc::new(Supervisor {
             tasks: Mutex::new(HashMap::new()),
             metrics,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -78,6 +83,11 @@ impl Supervisor {
         created: i64,
     ) -> std::result::Result<Started, String> {
         let mut tasks = self.tasks.lock().await;
+        // Read under the lock stop_all takes to set it: a task started here is either
+        // stopped by it or not started.
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Started::Closing);
+        }
         let source = cfg.source.to_string();
         let mut later = Vec::new();
         for (other, task) in tasks.iter_mut() {
@@ -203,8 +213,13 @@ impl Supervisor {
 
     /// Stops every task, all at once: shutdown takes as long as the slowest pipeline's stop
     /// (at most [`STOP_WAIT`]), not their sum, so it fits in the pod's grace period.
+    /// Nothing is started afterwards.
     pub async fn stop_all(&self) {
-        let tasks: Vec<Task> = self.tasks.lock().await.drain().map(|(_, t)| t).collect();
+        let tasks: Vec<Task> = {
+            let mut tasks = self.tasks.lock().await;
+            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            tasks.drain().map(|(_, t)| t).collect()
+        };
         futures_util::future::join_all(tasks.into_iter().map(stop_task)).await;
     }
 

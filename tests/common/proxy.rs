@@ -49,6 +49,11 @@ impl Proxy {
         self.silenced_below
             .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
     }
+
+    /// From now on every connection, open or opened later, is silent: a network partition.
+    pub fn partition(&self) {
+        self.silenced_below.store(u64::MAX, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Proxy {
