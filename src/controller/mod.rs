@@ -736,9 +736,19 @@ async fn finish(
         owner: ctx.shard.as_ref().map(|s| s.identity.as_str()),
     });
     record_metrics(ctx, key, &status);
+    // A pipeline being started (after a create, a restart or a handover) is looked at again
+    // within a second, so Ready shows when it streams rather than a statusInterval later.
+    let next = if status.phase.as_deref() == Some("Provisioning") {
+        every.min(STARTING_POLL)
+    } else {
+        every
+    };
     publish_status(ctx, p, previous, status).await?;
-    Ok(Action::requeue(every))
+    Ok(Action::requeue(next))
 }
+
+/// How soon a pipeline being started is reconciled again.
+const STARTING_POLL: Duration = Duration::from_secs(1);
 
 fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
     let not_ready = status::ready(status)
