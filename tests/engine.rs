@@ -555,7 +555,14 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
          INSERT INTO cdc_events VALUES ('old/pipeline', '0/10', 0, '0/8', 5, '2026-01-01', 'public', 'old', 'INSERT', '{{id}}',
                                         NULL, '{{\"id\": 1, \"v\": \"kept\"}}');
          RESET search_path;
-         CREATE TABLE t (id int PRIMARY KEY, v text);",
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'philotes_test_reader') THEN
+                 CREATE ROLE philotes_test_reader;
+             END IF;
+         END $$;
+         GRANT USAGE ON SCHEMA philotes TO philotes_test_reader;
+         GRANT SELECT ON philotes.cdc_events TO philotes_test_reader;",
         include_str!("../migrations/0001_init.sql")
     ))
     .await
@@ -623,9 +630,74 @@ async fn a_version_1_buffer_is_migrated_and_kept() {
     )
     .await;
     assert_eq!(moved, ["public.old -1 I"]);
+    // A consumer's privilege on the table carries over to the view and the tables behind it.
+    let readable: Vec<bool> = column(
+        &db,
+        "SELECT has_table_privilege('philotes_test_reader', 'philotes.' || t, 'SELECT')
+         FROM unnest(ARRAY['cdc_events', 'cdc_event_log', 'cdc_tables', 'cdc_pipelines']) t",
+    )
+    .await;
+    assert_eq!(readable, [true; 4]);
     let new = events(&db, "philotes", "test/migrate").await;
     assert_eq!(new.len(), 1);
     assert_eq!(new[0].after, Some(serde_json::json!({"id": 2, "v": "new"})));
+}
+
+/// A trigger a user put on the version-4 `cdc_events` table would be dropped with it by
+/// migration 0005: the start is refused, naming it and what to do, and nothing is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_on_the_old_event_table_stops_the_migration_by_name() {
+    let uri = fresh_db(shared(), "migrate_trigger").await;
+    let db = connect(&uri).await;
+    let mut setup = String::from("CREATE SCHEMA philotes; SET search_path TO philotes;");
+    for m in philotes::pipeline::migrate::MIGRATOR
+        .iter()
+        .filter(|m| m.version <= 4)
+    {
+        setup.push_str(&m.sql);
+        setup.push(';');
+    }
+    setup.push_str(
+        "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER audit_events AFTER INSERT ON cdc_events FOR EACH ROW EXECUTE FUNCTION audit();
+         RESET search_path;
+         CREATE TABLE t (id int PRIMARY KEY);",
+    );
+    db.batch_execute(&setup).await.unwrap();
+    // What sqlx's migrator would have recorded for versions 1-4.
+    db.batch_execute(
+        "CREATE TABLE philotes._sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,
+             installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, checksum BYTEA NOT NULL,
+             execution_time BIGINT NOT NULL)",
+    )
+    .await
+    .unwrap();
+    for m in philotes::pipeline::migrate::MIGRATOR
+        .iter()
+        .filter(|m| m.version <= 4)
+    {
+        db.execute(
+            "INSERT INTO philotes._sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ($1, $2, true, $3, 0)",
+            &[&m.version, &m.description.to_string(), &m.checksum.to_vec()],
+        )
+        .await
+        .unwrap();
+    }
+    let cfg = config(&manifest("migtrigger", &uri, &uri, &["t"], FAST));
+    let err = start_fails(cfg, "a trigger on cdc_events refused").await;
+    assert_eq!(err.reason(), "BufferNotReady", "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("audit_events") && message.contains("cdc_event_log"),
+        "{message}"
+    );
+    let kind: Vec<String> = column(
+        &db,
+        "SELECT relkind::text FROM pg_class WHERE oid = 'philotes.cdc_events'::regclass",
+    )
+    .await;
+    assert_eq!(kind, ["r"], "cdc_events is still the table");
 }
 
 /// A buffer left by the previous release (migrations 1 and 2 recorded by its own runner, a
