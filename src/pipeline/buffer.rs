@@ -108,6 +108,7 @@ pub struct Buffer {
     insert_relation: String,
     insert_table: String,
     upsert_checkpoint: String,
+    check_epoch: String,
     fenced_by: String,
     select_checkpoint: String,
 }
@@ -212,6 +213,9 @@ impl Buffer {
                  SELECT $1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, now() FROM w \
                  ON CONFLICT (pipeline) DO UPDATE SET lsn = excluded.lsn, last_commit_lsn = excluded.last_commit_lsn, \
                  last_seq = excluded.last_seq, events_total = excluded.events_total, updated_at = excluded.updated_at"
+            ),
+            check_epoch: format!(
+                "SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $2 FOR SHARE"
             ),
             fenced_by: format!("SELECT writer, epoch, since::text FROM {schema}.cdc_writers WHERE pipeline = $1"),
         })
@@ -477,6 +481,17 @@ impl Buffer {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
         while let Some(mut op) = ops.recv().await {
             let tx = self.client.transaction().await.map_err(err)?;
+            // Fencing first: a superseded session writes nothing (and says so, rather than
+            // run into the new writer's rows), and the share lock held to the commit makes a
+            // new session's epoch wait for this transaction.
+            if tx
+                .query_opt(&self.check_epoch, &[&self.pipeline, &self.epoch])
+                .await
+                .map_err(err)?
+                .is_none()
+            {
+                return Err(fenced(&tx, &self.fenced_by, &self.pipeline, self.epoch).await);
+            }
             let mut copy = None;
             loop {
                 match op {
