@@ -210,9 +210,9 @@ async fn put_secret(admin: &Client, name: &str, uri: &str) {
 }
 
 /// Three replicas split 30 pipelines evenly; a fourth joins and takes its share; one is
-/// killed with SIGKILL and one is cut off from the API server, and the others take theirs
-/// over; one stops on SIGTERM and hands over at once. Rows are written between every step,
-/// and each is captured exactly once.
+/// killed with SIGKILL, one is cut off from the API server and one is frozen past its lease,
+/// and the others take theirs over; one stops on SIGTERM and hands over at once. Rows are
+/// written between every step, and each is captured exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
     let _ = tracing_subscriber::fmt()
@@ -319,7 +319,39 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
     let owners = settled(&pipelines, &["a", "d"], 40, &replicas).await;
     assert_eq!(loads(&owners), [15, 15]);
 
-    // SIGTERM: it stops its pipelines, leaves, and the last replica takes them at once.
+    // The handovers so far waited for each other: no replica ever found a pipeline's slot or
+    // buffer lock still held by another (the database's guards were never needed).
+    for (name, r) in &replicas {
+        let log = r.log();
+        assert!(!log.contains("SlotInUse"), "replica {name}:\n{log}");
+    }
+
+    // Frozen (SIGSTOP) past its lease: the other claims its pipelines, but its connections
+    // still hold their slots and buffer locks, so nothing streams them twice. Resumed, its
+    // membership has lapsed for good: it stops everything and exits 3 (not resuming as a
+    // member, although its next renewal would get through), and the other one runs them.
+    let d = replicas.get_mut("d").unwrap();
+    let pid = d.child.id().to_string();
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    write_rows(&source, 41, 50).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let d = replicas.get_mut("d").unwrap();
+    assert_eq!(
+        d.exited(Duration::from_secs(60)).await,
+        Some(3),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("membership lost"), "{}", d.log());
+    let owners = settled(&pipelines, &["a"], 50, &replicas).await;
+    assert_eq!(loads(&owners), [30]);
+
+    // A new replica joins, then the first stops on SIGTERM: it stops its pipelines, leaves,
+    // and the new one takes them at once.
+    replicas.insert("e", Replica::start(dir.path(), api.port, "e").await);
+    let owners = settled(&pipelines, &["a", "e"], 50, &replicas).await;
+    assert_eq!(loads(&owners), [15, 15]);
     let a = replicas.get_mut("a").unwrap();
     sigterm(&a.child);
     assert_eq!(
@@ -328,8 +360,8 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         "{}",
         a.log()
     );
-    write_rows(&source, 41, 50).await;
-    let owners = settled(&pipelines, &["d"], 50, &replicas).await;
+    write_rows(&source, 51, 60).await;
+    let owners = settled(&pipelines, &["e"], 60, &replicas).await;
     assert_eq!(loads(&owners), [30]);
 
     // Every row exactly once, in every pipeline.
@@ -343,20 +375,14 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
             .collect();
         assert_eq!(events.len(), ids.len(), "{}", name(i));
         ids.sort_unstable();
-        assert_eq!(ids, (1..=50).collect::<Vec<_>>(), "{}", name(i));
+        assert_eq!(ids, (1..=60).collect::<Vec<_>>(), "{}", name(i));
     }
-    // The last sessions are d's; every pipeline had sessions before (each a new epoch in
+    // The last sessions are e's; every pipeline had sessions before (each a new epoch in
     // cdc_writers).
     let writers: Vec<String> = column(
         &buffer,
         "SELECT writer || ' ' || (epoch > 1)::text FROM philotes.cdc_writers ORDER BY pipeline",
     )
     .await;
-    assert_eq!(writers, vec!["d true".to_string(); PIPELINES]);
-    // The handovers waited for each other: no replica ever found a pipeline's slot or buffer
-    // lock still held by another (the database's guards were never needed).
-    for (name, r) in &replicas {
-        let log = r.log();
-        assert!(!log.contains("SlotInUse"), "replica {name}:\n{log}");
-    }
+    assert_eq!(writers, vec!["e true".to_string(); PIPELINES]);
 }

@@ -154,14 +154,27 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
     let listed = store.clone();
     let mut listed = std::pin::pin!(listed.wait_until_ready());
     let (mut known, mut waited) = (false, false);
+    // Once a member, a lapse ends this replica's membership for good: it stops everything and
+    // exits, and joins again as a new process. A renewal that succeeds after the lapse (a
+    // process frozen and resumed) does not bring it back.
+    let mut was_member = false;
+    let mut lapsed = false;
+    let keep_for = cfg.duration.saturating_sub(cfg.renew);
     let mut tick = tokio::time::interval(cfg.renew);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // When the last renewal stops counting, whatever else is going on.
+        let lapse = renewed.map_or_else(|| Instant::now() + cfg.duration, |t| t + keep_for);
         tokio::select! {
+            _ = tokio::time::sleep_until(lapse), if renewed.is_some() && was_member => {}
             _ = tick.tick() => {
+                // Checked before renewing, so a renewal after a long freeze cannot hide it.
+                if was_member && renewed.is_some_and(|t| t.elapsed() >= keep_for) {
+                    lapsed = true;
+                }
                 // Bounded: an API server that does not answer (this replica cut off from
-                // it) must not hold the membership check up.
-                let attempt = tokio::time::timeout(cfg.renew, renew(&api, &store, &cfg, &name)).await;
+                // it) must not hold the membership up.
+                let attempt = tokio::time::timeout(cfg.renew / 2, renew(&api, &store, &cfg, &name)).await;
                 match attempt.unwrap_or_else(|_| Err(kube::Error::Service("no answer within the renew interval".into()))) {
                     Ok(Renewal::Renewed) => renewed = Some(Instant::now()),
                     Ok(Renewal::HeldByOther) => {
@@ -182,8 +195,11 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
                 known = ready.is_ok();
             }
         }
-        let member =
-            known && renewed.is_some_and(|t| t.elapsed() < cfg.duration.saturating_sub(cfg.renew));
+        if was_member && renewed.is_none_or(|t| t.elapsed() >= keep_for) {
+            lapsed = true;
+        }
+        let member = !lapsed && known && renewed.is_some_and(|t| t.elapsed() < keep_for);
+        was_member |= member;
         let now = Instant::now();
         let mut live = BTreeSet::new();
         let leases = store.state();
@@ -206,6 +222,20 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
             }
             let lasts =
                 Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+            // A replica that died without leaving (SIGKILL, an evicted pod) leaves its Lease
+            // behind; once it has not changed for ten lease durations it is removed, so a
+            // replica starting later does not wait for it. Best effort: another replica may
+            // remove it first.
+            if holder != cfg.identity && now.duration_since(entry.at) > lasts * 10 {
+                let gone = lease.name_any();
+                tracing::info!(lease = %gone, holder = %holder, "removing the Lease of a replica gone for ten lease durations");
+                let _ = tokio::time::timeout(
+                    cfg.renew / 2,
+                    api.delete(&gone, &DeleteParams::default()),
+                )
+                .await;
+                continue;
+            }
             if holder != cfg.identity && now.duration_since(entry.at) < lasts {
                 live.insert(holder);
             }

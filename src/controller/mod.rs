@@ -273,6 +273,19 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
     })
 }
 
+/// `status.owner` is written only by [`claim`] and [`let_go`], under a field manager of its
+/// own and with the resourceVersion as precondition; the status the controller applies
+/// leaves it out, so a reconcile working from a stale copy cannot write it back.
+fn owner_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(OWNER_FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
+/// Field manager of `status.owner`.
+const OWNER_FIELD_MANAGER: &str = "philotes-owner";
+
 /// How often a replica looks again at a pipeline being handed over to or from it.
 const HANDOVER_POLL: Duration = Duration::from_secs(2);
 
@@ -336,11 +349,7 @@ async fn claim(
         "status": {"owner": identity},
     });
     match api
-        .patch_status(
-            &p.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch_status(&p.name_any(), &owner_params(), &Patch::Merge(&patch))
         .await
     {
         Ok(updated) => {
@@ -374,11 +383,7 @@ async fn let_go(
         "status": {"owner": null},
     });
     match api
-        .patch_status(
-            &p.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch_status(&p.name_any(), &owner_params(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => {
@@ -535,7 +540,9 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                         Ok(supervisor::Started::Restarted) => {
                             tracing::info!(pipeline = %key, "spec or secret changed: pipeline restarted")
                         }
-                        Ok(supervisor::Started::AlreadyRunning | supervisor::Started::Closing) => {}
+                        Ok(supervisor::Started::AlreadyRunning) => {}
+                        // The operator is stopping: nothing to report.
+                        Ok(supervisor::Started::Closing) => return Ok(Action::await_change()),
                     }
                 }
                 let observed = match (ctx.supervisor.observe(&key).await, &refused) {
@@ -733,7 +740,6 @@ async fn finish(
         refused,
         recovered,
         checkpoint_of,
-        owner: ctx.shard.as_ref().map(|s| s.identity.as_str()),
     });
     record_metrics(ctx, key, &status);
     // A pipeline being started (after a create, a restart or a handover) is looked at again
@@ -823,10 +829,15 @@ async fn publish_status(
     };
     let api: Api<CdcPipeline> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    let mut applied = serde_json::to_value(&status).unwrap_or_default();
+    if let Some(fields) = applied.as_object_mut() {
+        // Not this apply's: see `owner_params`.
+        fields.remove("owner");
+    }
     let patch = json!({
         "apiVersion": "philotes.io/v1alpha1",
         "kind": "CdcPipeline",
-        "status": status,
+        "status": applied,
     });
     api.patch_status(
         &p.name_any(),

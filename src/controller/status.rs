@@ -35,8 +35,6 @@ pub struct Inputs<'a> {
     pub recovered: Option<&'a str>,
     /// What the running task's checkpoint belongs to, once it has one.
     pub checkpoint_of: Option<CheckpointOf>,
-    /// The replica that runs it, when replicas share the pipelines.
-    pub owner: Option<&'a str>,
 }
 
 /// The status to write. Transition times are kept when a condition did not change.
@@ -106,7 +104,8 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
         observed_generation: i.generation,
         slot_name: i.slot.map(str::to_string),
         publication_name: i.publication.map(str::to_string),
-        owner: i.owner.map(str::to_string),
+        // Written by the handover only (see `owner_params` in the controller): kept as read.
+        owner: i.previous.and_then(|p| p.owner.clone()),
         ..CdcPipelineStatus::default()
     };
     // Keep the last known numbers while the task is not reporting.
@@ -315,7 +314,6 @@ mod tests {
             refused: None,
             recovered: None,
             checkpoint_of: None,
-            owner: None,
         }
     }
 

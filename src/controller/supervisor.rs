@@ -323,17 +323,38 @@ pub const STOP_WAIT: Duration = Duration::from_secs(12);
 
 async fn stop_task(mut task: Task) {
     let _ = task.shutdown.send(true);
-    if let Some(mut join) = task.join.take() {
-        // Cancelling the wait loses nothing: see STOP_WAIT.
-        if tokio::time::timeout(STOP_WAIT, &mut join).await.is_err() {
+    if let Some(join) = task.join.take() {
+        // Should this stop itself be dropped before the task ended (the task waiting for it
+        // was aborted), the guard aborts the task: a stuck pipeline never outlives the stop
+        // that gave up on it. Aborting loses nothing: see STOP_WAIT.
+        let mut join = AbortOnDrop(join);
+        if tokio::time::timeout(STOP_WAIT, &mut join.0).await.is_err() {
             tracing::warn!(
                 pipeline = %task.cfg.id,
                 "pipeline did not stop within {STOP_WAIT:?}; aborting it (its checkpoint stays as it was)"
             );
+        }
+    }
+}
+
+/// Aborts the task when dropped (a no-op once it finished).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for Task {
+    /// A task dropped is done with: its status poller, and the pipeline if it still runs,
+    /// are aborted (a no-op once they finished).
+    fn drop(&mut self) {
+        self.status_task.abort();
+        if let Some(join) = &self.join {
             join.abort();
         }
     }
-    task.status_task.abort();
 }
 
 /// What a checkpoint of a pipeline running `cfg` belongs to.
