@@ -51,13 +51,14 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
-        /// Run without leader election (only ever one replica!).
+        /// Run every pipeline in this process, without sharing them with other replicas
+        /// through Leases (only ever one replica!).
         #[arg(long)]
         no_leader_election: bool,
-        /// Namespace of the leader Lease (default: $POD_NAMESPACE, else philotes-system).
+        /// Namespace of the replicas' Leases (default: $POD_NAMESPACE, else philotes-system).
         #[arg(long)]
         lease_namespace: Option<String>,
-        /// Name of the leader Lease.
+        /// The replicas' group: each holds the Lease <lease-name>-<pod name>.
         #[arg(long, default_value = "philotes-controller")]
         lease_name: String,
         /// Use only Secrets carrying this label (KEY=VALUE); others are refused by name.
