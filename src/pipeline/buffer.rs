@@ -17,6 +17,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use super::config::TableName;
@@ -469,7 +470,13 @@ impl Buffer {
         mut ops: mpsc::Receiver<WriteOp>,
         done: mpsc::UnboundedSender<Committed>,
     ) -> (Buffer, Result<()>) {
-        let result = self.serve_requests(&mut ops, &done).await;
+        let result = match self.serve_requests(&mut ops, &done).await {
+            // Said once the transaction is gone (a COPY may have been open in it).
+            Err(Error::Fenced(_)) => {
+                Err(fenced(&self.client, &self.fenced_by, &self.pipeline, self.epoch).await)
+            }
+            other => other,
+        };
         (self, result)
     }
 
@@ -481,17 +488,15 @@ impl Buffer {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
         while let Some(mut op) = ops.recv().await {
             let tx = self.client.transaction().await.map_err(err)?;
-            // Fencing first: a superseded session writes nothing (and says so, rather than
-            // run into the new writer's rows), and the share lock held to the commit makes a
-            // new session's epoch wait for this transaction.
-            if tx
-                .query_opt(&self.check_epoch, &[&self.pipeline, &self.epoch])
-                .await
-                .map_err(err)?
-                .is_none()
-            {
-                return Err(fenced(&tx, &self.fenced_by, &self.pipeline, self.epoch).await);
-            }
+            // Fencing first: the epoch check is the transaction's first statement, so a
+            // superseded session writes nothing (and says so, rather than run into the new
+            // writer's rows), and the share lock it holds to the commit makes a new session's
+            // epoch wait for this transaction. It is sent together with the transaction's
+            // next statement (pipelined: the server runs them in order) rather than waited for
+            // on its own, which cost a round trip per buffer transaction.
+            let params: [&(dyn ToSql + Sync); 2] = [&self.pipeline, &self.epoch];
+            let check = || tx.query_opt(&self.check_epoch, &params);
+            let mut checked = false;
             let mut copy = None;
             loop {
                 match op {
@@ -499,11 +504,20 @@ impl Buffer {
                         let sink = match copy.as_mut() {
                             Some(sink) => sink,
                             None => {
-                                let mut sink = Box::pin(
-                                    tx.copy_in::<_, Bytes>(&self.copy_events)
-                                        .await
-                                        .map_err(err)?,
-                                );
+                                let started = tx.copy_in::<_, Bytes>(&self.copy_events);
+                                let started = if checked {
+                                    started.await
+                                } else {
+                                    let (current, started) = futures_util::join!(check(), started);
+                                    checked = true;
+                                    if current.map_err(err)?.is_none() {
+                                        // Dropping the COPY and the transaction aborts both;
+                                        // `serve` says who took over, once they are gone.
+                                        return Err(Error::Fenced(String::new()));
+                                    }
+                                    started
+                                };
+                                let mut sink = Box::pin(started.map_err(err)?);
                                 sink.feed(Bytes::from_static(COPY_HEADER))
                                     .await
                                     .map_err(err)?;
@@ -514,6 +528,9 @@ impl Buffer {
                     }
                     WriteOp::Commit(commit) => {
                         let started = Instant::now();
+                        if !checked && check().await.map_err(err)?.is_none() {
+                            return Err(Error::Fenced(String::new()));
+                        }
                         if let Some(mut sink) = copy.take() {
                             sink.feed(Bytes::from_static(&COPY_TRAILER))
                                 .await
@@ -554,9 +571,7 @@ impl Buffer {
                         .map_err(err)?;
                         if written == 0 {
                             // Dropping the transaction rolls it back: nothing of it is kept.
-                            return Err(
-                                fenced(&tx, &self.fenced_by, &self.pipeline, self.epoch).await
-                            );
+                            return Err(Error::Fenced(String::new()));
                         }
                         tx.commit().await.map_err(err)?;
                         // The loop may be gone (it stopped on an error): the commit stands,
@@ -582,13 +597,8 @@ impl Buffer {
 }
 
 /// The error of a session whose commit found a newer epoch: who took over, and since when.
-async fn fenced(
-    tx: &tokio_postgres::Transaction<'_>,
-    statement: &str,
-    pipeline: &str,
-    epoch: i64,
-) -> Error {
-    let by = match tx.query_opt(statement, &[&pipeline]).await {
+async fn fenced(client: &impl GenericClient, statement: &str, pipeline: &str, epoch: i64) -> Error {
+    let by = match client.query_opt(statement, &[&pipeline]).await {
         Ok(Some(row)) => {
             let (writer, current, since): (String, i64, String) =
                 (row.get(0), row.get(1), row.get(2));
