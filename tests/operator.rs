@@ -1310,9 +1310,12 @@ fn reconciles(metrics: &str) -> f64 {
         .sum()
 }
 
-/// The controller's own status writes do not reconcile the pipeline again (issue: quiet on
-/// the API server): while a trickle of changes makes every refresh write the status, a
-/// pipeline is reconciled once per statusInterval, not twice.
+/// Quiet on the API server. The controller's own status writes do not reconcile the pipeline
+/// again: while a trickle of changes makes every refresh write the status, a pipeline is
+/// reconciled once per statusInterval, not twice. And with nothing a user would notice
+/// changing, nothing is written: while the source writes WAL for other tables only (the
+/// slot's positions move, the lag stays under 1 MiB), the status is not patched at all; the
+/// next captured change is written within an interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_writes_do_not_trigger_reconciles() {
     let ns = "quiet";
@@ -1333,7 +1336,7 @@ async fn status_writes_do_not_trigger_reconciles() {
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        id
+        (id, db)
     });
     let before = reconciles(&op.metrics().await);
     let events_before = pipelines
@@ -1350,7 +1353,7 @@ async fn status_writes_do_not_trigger_reconciles() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = reconciles(&op.metrics().await);
-    let written = writes.await.unwrap();
+    let (written, db) = writes.await.unwrap();
     let events_after = pipelines
         .get("p")
         .await
@@ -1374,6 +1377,79 @@ async fn status_writes_do_not_trigger_reconciles() {
     // The loop turns: /healthz says so.
     let health = op.get("/healthz").await;
     assert!(health.contains(" 200 "), "{health}");
+
+    // Nothing a user would notice: the source writes WAL, for a table not captured only.
+    let total = Some(i64::from(written));
+    wait_status(&pipelines, "p", "every insert counted", |s| {
+        s.events_total == total && s.lag_bytes.is_some()
+    })
+    .await;
+    db.batch_execute("CREATE TABLE other (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    let slot = pipelines
+        .get("p")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .slot_name
+        .expect("slot in status");
+    // (the source's WAL position, the slot's confirmed position), in bytes.
+    let positions = "SELECT (pg_current_wal_lsn() - '0/0')::int8, \
+                     (confirmed_flush_lsn - '0/0')::int8 \
+                     FROM pg_replication_slots WHERE slot_name = $1";
+    let before = db.query_one(positions, &[&slot]).await.unwrap();
+    let version = pipelines.get("p").await.unwrap().metadata.resource_version;
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    // Five intervals of 2 s; each a few kilobytes of WAL.
+    while started.elapsed() < Duration::from_secs(10) {
+        n += 1;
+        db.execute(
+            "INSERT INTO other SELECT g, repeat('x', 20) FROM generate_series($1::int * 10, $1::int * 10 + 9) g",
+            &[&n],
+        )
+        .await
+        .unwrap();
+        let now = pipelines.get("p").await.unwrap();
+        assert_eq!(
+            now.metadata.resource_version, version,
+            "the status was written while only other tables changed: {:?}",
+            now.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = db.query_one(positions, &[&slot]).await.unwrap();
+    // The source did write, and the slot did follow it: an exact copy of the positions in
+    // the status would have been rewritten at every interval.
+    assert!(
+        after.get::<_, i64>(0) > before.get::<_, i64>(0)
+            && after.get::<_, i64>(1) > before.get::<_, i64>(1),
+        "WAL {} -> {}, slot {} -> {}",
+        before.get::<_, i64>(0),
+        after.get::<_, i64>(0),
+        before.get::<_, i64>(1),
+        after.get::<_, i64>(1)
+    );
+    // A change a user would notice is written.
+    db.execute("INSERT INTO t VALUES (0)", &[]).await.unwrap();
+    let total = Some(i64::from(written) + 1);
+    let s = wait_status(&pipelines, "p", "the next event counted", |s| {
+        s.events_total == total
+    })
+    .await;
+    // ...with the exact positions of that moment.
+    let confirmed = s
+        .confirmed_flush_lsn
+        .as_deref()
+        .and_then(philotes::pipeline::lsn::parse)
+        .expect("confirmedFlushLsn");
+    assert!(
+        confirmed >= after.get::<_, i64>(1) as u64,
+        "status confirmedFlushLsn {confirmed} behind the slot's {}",
+        after.get::<_, i64>(1)
+    );
     op.stop().await;
 }
 

@@ -810,14 +810,15 @@ fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
     }
 }
 
-/// Writes the status when it changed, and an Event when the Ready condition changed.
+/// Writes the status when something a user would notice changed ([`status::visible`]), and
+/// an Event when the Ready condition changed.
 async fn publish_status(
     ctx: &Context,
     p: &CdcPipeline,
     previous: Option<&CdcPipelineStatus>,
     status: CdcPipelineStatus,
 ) -> Result<(), ReconcileError> {
-    if previous == Some(&status) {
+    if previous.map(status::visible) == Some(status::visible(&status)) {
         return Ok(());
     }
     let old = previous.and_then(status::ready);

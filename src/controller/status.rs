@@ -285,6 +285,37 @@ pub fn ready_condition(
     }
 }
 
+/// What of a status a user would notice changing: the status is written only when this
+/// differs from the one last written (issue: quiet on the API server). Positions that move
+/// with every byte of WAL the source writes (`lastReceivedLsn`, `confirmedFlushLsn`,
+/// `currentWalLsn`, `lastCheckpointTime`) do not count on their own, and `lagBytes` and
+/// `safeWalSizeBytes` count by [`bucket`]. Counters (`eventsTotal`, rows copied), the phase,
+/// the conditions and the slot's state count as they are. Each write carries the exact
+/// current values of every field; Prometheus has them at every scrape.
+pub fn visible(status: &CdcPipelineStatus) -> CdcPipelineStatus {
+    CdcPipelineStatus {
+        last_received_lsn: None,
+        confirmed_flush_lsn: None,
+        current_wal_lsn: None,
+        last_checkpoint_time: None,
+        lag_bytes: status.lag_bytes.map(bucket),
+        safe_wal_size_bytes: status.safe_wal_size_bytes.map(bucket),
+        ..status.clone()
+    }
+}
+
+/// A byte count by order of magnitude: 0 below 1 MiB, then one step per factor of 4
+/// (1 MiB, 4 MiB, 16 MiB, …, 1 GiB, 4 GiB, …). A lag growing from nothing to 64 GiB is
+/// written 9 times; one wandering within a few kilobytes of caught up, never.
+pub fn bucket(bytes: i64) -> i64 {
+    let mib = bytes.max(0) >> 20;
+    if mib == 0 {
+        0
+    } else {
+        i64::from(63 - mib.leading_zeros()) / 2 + 1
+    }
+}
+
 /// The current time as conditions record it.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -298,6 +329,49 @@ pub fn ready(status: &CdcPipelineStatus) -> Option<&Condition> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_counts_by_order_of_magnitude() {
+        let mib = 1 << 20;
+        assert_eq!(bucket(-5), 0);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(mib - 1), 0);
+        assert_eq!(bucket(mib), 1);
+        assert_eq!(bucket(4 * mib - 1), 1);
+        assert_eq!(bucket(4 * mib), 2);
+        assert_eq!(bucket(1 << 30), 6);
+        assert_eq!(bucket(64 << 30), 9);
+        assert_eq!(bucket(i64::MAX), 22);
+    }
+
+    #[test]
+    fn moving_positions_alone_are_not_a_visible_change() {
+        let written = CdcPipelineStatus {
+            phase: Some("Running".into()),
+            confirmed_flush_lsn: Some("0/1000".into()),
+            current_wal_lsn: Some("0/1800".into()),
+            last_received_lsn: Some("0/1000".into()),
+            lag_bytes: Some(0x800),
+            events_total: Some(7),
+            last_checkpoint_time: Some("2026-01-01T00:00:00Z".into()),
+            ..CdcPipelineStatus::default()
+        };
+        // The source wrote WAL for other tables, and the slot followed it.
+        let mut now = written.clone();
+        now.confirmed_flush_lsn = Some("0/9000".into());
+        now.current_wal_lsn = Some("0/9100".into());
+        now.last_received_lsn = Some("0/9000".into());
+        now.lag_bytes = Some(0x100);
+        now.last_checkpoint_time = Some("2026-01-01T00:00:10Z".into());
+        assert_eq!(visible(&written), visible(&now));
+        // One more event, or a lag past 1 MiB, is.
+        let mut more = now.clone();
+        more.events_total = Some(8);
+        assert_ne!(visible(&written), visible(&more));
+        let mut behind = now;
+        behind.lag_bytes = Some(3 << 20);
+        assert_ne!(visible(&written), visible(&behind));
+    }
 
     fn inputs<'a>(
         o: &'a Observed,
