@@ -16,6 +16,7 @@ use super::{deletes_slot, key, publish_status, Context, ReconcileError, SKIP_CLE
 pub async fn cleanup(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError> {
     let key = key(p);
     ctx.supervisor.stop(&key).await;
+    ctx.written.forget(&p.uid().unwrap_or_default());
     ctx.secrets.retain_referenced(
         ctx.pipelines
             .state()
@@ -44,7 +45,9 @@ pub async fn cleanup(p: &CdcPipeline, ctx: &Context) -> Result<Action, Reconcile
             );
             let mut status = p.status.clone().unwrap_or_default();
             set_blocked(&mut status, &message, p.meta().generation);
-            publish_status(ctx, p, p.status.as_ref(), status).await?;
+            if super::status::to_write(&status, p.status.as_ref(), None) {
+                publish_status(ctx, p, p.status.as_ref(), &status).await?;
+            }
             Err(ReconcileError::Cleanup(message))
         }
     }

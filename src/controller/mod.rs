@@ -81,6 +81,8 @@ pub struct Context {
     pub secrets: SecretCache,
     /// This replica's share of the pipelines, when replicas share them.
     pub shard: Option<Shard>,
+    /// The status this replica last wrote, per pipeline.
+    pub written: status::Written,
 }
 
 /// This replica among the operator's replicas (see [`members`]).
@@ -157,6 +159,7 @@ pub async fn run(
         heartbeat,
         secrets: SecretCache::new(secret_meta, opts.secret_label.clone()),
         shard: opts.shard.clone(),
+        written: status::Written::default(),
     });
     ready.store(true, Ordering::Relaxed);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -224,6 +227,13 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
         .map(|o| key(o))
         .collect();
     ctx.heartbeat.retain(|k| live.contains(k));
+    let uids: std::collections::HashSet<String> = ctx
+        .pipelines
+        .state()
+        .iter()
+        .filter_map(|o| o.uid())
+        .collect();
+    ctx.written.retain(|uid| uids.contains(uid));
     if p.meta().deletion_timestamp.is_some() {
         ctx.heartbeat.forget(&key(&p));
     } else {
@@ -375,6 +385,8 @@ async fn let_go(
     if ctx.supervisor.stop(&key).await {
         tracing::info!(pipeline = %key, "owned by another replica now: stopped here");
     }
+    // The next owner writes it; should it come back here, the watch's copy is the one.
+    ctx.written.forget(&p.uid().unwrap_or_default());
     if p.status.as_ref().and_then(|s| s.owner.as_deref()) != Some(shard.identity.as_str()) {
         return Ok(Action::requeue(every));
     }
@@ -699,7 +711,10 @@ async fn finish(
 ) -> Result<Action, ReconcileError> {
     let key = &key(p);
     let now = status::now();
-    let previous = p.status.as_ref();
+    let uid = p.uid().unwrap_or_default();
+    // What this replica last wrote, when the watch's copy has not caught up with it.
+    let written = ctx.written.get(&uid);
+    let previous = written.as_ref().or(p.status.as_ref());
     let (slot, publication) = match (&observed, &cfg) {
         // The names the pipeline streams from (a checkpointed one keeps those it recorded).
         (Observed::Task { progress, .. }, _) if !progress.slot.is_empty() => (
@@ -749,7 +764,10 @@ async fn finish(
     } else {
         every
     };
-    publish_status(ctx, p, previous, status).await?;
+    if status::to_write(&status, p.status.as_ref(), written.as_ref()) {
+        publish_status(ctx, p, previous, &status).await?;
+        ctx.written.set(&uid, status);
+    }
     Ok(Action::requeue(next))
 }
 
@@ -810,19 +828,15 @@ fn record_metrics(ctx: &Context, key: &str, status: &CdcPipelineStatus) {
     }
 }
 
-/// Writes the status when something a user would notice changed ([`status::visible`]), and
-/// an Event when the Ready condition changed.
+/// Writes the status, and an Event when the Ready condition changed from `previous`'s.
 async fn publish_status(
     ctx: &Context,
     p: &CdcPipeline,
     previous: Option<&CdcPipelineStatus>,
-    status: CdcPipelineStatus,
+    status: &CdcPipelineStatus,
 ) -> Result<(), ReconcileError> {
-    if previous.map(status::visible) == Some(status::visible(&status)) {
-        return Ok(());
-    }
     let old = previous.and_then(status::ready);
-    let new = status::ready(&status);
+    let new = status::ready(status);
     let transition = match (old, new) {
         (Some(o), Some(n)) => o.status != n.status || o.reason != n.reason,
         (None, Some(_)) => true,
@@ -830,7 +844,7 @@ async fn publish_status(
     };
     let api: Api<CdcPipeline> =
         Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
-    let mut applied = serde_json::to_value(&status).unwrap_or_default();
+    let mut applied = serde_json::to_value(status).unwrap_or_default();
     if let Some(fields) = applied.as_object_mut() {
         // Not this apply's: see `owner_params`.
         fields.remove("owner");
@@ -847,7 +861,7 @@ async fn publish_status(
     )
     .await
     .map_err(ReconcileError::Status)?;
-    if let Some(c) = status::refusal(&status) {
+    if let Some(c) = status::refusal(status) {
         if previous.and_then(status::refusal).map(|o| &o.message) != Some(&c.message) {
             let event = KubeEvent {
                 type_: EventType::Warning,
@@ -922,6 +936,7 @@ mod mock_tests {
             heartbeat: Arc::new(Heartbeat::default()),
             secrets: SecretCache::new(kube::runtime::reflector::store().0, None),
             shard,
+            written: status::Written::default(),
         });
         (ctx, handle)
     }

@@ -298,10 +298,60 @@ pub fn visible(status: &CdcPipelineStatus) -> CdcPipelineStatus {
         confirmed_flush_lsn: None,
         current_wal_lsn: None,
         last_checkpoint_time: None,
+        // Written by the handover, not with the rest (see `owner_params`).
+        owner: None,
         lag_bytes: status.lag_bytes.map(bucket),
         safe_wal_size_bytes: status.safe_wal_size_bytes.map(bucket),
         ..status.clone()
     }
+}
+
+/// The status this replica last wrote, per pipeline UID. The watch's copy of an object lags
+/// behind the writes (by more than a second with hundreds of pipelines starting at once): a
+/// status compared only with that copy would be judged unchanged against one already
+/// replaced, and a pipeline that went Provisioning → Running would show Provisioning for a
+/// whole `statusInterval`. Forgotten when the pipeline is handed over or deleted.
+#[derive(Default)]
+pub struct Written(std::sync::Mutex<std::collections::HashMap<String, CdcPipelineStatus>>);
+
+impl Written {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CdcPipelineStatus>> {
+        // A panic while holding the lock leaves a map still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn get(&self, uid: &str) -> Option<CdcPipelineStatus> {
+        self.map().get(uid).cloned()
+    }
+
+    pub fn set(&self, uid: &str, status: CdcPipelineStatus) {
+        self.map().insert(uid.to_string(), status);
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.map().remove(uid);
+    }
+
+    /// Keeps only the pipelines for which `keep` holds.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.map().retain(|uid, _| keep(uid));
+    }
+}
+
+/// Whether `status` is to be written: something a user would notice differs from the copy
+/// the watch has (`seen`: a user or another writer may have changed it) or from what this
+/// replica last wrote (`written`: the watch may not have caught up with it yet).
+pub fn to_write(
+    status: &CdcPipelineStatus,
+    seen: Option<&CdcPipelineStatus>,
+    written: Option<&CdcPipelineStatus>,
+) -> bool {
+    let now = visible(status);
+    seen.map(visible).as_ref() != Some(&now) || written.is_some_and(|w| visible(w) != now)
 }
 
 /// A byte count by order of magnitude: 0 below 1 MiB, then one step per factor of 4
@@ -329,6 +379,28 @@ pub fn ready(status: &CdcPipelineStatus) -> Option<&Condition> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_behind_the_last_write_does_not_hide_a_change() {
+        let running = CdcPipelineStatus {
+            phase: Some("Running".into()),
+            ..CdcPipelineStatus::default()
+        };
+        let provisioning = CdcPipelineStatus {
+            phase: Some("Provisioning".into()),
+            ..CdcPipelineStatus::default()
+        };
+        // The watch still shows Running from before a handover; this replica wrote
+        // Provisioning since: Running again is a change.
+        assert!(to_write(&running, Some(&running), Some(&provisioning)));
+        // Caught up, or nothing written by this replica yet: only a difference counts.
+        assert!(!to_write(&running, Some(&running), Some(&running)));
+        assert!(!to_write(&running, Some(&running), None));
+        assert!(to_write(&running, Some(&provisioning), None));
+        assert!(to_write(&running, None, None));
+        // Someone else cleared or changed what this replica wrote: written again.
+        assert!(to_write(&running, Some(&provisioning), Some(&running)));
+    }
 
     #[test]
     fn lag_counts_by_order_of_magnitude() {
