@@ -240,6 +240,21 @@ async fn a_lost_slot_is_reported_not_recreated() {
     assert_eq!(ended.expect_err("refused").reason(), "SlotLost");
     assert_eq!(r.progress.borrow().state, philotes::pipeline::State::Failed);
 
+    // A recovery cut short (killed once the new slot exists, before anything is recorded in
+    // the buffer) leaves the gap to recover: the next one carries it out whole.
+    let out = std::process::Command::new(bin())
+        .args(["recover", "-f"])
+        .arg(file.path())
+        .env("PHILOTES_FAILPOINT", "recover-before-gap")
+        .output()
+        .expect("run philotes");
+    assert!(!out.status.success(), "{out:?}");
+    let recorded: Vec<i64> = column(
+        &buffer,
+        "SELECT (SELECT count(*) FROM philotes.cdc_gaps) + (SELECT count(*) FROM philotes.cdc_snapshots WHERE request LIKE 'gap:%')",
+    )
+    .await;
+    assert_eq!(recorded, [0], "nothing recorded by the recovery cut short");
     let (code, out) = run_cli(&["recover", "-f", file.path().to_str().expect("path")]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("recorded in cdc_gaps"), "{out}");

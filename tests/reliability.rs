@@ -607,4 +607,30 @@ async fn a_superseded_writer_is_fenced_by_the_buffer() {
     .await;
     assert_eq!(epoch, [3]);
     verified(&cfg).await;
+
+    // The writes a session makes outside the stream (at its start, and those of `philotes
+    // snapshot`, `recover` and the deletion policy) are fenced the same way: superseded, it
+    // changes nothing.
+    let mut session = philotes::pipeline::buffer::Buffer::open(&cfg)
+        .await
+        .expect("open");
+    buffer
+        .batch_execute(
+            "UPDATE philotes.cdc_writers SET epoch = epoch + 1, writer = 'replica-c', since = now()
+             WHERE pipeline = 'test/fence'",
+        )
+        .await
+        .unwrap();
+    let state = "SELECT (SELECT count(*) FROM philotes.cdc_snapshots WHERE pipeline = 'test/fence' AND request = 'cli:fenced') \
+                 || ' ' || (SELECT count(*) FROM philotes.cdc_checkpoints WHERE pipeline = 'test/fence')";
+    let table = philotes::pipeline::config::TableName::parse("t").unwrap();
+    let e = session
+        .request_snapshot(std::slice::from_ref(&table), "cli:fenced")
+        .await
+        .expect_err("superseded");
+    assert_eq!(e.reason(), "Fenced", "{e}");
+    assert!(e.to_string().contains("replica-c"), "{e}");
+    let e = session.delete_checkpoint().await.expect_err("superseded");
+    assert_eq!(e.reason(), "Fenced", "{e}");
+    assert_eq!(column::<String>(&buffer, state).await, ["0 1"]);
 }

@@ -18,7 +18,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::config::TableName;
 use super::config::{quote_ident, PipelineConfig};
@@ -231,6 +231,25 @@ impl Buffer {
         self.pipeline_id
     }
 
+    /// A transaction that writes only while this session's epoch is the pipeline's: the
+    /// epoch check is its first statement and holds the `cdc_writers` row FOR SHARE to the
+    /// commit, as in every transaction of [`Buffer::serve`]. A superseded session gets
+    /// `Fenced`, naming the writer that took over, and writes nothing.
+    async fn guarded(&mut self) -> Result<Transaction<'_>> {
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
+        let tx = self.client.transaction().await.map_err(err)?;
+        let params: [&(dyn ToSql + Sync); 2] = [&self.pipeline, &self.epoch];
+        if tx
+            .query_opt(&self.check_epoch, &params)
+            .await
+            .map_err(err)?
+            .is_none()
+        {
+            return Err(fenced(&tx, &self.fenced_by, &self.pipeline, self.epoch).await);
+        }
+        Ok(tx)
+    }
+
     /// The durable checkpoint and the identity recorded with it, if the pipeline has one.
     pub async fn checkpoint(&self) -> Result<Option<(Checkpoint, Recorded)>> {
         let row = self
@@ -262,17 +281,22 @@ impl Buffer {
     /// new pipeline). Refused when another pipeline of this buffer already checkpoints the
     /// same slot of the same source: two pipelines on one slot take its changes from each
     /// other.
-    pub async fn save_identity(&self, checkpoint: &Checkpoint, id: &Recorded) -> Result<()> {
+    pub async fn save_identity(&mut self, checkpoint: &Checkpoint, id: &Recorded) -> Result<()> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
-        let schema = &self.schema;
-        let other: Option<String> = self
-            .client
+        let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
+        let tx = self.guarded().await?;
+        let other: Option<String> = tx
             .query_opt(
                 &format!(
                     "SELECT pipeline FROM {schema}.cdc_checkpoints WHERE pipeline <> $1 AND slot_name = $2 \
                      AND system_identifier = $3 AND database = $4 LIMIT 1"
                 ),
-                &[&self.pipeline, &id.slot, &id.system_identifier, &id.database],
+                &[
+                    &pipeline as &(dyn ToSql + Sync),
+                    &id.slot,
+                    &id.system_identifier,
+                    &id.database,
+                ],
             )
             .await
             .map_err(err)?
@@ -280,16 +304,15 @@ impl Buffer {
         if let Some(other) = other {
             return Err(Error::SlotConflict(format!(
                 "replication slot {} on source database {} is already streamed by pipeline {other} (its checkpoint is in the same buffer); \
-                 give pipeline {} its own spec.source.slot",
+                 give pipeline {pipeline} its own spec.source.slot",
                 id.slot.as_deref().unwrap_or("?"),
                 id.database.as_deref().unwrap_or("?"),
-                self.pipeline
             )));
         }
-        upsert_identity(&self.client, schema, &self.pipeline, checkpoint, id)
+        upsert_identity(&tx, &schema, &pipeline, checkpoint, id)
             .await
             .map_err(err)?;
-        Ok(())
+        tx.commit().await.map_err(err)
     }
 
     /// The snapshots this start has to carry out, after recording what the spec asks for:
@@ -299,20 +322,21 @@ impl Buffer {
     /// recorded) has its tables recorded as `Skipped`: upgrading copies nothing.
     /// Returns every listed table's state.
     pub async fn snapshot_states(
-        &self,
+        &mut self,
         cfg: &PipelineConfig,
         new_pipeline: bool,
     ) -> Result<Vec<TableState>> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
-        let schema = &self.schema;
-        let rows = self
-            .client
+        let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
+        let schema = &schema;
+        let tx = self.guarded().await?;
+        let rows = tx
             .query(
                 &format!(
                     "SELECT schema_name, table_name, request, phase, last_key::text, reread::text, rows_copied, range_done, \
                      done_lsn::text, started_lsn::text FROM {schema}.cdc_snapshots WHERE pipeline = $1"
                 ),
-                &[&self.pipeline],
+                &[&pipeline],
             )
             .await
             .map_err(err)?;
@@ -347,15 +371,14 @@ impl Buffer {
         // A table no longer listed forgets its snapshot: listed again later, it is added
         // anew and copied (its changes in between were not captured).
         for table in known.keys().filter(|t| !cfg.tables.contains(t)) {
-            self.client
-                .execute(
-                    &format!(
-                        "DELETE FROM {schema}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
-                    ),
-                    &[&self.pipeline, &table.schema, &table.name],
-                )
-                .await
-                .map_err(err)?;
+            tx.execute(
+                &format!(
+                    "DELETE FROM {schema}.cdc_snapshots WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
+                ),
+                &[&pipeline, &table.schema, &table.name],
+            )
+            .await
+            .map_err(err)?;
         }
         let mut states = Vec::new();
         for table in &cfg.tables {
@@ -389,53 +412,63 @@ impl Buffer {
             };
             let Some(request) = asked else { continue };
             let state = TableState::requested(table.clone(), request);
-            save_request(&self.client, schema, &self.pipeline, &state)
+            save_request(&tx, schema, &pipeline, &state)
                 .await
                 .map_err(err)?;
             states.push(state);
         }
+        tx.commit().await.map_err(err)?;
         Ok(states)
     }
 
     /// Asks for the tables to be copied again (`philotes snapshot`, and after a gap).
-    pub async fn request_snapshot(&self, tables: &[TableName], request: &str) -> Result<()> {
+    pub async fn request_snapshot(&mut self, tables: &[TableName], request: &str) -> Result<()> {
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
+        let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
+        let tx = self.guarded().await?;
         for table in tables {
             let state = TableState::requested(table.clone(), request.to_string());
-            save_request(&self.client, &self.schema, &self.pipeline, &state)
+            save_request(&tx, &schema, &pipeline, &state)
                 .await
-                .map_err(|e| buffer_error(&e))?;
+                .map_err(err)?;
         }
-        Ok(())
+        tx.commit().await.map_err(err)
     }
 
     /// Removes the pipeline's checkpoint (its events stay for consumers).
-    pub async fn delete_checkpoint(&self) -> Result<()> {
-        self.client
-            .execute(
-                &format!(
-                    "DELETE FROM {}.cdc_checkpoints WHERE pipeline = $1",
-                    self.schema
-                ),
-                &[&self.pipeline],
-            )
-            .await
-            .map(drop)
-            .map_err(|e| buffer_error(&e))
+    pub async fn delete_checkpoint(&mut self) -> Result<()> {
+        let err = |e: tokio_postgres::Error| buffer_error(&e);
+        let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
+        let tx = self.guarded().await?;
+        tx.execute(
+            &format!("DELETE FROM {schema}.cdc_checkpoints WHERE pipeline = $1"),
+            &[&pipeline],
+        )
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
     }
 
-    /// Acknowledges a gap: records it in `cdc_gaps` and restarts the checkpoint at `to_lsn`
-    /// with the identity of the source and new slot it continues on, in one transaction.
-    pub async fn record_gap(&mut self, gap: &Gap, id: &Recorded) -> Result<()> {
+    /// Acknowledges a gap: records it in `cdc_gaps`, restarts the checkpoint at `to_lsn`
+    /// with the identity of the source and new slot it continues on, and asks for `copy`
+    /// (tables, request) to be copied again, in one transaction: a recovery cut short leaves
+    /// either all of it or none (and is then carried out again, as the gap is still there).
+    pub async fn record_gap(
+        &mut self,
+        gap: &Gap,
+        id: &Recorded,
+        copy: Option<(&[TableName], &str)>,
+    ) -> Result<()> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
-        let schema = self.schema.clone();
-        let tx = self.client.transaction().await.map_err(err)?;
+        let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
+        let tx = self.guarded().await?;
         tx.execute(
             &format!(
                 "INSERT INTO {schema}.cdc_gaps (pipeline, from_lsn, to_lsn, reason, message) \
                  VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5)"
             ),
             &[
-                &self.pipeline,
+                &pipeline,
                 &lsn::format(gap.from_lsn),
                 &lsn::format(gap.to_lsn),
                 &gap.reason,
@@ -448,7 +481,7 @@ impl Buffer {
             &format!(
                 "UPDATE {schema}.cdc_checkpoints SET lsn = $2::text::pg_lsn, updated_at = now() WHERE pipeline = $1"
             ),
-            &[&self.pipeline, &lsn::format(gap.to_lsn)],
+            &[&pipeline, &lsn::format(gap.to_lsn)],
         )
         .await
         .map_err(err)?;
@@ -456,9 +489,20 @@ impl Buffer {
             lsn: gap.to_lsn,
             ..Checkpoint::default()
         };
-        upsert_identity(&tx, &schema, &self.pipeline, &restarted, id)
+        upsert_identity(&tx, &schema, &pipeline, &restarted, id)
             .await
             .map_err(err)?;
+        for table in copy.map_or(&[][..], |(tables, _)| tables) {
+            let request = copy.map_or("", |(_, r)| r).to_string();
+            save_request(
+                &tx,
+                &schema,
+                &pipeline,
+                &TableState::requested(table.clone(), request),
+            )
+            .await
+            .map_err(err)?;
+        }
         tx.commit().await.map_err(err)
     }
 

@@ -12,7 +12,7 @@ use super::config::TableName;
 use super::error::{Error, Result};
 use super::identity::{self, Recorded};
 use super::lsn;
-use super::run::{identify, on_source};
+use super::run::{failpoint, identify, on_source};
 use super::source;
 use crate::crd::SnapshotMode;
 
@@ -99,6 +99,9 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
     }
     let dropped_old_slot = source::drop_slot(&client, cfg).await?;
     let to_lsn = source::create_slot(&client, cfg).await?;
+    // Cut short here, the new slot exists and nothing is recorded: the gap is still there
+    // (the slot begins past the checkpoint), and recovering again replaces the slot.
+    failpoint("recover-before-gap");
     let gap = Gap {
         from_lsn: ckpt.lsn,
         to_lsn,
@@ -107,16 +110,16 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
     };
     // The new checkpoint belongs to this source and this new slot, so the next start checks
     // against them.
-    buffer
-        .record_gap(&gap, &Recorded::of(now, cfg, to_lsn))
-        .await?;
     // What the gap may have lost is copied again from the tables as they are now, while
-    // the pipeline streams on from the new slot (README: Snapshots).
-    if cfg.snapshot.mode == SnapshotMode::Initial {
-        buffer
-            .request_snapshot(&cfg.tables, &format!("gap:{}", lsn::format(to_lsn)))
-            .await?;
-    }
+    // the pipeline streams on from the new slot (README: Snapshots). Asked for in the gap's
+    // own transaction: a recovery cut short between the two would have found no gap left
+    // to recover, and copied nothing.
+    let request = format!("gap:{}", lsn::format(to_lsn));
+    let copy =
+        (cfg.snapshot.mode == SnapshotMode::Initial).then_some((&cfg.tables[..], request.as_str()));
+    buffer
+        .record_gap(&gap, &Recorded::of(now, cfg, to_lsn), copy)
+        .await?;
     Ok(Recovered {
         gap,
         dropped_old_slot,
@@ -138,7 +141,7 @@ pub async fn request_snapshot(cfg: &PipelineConfig, tables: &[String]) -> Result
         }
         asked.push(table);
     }
-    let buffer = Buffer::open(cfg).await?;
+    let mut buffer = Buffer::open(cfg).await?;
     let when = unix_seconds();
     buffer
         .request_snapshot(&asked, &format!("cli:{when}"))
@@ -157,7 +160,7 @@ fn unix_seconds() -> u64 {
 /// pipeline streams from, then its checkpoint, so a pipeline created later under the same
 /// name starts afresh instead of reporting a lost slot.
 pub async fn forget(cfg: &PipelineConfig) -> Result<source::Dropped> {
-    let buffer = Buffer::open(cfg).await?;
+    let mut buffer = Buffer::open(cfg).await?;
     let stored = buffer.checkpoint().await?;
     let cfg = &identity::streamed(cfg, stored.as_ref().map(|(_, r)| r))?;
     let client = cfg.source.connect("source").await?;

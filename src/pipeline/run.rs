@@ -330,7 +330,7 @@ async fn session(
     if buffer_slot.as_ref().is_none_or(|b| b.is_closed()) {
         *buffer_slot = Some(Buffer::open(cfg).await?);
     }
-    let Some(buffer) = buffer_slot.as_ref() else {
+    let Some(buffer) = buffer_slot.as_mut() else {
         return Err(Error::Buffer("buffer connection missing".into()));
     };
 
@@ -1371,7 +1371,7 @@ impl Pending {
 
 /// Test hook: `PHILOTES_FAILPOINT=<name>` makes the process abort (like `kill -9`: nothing
 /// flushed, nothing acknowledged) when it reaches the named point.
-fn failpoint(name: &str) {
+pub(crate) fn failpoint(name: &str) {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let armed = ARMED.get_or_init(|| std::env::var("PHILOTES_FAILPOINT").ok());
     if armed.as_deref() == Some(name) {
