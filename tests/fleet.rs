@@ -167,6 +167,28 @@ async fn settled(
     panic!("the pipelines did not settle over {live:?} with {rows} events each:\n{last}");
 }
 
+/// Waits until `status.owner` of every pipeline names `owner` (whether or not it streams).
+async fn claimed_by(pipelines: &Api<CdcPipeline>, owner: &str) {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        let list = pipelines.list(&ListParams::default()).await.unwrap();
+        last = list
+            .items
+            .iter()
+            .filter_map(|p| {
+                let o = p.status.as_ref().and_then(|s| s.owner.clone());
+                (o.as_deref() != Some(owner)).then(|| format!("{:?}: {o:?}", p.metadata.name))
+            })
+            .collect();
+        if last.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("not all claimed by {owner}: {last:?}");
+}
+
 /// Pipelines per owner, sorted.
 fn loads(owners: &BTreeMap<String, String>) -> Vec<usize> {
     let mut per: BTreeMap<&str, usize> = BTreeMap::new();
@@ -326,15 +348,71 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         assert!(!log.contains("SlotInUse"), "replica {name}:\n{log}");
     }
 
-    // Frozen (SIGSTOP) past its lease: the other claims its pipelines, but its connections
-    // still hold their slots and buffer locks, so nothing streams them twice. Resumed, its
-    // membership has lapsed for good: it stops everything and exits 3 (not resuming as a
-    // member, although its next renewal would get through), and the other one runs them.
+    // Frozen (SIGSTOP) past its lease, still believing it runs its pipelines: the other
+    // claims them, but the frozen one's connections still hold their slots (one walsender per
+    // slot) and buffer locks, so nothing streams them twice meanwhile.
+    let frozen: Vec<String> = owners
+        .iter()
+        .filter(|(_, o)| o.as_str() == "d")
+        .map(|(p, _)| format!("{NS}/{p}"))
+        .collect();
     let d = replicas.get_mut("d").unwrap();
     let pid = d.child.id().to_string();
     Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     write_rows(&source, 41, 50).await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    claimed_by(&pipelines, "a").await;
+    let slots: Vec<String> = frozen
+        .iter()
+        .map(|p| format!("philotes_{}", p.replace('/', "_")))
+        .collect();
+    let held: Vec<i64> = column(
+        &source,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name IN ('{}')",
+            slots.join("', '")
+        ),
+    )
+    .await;
+    assert_eq!(
+        held,
+        [frozen.len() as i64],
+        "the frozen replica holds its slots"
+    );
+    // Then the servers end its sessions, as TCP keepalives would on a partition: the other
+    // replica takes the slots and locks, supersedes its writer epochs and streams, while the
+    // frozen one still believes it runs them.
+    source
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE active AND slot_name IN ('{}')",
+            slots.join("', '")
+        ))
+        .await
+        .unwrap();
+    // The writer lock of a pipeline: `Buffer::open`'s advisory lock, as pg_locks shows a
+    // 64-bit key.
+    let buffer = connect(&buf).await;
+    let ended: Vec<i64> = column(
+        &buffer,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted \
+             AND ((classid::int8 << 32) | objid::int8) IN \
+             (SELECT hashtextextended('philotes:' || p, 0) FROM unnest(ARRAY['{}']) p)",
+            frozen.join("', '")
+        ),
+    )
+    .await;
+    assert_eq!(
+        ended,
+        [frozen.len() as i64],
+        "one buffer session per frozen pipeline"
+    );
+    let owners = settled(&pipelines, &["a"], 50, &replicas).await;
+    assert_eq!(loads(&owners), [30]);
+    // Resumed, it writes nothing (its sessions are gone, a new one would find the lock taken
+    // and its epoch superseded) and its membership has lapsed for good: it stops everything
+    // and exits 3, not resuming as a member although its next renewal would get through.
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     let d = replicas.get_mut("d").unwrap();
     assert_eq!(
@@ -344,13 +422,14 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         d.log()
     );
     assert!(d.log().contains("membership lost"), "{}", d.log());
-    let owners = settled(&pipelines, &["a"], 50, &replicas).await;
+    write_rows(&source, 51, 55).await;
+    let owners = settled(&pipelines, &["a"], 55, &replicas).await;
     assert_eq!(loads(&owners), [30]);
 
     // A new replica joins, then the first stops on SIGTERM: it stops its pipelines, leaves,
     // and the new one takes them at once.
     replicas.insert("e", Replica::start(dir.path(), api.port, "e").await);
-    let owners = settled(&pipelines, &["a", "e"], 50, &replicas).await;
+    let owners = settled(&pipelines, &["a", "e"], 55, &replicas).await;
     assert_eq!(loads(&owners), [15, 15]);
     let a = replicas.get_mut("a").unwrap();
     sigterm(&a.child);
@@ -360,12 +439,12 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         "{}",
         a.log()
     );
-    write_rows(&source, 51, 60).await;
+    write_rows(&source, 56, 60).await;
     let owners = settled(&pipelines, &["e"], 60, &replicas).await;
     assert_eq!(loads(&owners), [30]);
 
-    // Every row exactly once, in every pipeline.
-    let buffer = connect(&buf).await;
+    // Every row exactly once, in every pipeline: the events, and `philotes verify`'s replay
+    // of them against the source table.
     for i in 0..PIPELINES {
         let events = events(&buffer, "philotes", &format!("{NS}/{}", name(i))).await;
         let mut ids: Vec<i64> = events
@@ -376,6 +455,12 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         assert_eq!(events.len(), ids.len(), "{}", name(i));
         ids.sort_unstable();
         assert_eq!(ids, (1..=60).collect::<Vec<_>>(), "{}", name(i));
+        let cfg = config(
+            &manifest(&name(i), &src, &buf, &[&table(i)], "")
+                .replace("namespace: test", &format!("namespace: {NS}")),
+        );
+        let report = philotes::verify::verify(&cfg).await.expect("verify");
+        assert!(report.ok() && report.events() == 60, "{}: {report}", cfg.id);
     }
     // The last sessions are e's; every pipeline had sessions before (each a new epoch in
     // cdc_writers).
