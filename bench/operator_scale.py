@@ -366,7 +366,7 @@ def main():
             ("source connections per idle pipeline", f"{conns_src / PIPELINES:.2f}", "at most 2"),
             ("buffer connections per idle pipeline", f"{conns_buf / PIPELINES:.2f}", ""),
             ("API requests per pipeline per minute, steady state", f"{total / PIPELINES / minutes:.2f}", ""),
-            ("WAL the two sources wrote during the steady state", f"{wal} bytes", "nothing was written to them"),
+            ("WAL the two sources wrote during the steady state", f"{wal} bytes", "no user writes (their own autovacuum)"),
             ("status writes per pipeline per statusInterval (10 s)", f"{status_writes / PIPELINES / (minutes * 6):.2f}", "at most 1; none when nothing changed"),
             ("takeover after SIGKILL (all Ready elsewhere)", f"{takeover:.1f} s", "under 2 lease durations (30 s)"),
         ]
