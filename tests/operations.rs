@@ -585,6 +585,94 @@ async fn a_value_that_is_not_utf8_is_reported_or_set_aside() {
     assert!(set_aside.get::<_, bool>(4), "in the same transaction");
 }
 
+/// A row the snapshot copies holds text that is not UTF-8 (a `SQL_ASCII` source): it goes the
+/// way of `poisonEvents` as such a change in the stream does. By default the pipeline stops,
+/// naming the table, the row's key and the column, with what came before it written; with
+/// `DeadLetter` the row's key is set aside in `cdc_dead_letters` and the copy goes on, and
+/// fixing the value on the source brings the row in (an UPDATE of a row not seen yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_value_that_is_not_utf8_is_reported_or_set_aside() {
+    let admin = connect(&shared().uri("postgres")).await;
+    for sql in [
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'poisoncopy_src'",
+        "DROP DATABASE IF EXISTS poisoncopy_src WITH (FORCE)",
+        "CREATE DATABASE poisoncopy_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    ] {
+        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let src = shared().uri("poisoncopy_src");
+    let buf = fresh_db(shared(), "poisoncopy_buf").await;
+    let source = connect(&src).await;
+    source
+        .batch_execute(
+            r"CREATE TABLE t (id int PRIMARY KEY, v text);
+              INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, E'caf\xe9'), (5, 'e'), (6, 'f')",
+        )
+        .await
+        .expect("create table");
+    let buffer = connect(&buf).await;
+    let copied = || async {
+        column::<i32>(
+            &buffer,
+            "SELECT DISTINCT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/poisoncopy' ORDER BY 1",
+        )
+        .await
+    };
+    let file = manifest_file(&manifest("poisoncopy", &src, &buf, &["t"], ""));
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    for phrase in [
+        "PoisonEvent",
+        "cannot store the SNAPSHOT of public.t",
+        "the row (id)=(4) holds a value that is not valid UTF-8 in column v",
+        "poisonEvents: DeadLetter",
+    ] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert_eq!(copied().await, vec![1, 2, 3], "the rows before it landed");
+
+    let dead_letter = manifest_file(&manifest(
+        "poisoncopy",
+        &src,
+        &buf,
+        &["t"],
+        "poisonEvents: DeadLetter",
+    ));
+    let (code, out) = catch_up_cli(dead_letter.path());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(copied().await, vec![1, 2, 3, 5, 6], "the copy went on");
+    let set_aside = buffer
+        .query_one(
+            "SELECT operation, schema_name || '.' || table_name, reason, message FROM philotes.cdc_dead_letters \
+             WHERE pipeline = 'test/poisoncopy'",
+            &[],
+        )
+        .await
+        .expect("one dead letter");
+    assert_eq!(set_aside.get::<_, &str>(0), "SNAPSHOT");
+    assert_eq!(set_aside.get::<_, &str>(1), "public.t");
+    assert!(set_aside.get::<_, &str>(2).contains("(id)=(4)"));
+    assert_eq!(set_aside.get::<_, Vec<u8>>(3), b"[4]", "the row's key");
+    let state: Vec<String> = column(
+        &buffer,
+        "SELECT phase || ' ' || rows_copied FROM philotes.cdc_snapshots WHERE pipeline = 'test/poisoncopy'",
+    )
+    .await;
+    assert_eq!(state, ["Done 5"]);
+
+    // Fixed on the source: the UPDATE carries the whole row, and the replay matches.
+    source
+        .batch_execute("UPDATE t SET v = 'cafe' WHERE id = 4")
+        .await
+        .expect("fix");
+    let (code, out) = catch_up_cli(dead_letter.path());
+    assert_eq!(code, 0, "{out}");
+    let cfg = config(&manifest("poisoncopy", &src, &buf, &["t"], ""));
+    let report = philotes::verify::verify(&cfg).await.expect("verify");
+    assert!(report.ok(), "{report}");
+    assert_eq!(report.dead_letters, vec![("public.t".to_string(), 1)]);
+}
+
 /// Two pipelines of one buffer naming the same slot: the second is refused with
 /// SlotConflict instead of taking changes from the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -911,8 +911,21 @@ impl Streamer<'_> {
                 relation: rel.clone(),
             });
         }
-        let written = rows.len();
+        let mut written = 0;
         for row in rows {
+            // A row that cannot be stored goes the way of `poisonEvents`, as such a change
+            // in the stream does: stop, naming it (everything before it written and
+            // confirmed), or set its key aside in `cdc_dead_letters` and go on.
+            if let Some(reason) = row.unstorable {
+                let poison = Poison {
+                    relation: rel.clone(),
+                    operation: super::decode::Operation::Snapshot,
+                    reason,
+                };
+                self.on_poison(poison, Bytes::from(row.key), lsn)?;
+                continue;
+            }
+            written += 1;
             let change = Change {
                 relation: rel.clone(),
                 operation: super::decode::Operation::Snapshot,

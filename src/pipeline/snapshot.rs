@@ -262,7 +262,37 @@ impl Plan {
             key,
             key_text,
             image,
+            unstorable: None,
         })
+    }
+
+    /// A row with values that are not UTF-8 (`bad`: their columns; a `SQL_ASCII` source
+    /// stores bytes unchecked): kept as its key, with why it cannot be stored, for
+    /// `spec.poisonEvents` to deal with as with such a change in the stream. A key that is
+    /// not UTF-8 itself cannot be copied past: refused, naming the table and column.
+    fn unstorable(&self, values: &[Option<&str>], bad: &[usize]) -> Result<Row> {
+        let name = |i: usize| self.relation.columns[i].name.as_str();
+        if let Some(&i) = bad.iter().find(|i| self.key.contains(i)) {
+            return Err(Error::Snapshot(format!(
+                "cannot copy the existing rows of {}: key column {} of a row holds a value that is not valid UTF-8 \
+                 (a SQL_ASCII source stores bytes unchecked); fix the value on the source, or remove the table from \
+                 spec.source.tables",
+                self.table,
+                name(i)
+            )));
+        }
+        let mut row = self.row(values)?;
+        let key: Vec<String> = self.key.iter().map(|&i| name(i).to_string()).collect();
+        let columns: Vec<&str> = bad.iter().map(|&i| name(i)).collect();
+        row.image = String::new();
+        row.unstorable = Some(format!(
+            "the row ({})=({}) holds a value that is not valid UTF-8 in column {} (a SQL_ASCII source stores bytes \
+             unchecked); the row stays in the table, and fixing the value on the source captures it",
+            key.join(", "),
+            row.key_text.join(", "),
+            columns.join(", ")
+        ));
+        Ok(row)
     }
 }
 
@@ -273,6 +303,8 @@ pub struct Row {
     pub key: String,
     pub key_text: Vec<String>,
     pub image: String,
+    /// Why the row cannot be stored as an event (then `image` is empty).
+    pub unstorable: Option<String>,
 }
 
 /// Which rows a chunk reads.
@@ -918,6 +950,16 @@ async fn copy_tables(
     if let Some(tz) = &time_zone {
         let _ = write!(settings, " SET TimeZone = {};", quote_literal(tz));
     }
+    // As the stream does: a SQL_ASCII source's text is taken as the bytes it stores, since
+    // the server would fail the whole read on the first value that is not UTF-8 (and again on
+    // every retry); such a row then goes the way of spec.poisonEvents (see `Plan::unstorable`).
+    let encoding = client
+        .query_one("SHOW server_encoding", &[])
+        .await
+        .map_err(|e| source_error(cfg, &e))?;
+    if encoding.try_get::<_, &str>(0).ok() == Some("SQL_ASCII") {
+        settings.push_str(" SET client_encoding = 'SQL_ASCII';");
+    }
     client
         .batch_execute(&settings)
         .await
@@ -1144,17 +1186,15 @@ async fn read_chunk_in_tx(
         for m in &fetched {
             if let SimpleQueryMessage::Row(r) = m {
                 n += 1;
-                let values = (0..r.len())
-                    .map(|i| r.try_get(i))
-                    .collect::<std::result::Result<Vec<Option<&str>>, _>>()
-                    .map_err(|_| {
-                        Error::Snapshot(format!(
-                            "cannot copy the existing rows of {}: a value is not valid UTF-8 (a SQL_ASCII source stores bytes \
-                             unchecked); fix the value, or set spec.snapshot.mode: Never",
-                            plan.table
-                        ))
-                    })?;
-                let row = plan.row(&values)?;
+                let read: Vec<_> = (0..r.len()).map(|i| r.try_get(i)).collect();
+                let bad: Vec<usize> = (0..read.len()).filter(|&i| read[i].is_err()).collect();
+                let values: Vec<Option<&str>> =
+                    read.into_iter().map(|v| v.ok().flatten()).collect();
+                let row = if bad.is_empty() {
+                    plan.row(&values)?
+                } else {
+                    plan.unstorable(&values, &bad)?
+                };
                 bytes += row.image.len();
                 rows.push(row);
             }
