@@ -634,3 +634,62 @@ async fn a_superseded_writer_is_fenced_by_the_buffer() {
     assert_eq!(e.reason(), "Fenced", "{e}");
     assert_eq!(column::<String>(&buffer, state).await, ["0 1"]);
 }
+
+/// The buffer session holds the pipeline's writer lock. Should its client vanish with its
+/// node (no FIN, no RST: a partition, a lost node), the buffer server must notice and end
+/// it, or the lock keeps the pipeline from its next owner for the OS default of about two
+/// hours. So the server's end of the socket is probed after 30 s of silence (its keepalive
+/// timer, as the kernel shows it in /proc/net/tcp), not after 7200 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_server_probes_the_writer_session() {
+    let (src, buf, _source) = databases_with("probed", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let cfg = config(&manifest("probed", &src, &buf, &["t"], ""));
+    let mut running = start(cfg.clone(), philotes::pipeline::RunOptions::default());
+    running.streaming().await;
+    let buffer = connect(&buf).await;
+    // The session holding the pipeline's advisory lock, and its client's port.
+    let port: Vec<i32> = column(
+        &buffer,
+        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND l.granted \
+         AND ((l.classid::int8 << 32) | l.objid::int8) = hashtextextended('philotes:test/probed', 0)",
+    )
+    .await;
+    assert_eq!(port.len(), 1, "one session holds the writer lock");
+    let (server, client) = (shared().port, port[0] as u16);
+    // sl local rem st queues tr:when ...: the server's socket of that connection. Read again
+    // should a packet be in flight (another timer armed) at that instant.
+    let mut read = String::new();
+    for _ in 0..10 {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        read = tcp
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 5
+                    && f[1].ends_with(&format!(":{server:04X}"))
+                    && f[2].ends_with(&format!(":{client:04X}"))
+            })
+            .unwrap_or_else(|| panic!("no server socket {server} <- {client} in:\n{tcp}"))
+            .to_string();
+        if read
+            .split_whitespace()
+            .nth(5)
+            .is_some_and(|t| t.starts_with("02:"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line: Vec<&str> = read.split_whitespace().collect();
+    let (timer, when) = line[5].split_once(':').expect("tr:tm->when");
+    // Timer 2 is the keepalive timer; `when` is in clock ticks (USER_HZ, 100 a second).
+    let when = u64::from_str_radix(when, 16).expect("hex");
+    assert_eq!(timer, "02", "keepalive timer armed: {line:?}");
+    assert!(
+        when <= 30 * 100,
+        "next probe in {}s, not within 30s: {line:?}",
+        when / 100
+    );
+    running.stop().await.expect("stop");
+}
