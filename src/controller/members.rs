@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -229,11 +229,16 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
             if holder != cfg.identity && now.duration_since(entry.at) > lasts * 10 {
                 let gone = lease.name_any();
                 tracing::info!(lease = %gone, holder = %holder, "removing the Lease of a replica gone for ten lease durations");
-                let _ = tokio::time::timeout(
-                    cfg.renew / 2,
-                    api.delete(&gone, &DeleteParams::default()),
-                )
-                .await;
+                // Only the version seen unchanged for so long: a Lease renewed meanwhile
+                // (this watch stalled, not its holder) is left alone.
+                let unchanged = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: Some(entry.version.clone()),
+                        uid: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                let _ = tokio::time::timeout(cfg.renew / 2, api.delete(&gone, &unchanged)).await;
                 continue;
             }
             if holder != cfg.identity && now.duration_since(entry.at) < lasts {
@@ -332,7 +337,9 @@ async fn put(
     };
     match result {
         Ok(_) => Ok(Renewal::Renewed),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Renewal::Conflict),
+        // Changed, or deleted (by a replica that judged it stale), since it was read: read
+        // again, and created anew if it is gone.
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(Renewal::Conflict),
         Err(e) => Err(e),
     }
 }

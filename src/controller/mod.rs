@@ -250,10 +250,22 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
             Placement::Elsewhere => return let_go(&api, &p, &ctx, shard, every).await,
             Placement::Held(owner) => {
                 tracing::debug!(pipeline = %key(&p), %owner, "waiting for the previous owner to stop it");
+                // Another live replica is named: nothing runs here meanwhile (a task left
+                // from before would keep taking the slot or buffer lock whenever the named
+                // owner's sessions blink).
+                if ctx.supervisor.stop(&key(&p)).await {
+                    tracing::info!(pipeline = %key(&p), %owner, "named owner is another replica: stopped here");
+                }
+                ctx.written.forget(&p.uid().unwrap_or_default());
                 return Ok(Action::requeue(HANDOVER_POLL));
             }
-            Placement::Mine { claimed: true } => p,
-            Placement::Mine { claimed: false } => match claim(&api, &p, &shard.identity).await? {
+            // Named here and running here.
+            Placement::Mine { claimed: true } if ctx.supervisor.has(&key(&p)).await => p,
+            // Named here, but not running here: the watch's copy may be older than this
+            // replica's own let-go and another's claim since (an assignment that flipped back
+            // within a second), so it is claimed again, against the current resourceVersion,
+            // before anything starts.
+            Placement::Mine { .. } => match claim(&api, &p, &shard.identity).await? {
                 Some(p) => p,
                 None => return Ok(Action::requeue(HANDOVER_POLL)),
             },
@@ -510,7 +522,7 @@ async fn apply(p: &CdcPipeline, ctx: &Context) -> Result<Action, ReconcileError>
                 let mut held: Option<(String, String)> = None;
                 if refused.is_none() {
                     if let Some(request) = p.annotations().get(RECOVER) {
-                        if previous_request(p) != Some(request.as_str()) {
+                        if previous_request(p, ctx) != Some(request.clone()) {
                             match recover(p, ctx, &key, &cfg, request).await {
                                 Recover::Settled(r) => recovered = Some(r),
                                 Recover::Retry(reason, why) => held = Some((reason, why)),
@@ -623,8 +635,15 @@ fn slot_recorded_by<'a>(
         .next()
 }
 
-fn previous_request(p: &CdcPipeline) -> Option<&str> {
-    p.status.as_ref()?.recover_request.as_deref()
+/// The last `philotes.io/recover` request acted on: as this replica last wrote it (the
+/// watch's copy may not show it yet, and acting on a request twice would recover twice).
+fn previous_request(p: &CdcPipeline, ctx: &Context) -> Option<String> {
+    let written = ctx.written.get(&p.uid().unwrap_or_default());
+    written
+        .as_ref()
+        .or(p.status.as_ref())?
+        .recover_request
+        .clone()
 }
 
 /// Carries out a `philotes.io/recover` request, for a pipeline stopped by a gap (`SlotLost`,

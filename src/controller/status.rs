@@ -99,6 +99,22 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
             },
         },
     };
+    // A failed pipeline being tried again (a minute later, or after a change) shows its
+    // failure until it streams or fails otherwise: a pipeline failing in a loop does not flap
+    // Ready (and publish two Events) at every attempt.
+    let attempt = matches!(
+        i.observed,
+        Observed::Task { progress, ended: None, .. }
+            if matches!(progress.state, State::Starting | State::Retrying)
+    );
+    let failed_before = i
+        .previous
+        .filter(|p| p.phase.as_deref() == Some("Failed"))
+        .and_then(self::ready);
+    let (phase, reason, message) = match failed_before {
+        Some(c) if attempt => ("Failed", c.reason.clone(), c.message.clone()),
+        _ => (phase, reason, message),
+    };
     let mut status = CdcPipelineStatus {
         phase: Some(phase.to_string()),
         observed_generation: i.generation,
@@ -400,6 +416,50 @@ mod tests {
         assert!(to_write(&running, None, None));
         // Someone else cleared or changed what this replica wrote: written again.
         assert!(to_write(&running, Some(&provisioning), Some(&running)));
+    }
+
+    #[test]
+    fn a_failed_pipeline_tried_again_does_not_flap() {
+        let failed = Observed::Task {
+            progress: Progress::default(),
+            snapshot: None,
+            ended: Some(("SlotLost".into(), "slot philotes_x is missing".into())),
+        };
+        let s = compute(&inputs(&failed, None, "t1"));
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        // Tried again a minute later: starting, then retrying a setup error.
+        for state in [State::Starting, State::Retrying] {
+            let again = Observed::Task {
+                progress: Progress {
+                    state,
+                    last_error: Some(("SourceUnreachable".into(), "connection refused".into())),
+                    ..Progress::default()
+                },
+                snapshot: None,
+                ended: None,
+            };
+            let s2 = compute(&inputs(&again, Some(&s), "t2"));
+            assert_eq!(visible(&s2), visible(&s), "{state:?}: nothing to write");
+        }
+        // Streaming again, it shows.
+        let streaming = Observed::Task {
+            progress: Progress {
+                state: State::Streaming,
+                ..Progress::default()
+            },
+            snapshot: None,
+            ended: None,
+        };
+        let s3 = compute(&inputs(&streaming, Some(&s), "t3"));
+        assert_eq!(s3.phase.as_deref(), Some("Running"));
+        // And a pipeline that was not failed shows Provisioning as before.
+        let starting = Observed::Task {
+            progress: Progress::default(),
+            snapshot: None,
+            ended: None,
+        };
+        let s4 = compute(&inputs(&starting, Some(&s3), "t4"));
+        assert_eq!(s4.phase.as_deref(), Some("Provisioning"));
     }
 
     #[test]
