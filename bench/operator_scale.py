@@ -248,18 +248,28 @@ def pipelines(api):
     return api.call("GET", f"/apis/philotes.io/v1alpha1/namespaces/{NS}/cdcpipelines")["items"]
 
 
-def ready(p, owners=None):
+def ready(p, owners=None, since=None):
+    """Running and Ready under one of `owners`; with `since` (epoch seconds), Ready became
+    True at or after it: the status the previous owner left says Running until the new one
+    writes, so a handover counts only once the new owner has written Ready itself."""
     s = p.get("status") or {}
     cond = [c for c in s.get("conditions", []) if c["type"] == "Ready"]
-    return (bool(cond) and cond[0]["status"] == "True" and s.get("phase") == "Running"
-            and (owners is None or s.get("owner") in owners))
+    if not (cond and cond[0]["status"] == "True" and s.get("phase") == "Running"):
+        return False
+    if owners is not None and s.get("owner") not in owners:
+        return False
+    if since is not None:
+        became = calendar.timegm(time.strptime(cond[0]["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ"))
+        return became >= int(since)  # the condition's time has whole seconds
+    return True
 
 
 def wait_all(api, what, owners=None, timeout=600):
     t0 = time.time()
+    since = t0 if owners is not None else None
     while time.time() - t0 < timeout:
         items = pipelines(api)
-        n = sum(1 for p in items if ready(p, owners))
+        n = sum(1 for p in items if ready(p, owners, since))
         if n == PIPELINES:
             return time.time() - t0
         time.sleep(0.5)

@@ -410,9 +410,10 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
     );
     let owners = settled(&pipelines, &["a"], 50, &replicas).await;
     assert_eq!(loads(&owners), [30]);
-    // Resumed, it writes nothing (its sessions are gone, a new one would find the lock taken
-    // and its epoch superseded) and its membership has lapsed for good: it stops everything
-    // and exits 3, not resuming as a member although its next renewal would get through.
+    // Resumed, it writes nothing (its sessions are gone, and a new one would find the lock
+    // taken: every pipeline's rows are checked exactly once below) and its membership has
+    // lapsed for good: it stops everything and exits 3, not resuming as a member although
+    // its next renewal would get through.
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     let d = replicas.get_mut("d").unwrap();
     assert_eq!(
