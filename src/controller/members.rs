@@ -129,6 +129,9 @@ fn micro_now() -> MicroTime {
 struct Seen {
     version: String,
     at: Instant,
+    /// When it was first seen, and whether it changed since.
+    first: Instant,
+    changed: bool,
 }
 
 /// Takes part in the group until dropped (or aborted), publishing the membership whenever it
@@ -159,6 +162,12 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
     // process frozen and resumed) does not bring it back.
     let mut was_member = false;
     let mut lapsed = false;
+    // This replica announces itself (creates its Lease, and the others start handing it its
+    // share) only once it judges the others as they judge each other: each Lease seen to
+    // change (live) or seen unchanged for its duration (gone). Judging a crashed replica's
+    // Lease live from first sight, it would leave that replica's share to no one for up to
+    // a lease duration while the others handed it over.
+    let (mut joinable, mut joined) = (false, false);
     let keep_for = cfg.duration.saturating_sub(cfg.renew);
     let mut tick = tokio::time::interval(cfg.renew);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -172,10 +181,16 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
                 if was_member && renewed.is_some_and(|t| t.elapsed() >= keep_for) {
                     lapsed = true;
                 }
+                joined |= joinable;
                 // Bounded: an API server that does not answer (this replica cut off from
                 // it) must not hold the membership up.
-                let attempt = tokio::time::timeout(cfg.renew / 2, renew(&api, &store, &cfg, &name)).await;
+                let attempt = if joined {
+                    tokio::time::timeout(cfg.renew / 2, renew(&api, &store, &cfg, &name)).await
+                } else {
+                    Ok(Ok(Renewal::Waiting))
+                };
                 match attempt.unwrap_or_else(|_| Err(kube::Error::Service("no answer within the renew interval".into()))) {
+                    Ok(Renewal::Waiting) => tracing::debug!("watching the other replicas before joining"),
                     Ok(Renewal::Renewed) => renewed = Some(Instant::now()),
                     Ok(Renewal::HeldByOther) => {
                         tracing::warn!(lease = %name, "the member lease is held by someone else");
@@ -202,6 +217,7 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
         was_member |= member;
         let now = Instant::now();
         let mut live = BTreeSet::new();
+        let mut judged = known;
         let leases = store.state();
         seen.retain(|n, _| leases.iter().any(|l| l.name_any() == *n));
         for lease in leases {
@@ -213,15 +229,21 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
             };
             let version = lease.resource_version().unwrap_or_default();
             let entry = seen.entry(lease.name_any()).or_insert_with(|| Seen {
-                version: String::new(),
+                version: version.clone(),
                 at: now,
+                first: now,
+                changed: false,
             });
             if entry.version != version {
                 entry.version = version;
                 entry.at = now;
+                entry.changed = true;
             }
             let lasts =
                 Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+            if holder != cfg.identity && !entry.changed && now.duration_since(entry.first) < lasts {
+                judged = false;
+            }
             // A replica that died without leaving (SIGKILL, an evicted pod) leaves its Lease
             // behind; once it has not changed for ten lease durations it is removed, so a
             // replica starting later does not wait for it. Best effort: another replica may
@@ -245,6 +267,7 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
                 live.insert(holder);
             }
         }
+        joinable = judged;
         if member {
             live.insert(cfg.identity.clone());
         }
@@ -269,6 +292,8 @@ enum Renewal {
     HeldByOther,
     /// Someone changed the Lease since it was read: not renewed this time.
     Conflict,
+    /// Not announced yet: still judging the other replicas.
+    Waiting,
 }
 
 /// Creates or renews this replica's Lease: one request from the watch's copy and its
