@@ -356,27 +356,26 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
         .filter(|(_, o)| o.as_str() == "d")
         .map(|(p, _)| format!("{NS}/{p}"))
         .collect();
+    let slots: Vec<String> = frozen
+        .iter()
+        .map(|p| format!("philotes_{}", p.replace('/', "_")))
+        .collect();
+    // The walsenders streaming the frozen replica's slots.
+    let walsenders = format!(
+        "SELECT active_pid FROM pg_replication_slots WHERE active AND slot_name IN ('{}') ORDER BY 1",
+        slots.join("', '")
+    );
+    let streaming: Vec<i32> = column(&source, &walsenders).await;
+    assert_eq!(streaming.len(), frozen.len());
     let d = replicas.get_mut("d").unwrap();
     let pid = d.child.id().to_string();
     Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     write_rows(&source, 41, 50).await;
     claimed_by(&pipelines, "a").await;
-    let slots: Vec<String> = frozen
-        .iter()
-        .map(|p| format!("philotes_{}", p.replace('/', "_")))
-        .collect();
-    let held: Vec<i64> = column(
-        &source,
-        &format!(
-            "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name IN ('{}')",
-            slots.join("', '")
-        ),
-    )
-    .await;
+    let held: Vec<i32> = column(&source, &walsenders).await;
     assert_eq!(
-        held,
-        [frozen.len() as i64],
-        "the frozen replica holds its slots"
+        held, streaming,
+        "the frozen replica's walsenders still hold its slots"
     );
     // Then the servers end its sessions, as TCP keepalives would on a partition: the other
     // replica takes the slots and locks, supersedes its writer epochs and streams, while the

@@ -184,7 +184,9 @@ pub async fn run(client: Client, cfg: MemberConfig, out: watch::Sender<Membershi
                 joined |= joinable;
                 // Bounded: an API server that does not answer (this replica cut off from
                 // it) must not hold the membership up.
-                let attempt = if joined {
+                // A lapsed member renews no more: a renewal would make the others count it
+                // live, and hand it a share, while it stops everything and exits.
+                let attempt = if joined && !lapsed {
                     tokio::time::timeout(cfg.renew / 2, renew(&api, &store, &cfg, &name)).await
                 } else {
                     Ok(Ok(Renewal::Waiting))

@@ -83,6 +83,34 @@ pub struct Context {
     pub shard: Option<Shard>,
     /// The status this replica last wrote, per pipeline.
     pub written: status::Written,
+    /// The pipelines (UIDs) this replica claimed since it last let them go.
+    pub claimed: Claimed,
+}
+
+/// The pipelines (UIDs) this replica wrote itself into `status.owner` of, and has not let go
+/// of since: named here by the watch's copy, such a pipeline is this replica's even while
+/// nothing runs (suspended, an unusable spec), with no need to claim it again.
+#[derive(Default)]
+pub struct Claimed(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl Claimed {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub fn insert(&self, uid: &str) {
+        self.set().insert(uid.to_string());
+    }
+    pub fn remove(&self, uid: &str) {
+        self.set().remove(uid);
+    }
+    pub fn contains(&self, uid: &str) -> bool {
+        self.set().contains(uid)
+    }
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.set().retain(|uid| keep(uid));
+    }
 }
 
 /// This replica among the operator's replicas (see [`members`]).
@@ -160,6 +188,7 @@ pub async fn run(
         secrets: SecretCache::new(secret_meta, opts.secret_label.clone()),
         shard: opts.shard.clone(),
         written: status::Written::default(),
+        claimed: Claimed::default(),
     });
     ready.store(true, Ordering::Relaxed);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -232,8 +261,10 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
         .state()
         .iter()
         .filter_map(|o| o.uid())
+        .chain(p.uid())
         .collect();
     ctx.written.retain(|uid| uids.contains(uid));
+    ctx.claimed.retain(|uid| uids.contains(uid));
     if p.meta().deletion_timestamp.is_some() {
         ctx.heartbeat.forget(&key(&p));
     } else {
@@ -257,16 +288,24 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
                     tracing::info!(pipeline = %key(&p), %owner, "named owner is another replica: stopped here");
                 }
                 ctx.written.forget(&p.uid().unwrap_or_default());
+                ctx.claimed.remove(&p.uid().unwrap_or_default());
                 return Ok(Action::requeue(HANDOVER_POLL));
             }
-            // Named here and running here.
-            Placement::Mine { claimed: true } if ctx.supervisor.has(&key(&p)).await => p,
-            // Named here, but not running here: the watch's copy may be older than this
-            // replica's own let-go and another's claim since (an assignment that flipped back
-            // within a second), so it is claimed again, against the current resourceVersion,
-            // before anything starts.
+            // Named here, and claimed by this replica since it last let go of it.
+            Placement::Mine { claimed: true }
+                if ctx.claimed.contains(&p.uid().unwrap_or_default()) =>
+            {
+                p
+            }
+            // Named here by the watch's copy only: it may be older than this replica's own
+            // let-go and another's claim since (an assignment that flipped back within a
+            // second), or come from before a restart, so it is claimed again, against the
+            // current resourceVersion, before anything starts.
             Placement::Mine { .. } => match claim(&api, &p, &shard.identity).await? {
-                Some(p) => p,
+                Some(p) => {
+                    ctx.claimed.insert(&p.uid().unwrap_or_default());
+                    p
+                }
                 None => return Ok(Action::requeue(HANDOVER_POLL)),
             },
         },
@@ -397,8 +436,10 @@ async fn let_go(
     if ctx.supervisor.stop(&key).await {
         tracing::info!(pipeline = %key, "owned by another replica now: stopped here");
     }
-    // The next owner writes it; should it come back here, the watch's copy is the one.
+    // The next owner writes it; should it come back here, the watch's copy is the one, and
+    // it is claimed anew.
     ctx.written.forget(&p.uid().unwrap_or_default());
+    ctx.claimed.remove(&p.uid().unwrap_or_default());
     if p.status.as_ref().and_then(|s| s.owner.as_deref()) != Some(shard.identity.as_str()) {
         return Ok(Action::requeue(every));
     }
@@ -778,7 +819,12 @@ async fn finish(
     record_metrics(ctx, key, &status);
     // A pipeline being started (after a create, a restart or a handover) is looked at again
     // within a second, so Ready shows when it streams rather than a statusInterval later.
-    let next = if status.phase.as_deref() == Some("Provisioning") {
+    // (A failed pipeline being started again shows `Failed` meanwhile: see `status::compute`.)
+    let starting = matches!(
+        &observed,
+        Observed::Task { progress, ended: None, .. } if progress.state == pipeline::State::Starting
+    );
+    let next = if starting || status.phase.as_deref() == Some("Provisioning") {
         every.min(STARTING_POLL)
     } else {
         every
@@ -956,6 +1002,7 @@ mod mock_tests {
             secrets: SecretCache::new(kube::runtime::reflector::store().0, None),
             shard,
             written: status::Written::default(),
+            claimed: Claimed::default(),
         });
         (ctx, handle)
     }
@@ -1159,6 +1206,34 @@ mod mock_tests {
         assert_eq!(action, Action::requeue(HANDOVER_POLL));
         quiet(&mut handle).await;
         assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
+    }
+
+    /// Named here by the watch's copy, but not claimed by this replica since it last let go
+    /// (or since it started): claimed again against the resourceVersion before anything
+    /// starts, as the copy may predate another replica's claim. Once claimed here, not again.
+    #[tokio::test]
+    async fn a_pipeline_named_here_by_an_old_copy_is_claimed_again() {
+        let (ctx, mut handle, p, me) = sharded("r1", &["r1"], Some("r1"));
+        let task = tokio::spawn(reconcile(p.clone(), ctx.clone()));
+        let (method, uri, body, send) = next(&mut handle).await;
+        assert_eq!(method, "PATCH");
+        assert!(uri.contains("/cdcpipelines/p/status"), "{uri}");
+        assert_eq!(body["status"]["owner"], me.as_str());
+        assert_eq!(body["metadata"]["resourceVersion"], "7");
+        respond(
+            send,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "modified"}),
+        );
+        assert_eq!(task.await.unwrap().unwrap(), Action::requeue(HANDOVER_POLL));
+        assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
+        // Claimed here before: the reconcile goes on to the pipeline's Secrets at once.
+        ctx.claimed.insert(&p.uid().unwrap_or_default());
+        let task = tokio::spawn(reconcile(p, ctx.clone()));
+        let (method, uri, _, _send) = next(&mut handle).await;
+        assert_eq!(method, "GET", "{uri}");
+        assert!(uri.contains("/secrets/"), "{uri}");
+        task.abort();
     }
 
     /// The new owner waits while `status.owner` names another live replica: no write, no

@@ -99,13 +99,13 @@ pub fn compute(i: &Inputs<'_>) -> CdcPipelineStatus {
             },
         },
     };
-    // A failed pipeline being tried again (a minute later, or after a change) shows its
-    // failure until it streams or fails otherwise: a pipeline failing in a loop does not flap
-    // Ready (and publish two Events) at every attempt.
+    // A failed pipeline being started again (a minute later, or after a change) shows its
+    // failure while the attempt starts: a pipeline failing in a loop does not flap Ready (and
+    // publish two Events) at every attempt. Whatever the attempt then does shows: streaming,
+    // failing, or retrying an error of its own.
     let attempt = matches!(
         i.observed,
-        Observed::Task { progress, ended: None, .. }
-            if matches!(progress.state, State::Starting | State::Retrying)
+        Observed::Task { progress, ended: None, .. } if progress.state == State::Starting
     );
     let failed_before = i
         .previous
@@ -427,20 +427,27 @@ mod tests {
         };
         let s = compute(&inputs(&failed, None, "t1"));
         assert_eq!(s.phase.as_deref(), Some("Failed"));
-        // Tried again a minute later: starting, then retrying a setup error.
-        for state in [State::Starting, State::Retrying] {
-            let again = Observed::Task {
-                progress: Progress {
-                    state,
-                    last_error: Some(("SourceUnreachable".into(), "connection refused".into())),
-                    ..Progress::default()
-                },
-                snapshot: None,
-                ended: None,
-            };
-            let s2 = compute(&inputs(&again, Some(&s), "t2"));
-            assert_eq!(visible(&s2), visible(&s), "{state:?}: nothing to write");
-        }
+        // Tried again a minute later: while it starts, nothing to write.
+        let again = Observed::Task {
+            progress: Progress::default(),
+            snapshot: None,
+            ended: None,
+        };
+        let s2 = compute(&inputs(&again, Some(&s), "t2"));
+        assert_eq!(visible(&s2), visible(&s), "nothing to write");
+        // An error of its own (the user fixed the cause, the source is down now) shows.
+        let retrying = Observed::Task {
+            progress: Progress {
+                state: State::Retrying,
+                last_error: Some(("SourceUnreachable".into(), "connection refused".into())),
+                ..Progress::default()
+            },
+            snapshot: None,
+            ended: None,
+        };
+        let s2 = compute(&inputs(&retrying, Some(&s), "t2"));
+        assert_eq!(s2.phase.as_deref(), Some("Degraded"));
+        assert_eq!(ready(&s2).unwrap().reason, "SourceUnreachable");
         // Streaming again, it shows.
         let streaming = Observed::Task {
             progress: Progress {

@@ -180,14 +180,7 @@ impl ConnInfo {
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            // The server's end probes too: a buffer session holds the pipeline's writer lock,
-            // and a client that vanished with its node (no FIN, no RST) would otherwise keep
-            // it, and the pipeline from its next owner, for the OS default of about two hours.
-            // Idle: 30 s, then every 10 s, 3 misses; with data unacknowledged: 60 s.
-            .options(
-                "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3 -c tcp_user_timeout=60000",
-            );
+            .keepalives_idle(Duration::from_secs(30));
         let result = match self.sslmode {
             SslMode::Disable => {
                 cfg.ssl_mode(PgSslMode::Disable);
@@ -207,9 +200,25 @@ impl ConnInfo {
                     .map(|(c, conn)| (c, spawn_connection(conn)))
             }
         };
-        result
+        let client = result
             .map(|(client, ())| client)
-            .map_err(|e| self.connect_error(target, &e))
+            .map_err(|e| self.connect_error(target, &e))?;
+        // The server's end probes too: a buffer session holds the pipeline's writer lock, and
+        // a client that vanished with its node (no FIN, no RST) would otherwise keep it, and
+        // the pipeline from its next owner, for the OS default of about two hours. Idle: 30 s,
+        // then every 10 s, 3 misses; with data unacknowledged: 60 s. Set after connecting,
+        // not as startup options, which poolers such as PgBouncer refuse; where the settings
+        // cannot be made (a pooler that refuses them), the session goes on without.
+        if let Err(e) = client
+            .batch_execute(
+                "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+                 SET tcp_keepalives_count = 3; SET tcp_user_timeout = 60000",
+            )
+            .await
+        {
+            tracing::debug!(target = target, error = %e, "server-side TCP keepalive not set");
+        }
+        Ok(client)
     }
 
     fn connect_error(&self, target: &'static str, e: &tokio_postgres::Error) -> Error {

@@ -99,9 +99,6 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
     }
     let dropped_old_slot = source::drop_slot(&client, cfg).await?;
     let to_lsn = source::create_slot(&client, cfg).await?;
-    // Cut short here, the new slot exists and nothing is recorded: the gap is still there
-    // (the slot begins past the checkpoint), and recovering again replaces the slot.
-    failpoint("recover-before-gap");
     let gap = Gap {
         from_lsn: ckpt.lsn,
         to_lsn,
@@ -120,6 +117,9 @@ pub async fn recover(cfg: &PipelineConfig) -> Result<Recovered> {
     buffer
         .record_gap(&gap, &Recorded::of(now, cfg, to_lsn), copy)
         .await?;
+    // Cut short before this point, nothing is recorded and the gap is still there to
+    // recover (the new slot begins past the checkpoint); from here on, all of it is.
+    failpoint("recover-after-gap");
     Ok(Recovered {
         gap,
         dropped_old_slot,
