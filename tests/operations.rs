@@ -100,9 +100,25 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
             .get::<_, i64>(0)
     };
     let log = tempfile::NamedTempFile::new().expect("log file");
+    let started = |log: &tempfile::NamedTempFile| {
+        std::fs::read_to_string(log.path())
+            .unwrap_or_default()
+            .matches("streaming pipeline=")
+            .count()
+    };
     for round in 0..5 {
         let before = count().await;
+        let streamed = started(&log);
         let mut child = spawn_run(file.path(), &[], log.path());
+        // Streaming first: a SIGTERM within the few milliseconds before the process installs
+        // its handler would end it by the signal's default (once everything is checkpointed,
+        // the wait below is over at once).
+        eventually(
+            &format!("round {round}: the process to stream"),
+            Duration::from_secs(60),
+            || async { (started(&log) > streamed).then_some(()) },
+        )
+        .await;
         // More of the backlog written, or all of it checkpointed (rows a stop lost never
         // arrive, so the count alone would stall short of the total).
         eventually(
@@ -485,21 +501,30 @@ async fn a_silent_connection_is_noticed_and_reopened() {
     assert!(report.ok(), "{report}");
 }
 
+/// A new `SQL_ASCII` database `name` on the shared server (it stores text bytes unchecked,
+/// so a value may not be UTF-8), after dropping one of that name and its slots; its URI.
+async fn sql_ascii_database(name: &str) -> String {
+    let admin = connect(&shared().uri("postgres")).await;
+    for sql in [
+        format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{name}'"),
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"),
+    ] {
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    shared().uri(name)
+}
+
 /// A `SQL_ASCII` source holds text that is not UTF-8. It used to be retried forever, and not
 /// even the changes committed before it landed. Now they land and are confirmed, the pipeline
 /// stops naming the table, column and LSN (`poisonEvents: Fail`, the default), and with
 /// `poisonEvents: DeadLetter` the change is set aside in `cdc_dead_letters` and the rest flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_that_is_not_utf8_is_reported_or_set_aside() {
-    let admin = connect(&shared().uri("postgres")).await;
-    for sql in [
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'poison_src'",
-        "DROP DATABASE IF EXISTS poison_src WITH (FORCE)",
-        "CREATE DATABASE poison_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    ] {
-        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-    let src = shared().uri("poison_src");
+    let src = sql_ascii_database("poison_src").await;
     let buf = fresh_db(shared(), "poison_buf").await;
     let source = connect(&src).await;
     source
@@ -595,15 +620,7 @@ async fn a_value_that_is_not_utf8_is_reported_or_set_aside() {
 /// fixing the value on the source brings the row in (an UPDATE of a row not seen yet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_value_that_is_not_utf8_is_reported_or_set_aside() {
-    let admin = connect(&shared().uri("postgres")).await;
-    for sql in [
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'poisoncopy_src'",
-        "DROP DATABASE IF EXISTS poisoncopy_src WITH (FORCE)",
-        "CREATE DATABASE poisoncopy_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    ] {
-        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-    let src = shared().uri("poisoncopy_src");
+    let src = sql_ascii_database("poisoncopy_src").await;
     let buf = fresh_db(shared(), "poisoncopy_buf").await;
     let source = connect(&src).await;
     source
