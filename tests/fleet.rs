@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use common::apiserver;
 use common::proxy::Proxy;
 use common::*;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use philotes::crd::CdcPipeline;
 use philotes::embedded::ClusterOptions;
@@ -214,21 +213,7 @@ async fn write_rows(source: &tokio_postgres::Client, from: i64, to: i64) {
 }
 
 async fn put_secret(admin: &Client, name: &str, uri: &str) {
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), NS);
-    let s: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": NS},
-        "stringData": {"uri": uri}
-    }))
-    .unwrap();
-    secrets
-        .patch(
-            name,
-            &PatchParams::apply("philotes-tests").force(),
-            &Patch::Apply(&s),
-        )
-        .await
-        .unwrap();
+    apiserver::put_secret(admin, NS, name, uri).await
 }
 
 /// Three replicas split 30 pipelines evenly; a fourth joins and takes its share; one is
@@ -237,23 +222,7 @@ async fn put_secret(admin: &Client, name: &str, uri: &str) {
 /// written between every step, and each is captured exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-    let api = apiserver::shared();
-    let admin = api.admin();
-    apiserver::install(&admin).await;
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let _ = namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await;
+    let (api, admin, pipelines) = apiserver::namespace(NS).await;
     // A server of its own: 30 slots and walsenders, and their connections.
     let pg = own_cluster(ClusterOptions {
         extra_conf: vec![
@@ -274,7 +243,6 @@ async fn replicas_share_the_pipelines_and_hand_them_over_exactly_once() {
     }
     put_secret(&admin, "fleet-src", &src).await;
     put_secret(&admin, "fleet-buf", &buf).await;
-    let pipelines: Api<CdcPipeline> = Api::namespaced(admin.clone(), NS);
     for i in 0..PIPELINES {
         let p: CdcPipeline = serde_json::from_value(json!({
             "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::apiserver::{self, ApiServer};
 use common::*;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use philotes::crd::CdcPipeline;
@@ -96,43 +96,11 @@ impl Operator {
 }
 
 async fn setup(name: &str) -> (&'static ApiServer, Client, Api<CdcPipeline>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-    let api = apiserver::shared();
-    let admin = api.admin();
-    apiserver::install(&admin).await;
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let _ = namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
-        )
-        .await;
-    let pipelines: Api<CdcPipeline> = Api::namespaced(admin.clone(), name);
-    (api, admin, pipelines)
+    apiserver::namespace(name).await
 }
 
 async fn put_secret(admin: &Client, ns: &str, name: &str, uri: &str) {
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
-    let s: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns},
-        "stringData": {"uri": uri}
-    }))
-    .unwrap();
-    secrets
-        .patch(
-            name,
-            &PatchParams::apply("philotes-tests").force(),
-            &Patch::Apply(&s),
-        )
-        .await
-        .unwrap();
+    apiserver::put_secret(admin, ns, name, uri).await
 }
 
 fn pipeline(name: &str, tables: &[&str], extra: serde_json::Value) -> CdcPipeline {

@@ -543,13 +543,7 @@ async fn a_superseded_writer_is_fenced_by_the_buffer() {
     .await;
     // What a new session's start does (here without the advisory lock, which a transaction
     // pooler would not hold either).
-    buffer
-        .batch_execute(
-            "UPDATE philotes.cdc_writers SET epoch = epoch + 1, writer = 'replica-b', since = now()
-             WHERE pipeline = 'test/fence'",
-        )
-        .await
-        .unwrap();
+    supersede(&buffer, "test/fence", "replica-b").await;
     // The bump waited for any commit holding the row: from here on nothing commits.
     let before: Vec<String> = column(
         &buffer,
@@ -614,13 +608,7 @@ async fn a_superseded_writer_is_fenced_by_the_buffer() {
     let mut session = philotes::pipeline::buffer::Buffer::open(&cfg)
         .await
         .expect("open");
-    buffer
-        .batch_execute(
-            "UPDATE philotes.cdc_writers SET epoch = epoch + 1, writer = 'replica-c', since = now()
-             WHERE pipeline = 'test/fence'",
-        )
-        .await
-        .unwrap();
+    supersede(&buffer, "test/fence", "replica-c").await;
     let state = "SELECT (SELECT count(*) FROM philotes.cdc_snapshots WHERE pipeline = 'test/fence' AND request = 'cli:fenced') \
                  || ' ' || (SELECT count(*) FROM philotes.cdc_checkpoints WHERE pipeline = 'test/fence')";
     let table = philotes::pipeline::config::TableName::parse("t").unwrap();
@@ -633,6 +621,18 @@ async fn a_superseded_writer_is_fenced_by_the_buffer() {
     let e = session.delete_checkpoint().await.expect_err("superseded");
     assert_eq!(e.reason(), "Fenced", "{e}");
     assert_eq!(column::<String>(&buffer, state).await, ["0 1"]);
+}
+
+/// What a new session's start does to `pipeline` in `cdc_writers` (here without the advisory
+/// lock): the next epoch, written by `writer`.
+async fn supersede(buffer: &tokio_postgres::Client, pipeline: &str, writer: &str) {
+    buffer
+        .execute(
+            "UPDATE philotes.cdc_writers SET epoch = epoch + 1, writer = $2, since = now() WHERE pipeline = $1",
+            &[&pipeline, &writer],
+        )
+        .await
+        .unwrap();
 }
 
 /// The buffer session holds the pipeline's writer lock. Should its client vanish with its

@@ -398,28 +398,38 @@ fn placement(shard: &Shard, p: &CdcPipeline, all: &[Arc<CdcPipeline>]) -> Placem
     }
 }
 
-/// Writes this replica into `status.owner`, if the object is still the one read: `None`
-/// when it changed meanwhile (looked at again shortly).
-async fn claim(
+/// Writes `owner` into `status.owner` (`None` clears it) if the object is still the one
+/// read: the updated object, or `None` when it changed meanwhile (looked at again shortly).
+async fn write_owner(
     api: &Api<CdcPipeline>,
     p: &CdcPipeline,
-    identity: &str,
-) -> Result<Option<Arc<CdcPipeline>>, ReconcileError> {
+    owner: Option<&str>,
+) -> Result<Option<CdcPipeline>, ReconcileError> {
     let patch = json!({
         "metadata": {"resourceVersion": p.resource_version()},
-        "status": {"owner": identity},
+        "status": {"owner": owner},
     });
     match api
         .patch_status(&p.name_any(), &owner_params(), &Patch::Merge(&patch))
         .await
     {
-        Ok(updated) => {
-            tracing::info!(pipeline = %key(p), owner = identity, "pipeline claimed");
-            Ok(Some(Arc::new(updated)))
-        }
+        Ok(updated) => Ok(Some(updated)),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
         Err(e) => Err(ReconcileError::Status(e)),
     }
+}
+
+/// Writes this replica into `status.owner` ([`write_owner`]).
+async fn claim(
+    api: &Api<CdcPipeline>,
+    p: &CdcPipeline,
+    identity: &str,
+) -> Result<Option<Arc<CdcPipeline>>, ReconcileError> {
+    let claimed = write_owner(api, p, Some(identity)).await?;
+    if claimed.is_some() {
+        tracing::info!(pipeline = %key(p), owner = identity, "pipeline claimed");
+    }
+    Ok(claimed.map(Arc::new))
 }
 
 /// Not this replica's: stops it if it runs here (flushed, checkpointed and confirmed before
@@ -443,20 +453,12 @@ async fn let_go(
     if p.status.as_ref().and_then(|s| s.owner.as_deref()) != Some(shard.identity.as_str()) {
         return Ok(Action::requeue(every));
     }
-    let patch = json!({
-        "metadata": {"resourceVersion": p.resource_version()},
-        "status": {"owner": null},
-    });
-    match api
-        .patch_status(&p.name_any(), &owner_params(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {
+    match write_owner(api, p, None).await? {
+        Some(_) => {
             tracing::info!(pipeline = %key, "pipeline handed over");
             Ok(Action::requeue(every))
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Action::requeue(HANDOVER_POLL)),
-        Err(e) => Err(ReconcileError::Status(e)),
+        None => Ok(Action::requeue(HANDOVER_POLL)),
     }
 }
 

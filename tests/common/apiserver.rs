@@ -349,3 +349,47 @@ pub async fn install(client: &Client) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The shared API server set up for a test in namespace `ns` (the CRD and the deploy/ RBAC
+/// installed, the namespace created), its admin client, and the namespace's `CdcPipeline`s.
+pub async fn namespace(ns: &str) -> (&'static ApiServer, Client, Api<philotes::crd::CdcPipeline>) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let api = shared();
+    let admin = api.admin();
+    install(&admin).await;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let _ = namespaces
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))
+                .expect("namespace"),
+        )
+        .await;
+    let pipelines = Api::namespaced(admin.clone(), ns);
+    (api, admin, pipelines)
+}
+
+/// Creates or replaces Secret `name` in `ns` holding a connection `uri`.
+pub async fn put_secret(admin: &Client, ns: &str, name: &str, uri: &str) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), ns);
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": {"uri": uri}
+    }))
+    .expect("secret");
+    secrets
+        .patch(
+            name,
+            &PatchParams::apply("philotes-tests").force(),
+            &Patch::Apply(&s),
+        )
+        .await
+        .expect("put secret");
+}
