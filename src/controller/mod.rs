@@ -82,35 +82,11 @@ pub struct Context {
     /// This replica's share of the pipelines, when replicas share them.
     pub shard: Option<Shard>,
     /// The status this replica last wrote, per pipeline.
-    pub written: status::Written,
-    /// The pipelines (UIDs) this replica claimed since it last let them go.
-    pub claimed: Claimed,
-}
-
-/// The pipelines (UIDs) this replica wrote itself into `status.owner` of, and has not let go
-/// of since: named here by the watch's copy, such a pipeline is this replica's even while
-/// nothing runs (suspended, an unusable spec), with no need to claim it again.
-#[derive(Default)]
-pub struct Claimed(std::sync::Mutex<std::collections::HashSet<String>>);
-
-impl Claimed {
-    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-    pub fn insert(&self, uid: &str) {
-        self.set().insert(uid.to_string());
-    }
-    pub fn remove(&self, uid: &str) {
-        self.set().remove(uid);
-    }
-    pub fn contains(&self, uid: &str) -> bool {
-        self.set().contains(uid)
-    }
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.set().retain(|uid| keep(uid));
-    }
+    pub written: status::PerPipeline<CdcPipelineStatus>,
+    /// The pipelines this replica wrote itself into `status.owner` of, and has not let go of
+    /// since: named here by the watch's copy, such a pipeline is this replica's even while
+    /// nothing runs (suspended, an unusable spec), with no need to claim it again.
+    pub claimed: status::PerPipeline<()>,
 }
 
 /// This replica among the operator's replicas (see [`members`]).
@@ -187,8 +163,8 @@ pub async fn run(
         heartbeat,
         secrets: SecretCache::new(secret_meta, opts.secret_label.clone()),
         shard: opts.shard.clone(),
-        written: status::Written::default(),
-        claimed: Claimed::default(),
+        written: status::PerPipeline::default(),
+        claimed: status::PerPipeline::default(),
     });
     ready.store(true, Ordering::Relaxed);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -288,12 +264,12 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
                     tracing::info!(pipeline = %key(&p), %owner, "named owner is another replica: stopped here");
                 }
                 ctx.written.forget(&p.uid().unwrap_or_default());
-                ctx.claimed.remove(&p.uid().unwrap_or_default());
+                ctx.claimed.forget(&p.uid().unwrap_or_default());
                 return Ok(Action::requeue(HANDOVER_POLL));
             }
             // Named here, and claimed by this replica since it last let go of it.
             Placement::Mine { claimed: true }
-                if ctx.claimed.contains(&p.uid().unwrap_or_default()) =>
+                if ctx.claimed.get(&p.uid().unwrap_or_default()).is_some() =>
             {
                 p
             }
@@ -303,7 +279,7 @@ async fn reconcile(p: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Rec
             // current resourceVersion, before anything starts.
             Placement::Mine { .. } => match claim(&api, &p, &shard.identity).await? {
                 Some(p) => {
-                    ctx.claimed.insert(&p.uid().unwrap_or_default());
+                    ctx.claimed.set(&p.uid().unwrap_or_default(), ());
                     p
                 }
                 None => return Ok(Action::requeue(HANDOVER_POLL)),
@@ -449,7 +425,7 @@ async fn let_go(
     // The next owner writes it; should it come back here, the watch's copy is the one, and
     // it is claimed anew.
     ctx.written.forget(&p.uid().unwrap_or_default());
-    ctx.claimed.remove(&p.uid().unwrap_or_default());
+    ctx.claimed.forget(&p.uid().unwrap_or_default());
     if p.status.as_ref().and_then(|s| s.owner.as_deref()) != Some(shard.identity.as_str()) {
         return Ok(Action::requeue(every));
     }
@@ -1003,8 +979,8 @@ mod mock_tests {
             heartbeat: Arc::new(Heartbeat::default()),
             secrets: SecretCache::new(kube::runtime::reflector::store().0, None),
             shard,
-            written: status::Written::default(),
-            claimed: Claimed::default(),
+            written: status::PerPipeline::default(),
+            claimed: status::PerPipeline::default(),
         });
         (ctx, handle)
     }
@@ -1230,7 +1206,7 @@ mod mock_tests {
         assert_eq!(task.await.unwrap().unwrap(), Action::requeue(HANDOVER_POLL));
         assert!(ctx.supervisor.running().await.is_empty(), "nothing started");
         // Claimed here before: the reconcile goes on to the pipeline's Secrets at once.
-        ctx.claimed.insert(&p.uid().unwrap_or_default());
+        ctx.claimed.set(&p.uid().unwrap_or_default(), ());
         let task = tokio::spawn(reconcile(p, ctx.clone()));
         let (method, uri, _, _send) = next(&mut handle).await;
         assert_eq!(method, "GET", "{uri}");

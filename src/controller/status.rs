@@ -307,7 +307,7 @@ pub fn ready_condition(
 /// `currentWalLsn`, `lastCheckpointTime`) do not count on their own, and `lagBytes` and
 /// `safeWalSizeBytes` count by [`bucket`]. Counters (`eventsTotal`, rows copied), the phase,
 /// the conditions and the slot's state count as they are. Each write carries the exact
-/// current values of every field; Prometheus has them at every scrape.
+/// current values of every field; the metrics are refreshed at every reconcile.
 pub fn visible(status: &CdcPipelineStatus) -> CdcPipelineStatus {
     CdcPipelineStatus {
         last_received_lsn: None,
@@ -322,30 +322,33 @@ pub fn visible(status: &CdcPipelineStatus) -> CdcPipelineStatus {
     }
 }
 
-/// The status this replica last wrote, per pipeline UID. The watch's copy of an object lags
-/// behind the writes (by more than a second with hundreds of pipelines starting at once): a
-/// status compared only with that copy would be judged unchanged against one already
-/// replaced, and a pipeline that went Provisioning → Running would show Provisioning for a
-/// whole `statusInterval`. Forgotten when the pipeline is handed over or deleted.
-#[derive(Default)]
-pub struct Written(std::sync::Mutex<std::collections::HashMap<String, CdcPipelineStatus>>);
+/// What this replica keeps per pipeline (by UID) beside the watch's copy: the status it last
+/// wrote (the copy lags behind the writes, by more than a second with hundreds of pipelines
+/// starting at once, and a status compared only with it would be judged unchanged against
+/// one already replaced), and the pipelines it claimed. Forgotten when the pipeline is
+/// handed over or deleted.
+pub struct PerPipeline<V>(std::sync::Mutex<std::collections::HashMap<String, V>>);
 
-impl Written {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CdcPipelineStatus>> {
+impl<V> Default for PerPipeline<V> {
+    fn default() -> Self {
+        PerPipeline(std::sync::Mutex::default())
+    }
+}
+
+impl<V: Clone> PerPipeline<V> {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, V>> {
         // A panic while holding the lock leaves a map still usable.
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn get(&self, uid: &str) -> Option<CdcPipelineStatus> {
+    pub fn get(&self, uid: &str) -> Option<V> {
         self.map().get(uid).cloned()
     }
 
-    pub fn set(&self, uid: &str, status: CdcPipelineStatus) {
-        self.map().insert(uid.to_string(), status);
+    pub fn set(&self, uid: &str, value: V) {
+        self.map().insert(uid.to_string(), value);
     }
 
     pub fn forget(&self, uid: &str) {
