@@ -18,7 +18,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient, Transaction};
+use tokio_postgres::{Client, GenericClient, Statement, Transaction};
 
 use super::config::TableName;
 use super::config::{quote_ident, PipelineConfig};
@@ -105,11 +105,13 @@ pub struct Buffer {
     pipeline_id: i32,
     /// This session's epoch in `cdc_writers`, which every commit checks.
     epoch: i64,
-    copy_events: String,
+    /// Prepared once per session: every buffer transaction runs them, and a statement given
+    /// as text costs a round trip to prepare before each use.
+    copy_events: Statement,
     insert_relation: String,
     insert_table: String,
-    upsert_checkpoint: String,
-    check_epoch: String,
+    upsert_checkpoint: Statement,
+    check_epoch: Statement,
     fenced_by: String,
     select_checkpoint: String,
 }
@@ -179,16 +181,39 @@ impl Buffer {
             .await
             .map_err(setup_err)?
             .get(0);
+        let copy_events = client
+            .prepare(&format!(
+                "COPY {schema}.cdc_event_log (pipeline_id, commit_lsn, seq, lsn, xid, commit_time, table_id, \
+                 operation, before, after) FROM STDIN (FORMAT binary)"
+            ))
+            .await
+            .map_err(setup_err)?;
+        // Inserts or updates nothing when another session took the pipeline over: the share
+        // lock makes a new session's epoch wait for this transaction, and this one see a newer
+        // epoch committed before it.
+        let upsert_checkpoint = client
+            .prepare(&format!(
+                "WITH w AS (SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $6 FOR SHARE) \
+                 INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, last_commit_lsn, last_seq, events_total, updated_at) \
+                 SELECT $1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, now() FROM w \
+                 ON CONFLICT (pipeline) DO UPDATE SET lsn = excluded.lsn, last_commit_lsn = excluded.last_commit_lsn, \
+                 last_seq = excluded.last_seq, events_total = excluded.events_total, updated_at = excluded.updated_at"
+            ))
+            .await
+            .map_err(setup_err)?;
+        let check_epoch = client
+            .prepare(&format!(
+                "SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $2 FOR SHARE"
+            ))
+            .await
+            .map_err(setup_err)?;
         Ok(Buffer {
             client,
             schema: schema.clone(),
             pipeline: cfg.id.clone(),
             pipeline_id,
             epoch,
-            copy_events: format!(
-                "COPY {schema}.cdc_event_log (pipeline_id, commit_lsn, seq, lsn, xid, commit_time, table_id, \
-                 operation, before, after) FROM STDIN (FORMAT binary)"
-            ),
+            copy_events,
             // Returns the row that was already there, if any (a statement does not see its
             // own CTE's insert), to be compared with the one written.
             insert_table: format!(
@@ -205,19 +230,8 @@ impl Buffer {
                 "SELECT lsn::text, last_commit_lsn::text, last_seq, events_total, system_identifier, timeline, database, \
                  slot_name, publication_name, slot_start_lsn::text FROM {schema}.cdc_checkpoints WHERE pipeline = $1"
             ),
-            // Inserts or updates nothing when another session took the pipeline over: the
-            // share lock makes a new session's epoch wait for this transaction, and this one
-            // see a newer epoch committed before it.
-            upsert_checkpoint: format!(
-                "WITH w AS (SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $6 FOR SHARE) \
-                 INSERT INTO {schema}.cdc_checkpoints AS c (pipeline, lsn, last_commit_lsn, last_seq, events_total, updated_at) \
-                 SELECT $1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, now() FROM w \
-                 ON CONFLICT (pipeline) DO UPDATE SET lsn = excluded.lsn, last_commit_lsn = excluded.last_commit_lsn, \
-                 last_seq = excluded.last_seq, events_total = excluded.events_total, updated_at = excluded.updated_at"
-            ),
-            check_epoch: format!(
-                "SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $2 FOR SHARE"
-            ),
+            upsert_checkpoint,
+            check_epoch,
             fenced_by: format!("SELECT writer, epoch, since::text FROM {schema}.cdc_writers WHERE pipeline = $1"),
         })
     }
@@ -548,11 +562,25 @@ impl Buffer {
                         let sink = match copy.as_mut() {
                             Some(sink) => sink,
                             None => {
-                                let started = tx.copy_in::<_, Bytes>(&self.copy_events);
                                 let started = if checked {
-                                    started.await
+                                    tx.copy_in::<_, Bytes>(&self.copy_events).await
                                 } else {
-                                    let (current, started) = futures_util::join!(check(), started);
+                                    // The check is queued before the COPY, never after it: the
+                                    // client writes a request queued behind a COPY only once
+                                    // the COPY ends, and this COPY ends only after the check
+                                    // answered (a deadlock, seen when both statements were
+                                    // prepared concurrently and the COPY's was ready first).
+                                    // Its first poll queues it (the statement is prepared);
+                                    // pipelined with the COPY, it costs no round trip of its own.
+                                    let mut check = std::pin::pin!(check());
+                                    let early = futures_util::poll!(check.as_mut());
+                                    let started = tx.copy_in::<_, Bytes>(&self.copy_events);
+                                    let (current, started) = match early {
+                                        std::task::Poll::Ready(current) => (current, started.await),
+                                        std::task::Poll::Pending => {
+                                            futures_util::join!(check, started)
+                                        }
+                                    };
                                     checked = true;
                                     if current.map_err(err)?.is_none() {
                                         // Dropping the COPY and the transaction aborts both;
@@ -991,7 +1019,7 @@ async fn save_snapshot(
 /// it is not.
 async fn upsert_checkpoint(
     client: &impl GenericClient,
-    statement: &str,
+    statement: &Statement,
     (pipeline, epoch): (&str, i64),
     checkpoint: &Checkpoint,
 ) -> std::result::Result<u64, tokio_postgres::Error> {

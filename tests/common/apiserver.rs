@@ -353,13 +353,7 @@ pub async fn install(client: &Client) {
 /// The shared API server set up for a test in namespace `ns` (the CRD and the deploy/ RBAC
 /// installed, the namespace created), its admin client, and the namespace's `CdcPipeline`s.
 pub async fn namespace(ns: &str) -> (&'static ApiServer, Client, Api<philotes::crd::CdcPipeline>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    super::log();
     let api = shared();
     let admin = api.admin();
     install(&admin).await;

@@ -141,7 +141,20 @@ pub struct Running {
     pub handle: JoinHandle<pipeline::Result<Outcome>>,
 }
 
+/// Logs what the code under test says, at `PHILOTES_LOG` (default: warnings), into the test's
+/// captured output: a failing test shows the pipeline's own account.
+pub fn log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PHILOTES_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 pub fn start(cfg: PipelineConfig, opts: RunOptions) -> Running {
+    log();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (progress_tx, progress) = watch::channel(Progress::default());
     let handle = tokio::spawn(pipeline::run(cfg, opts, shutdown_rx, progress_tx));
