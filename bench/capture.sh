@@ -8,7 +8,9 @@
 #              BENCH_FRESH_RATES (transactions per second of the freshness workload's trickles,
 #              default "50 500"), BENCH_FRESH_SECONDS (30 per trickle), BENCH_FRESH_BURST
 #              (one-row transactions of its burst, 20000),
-#              BENCH_OUT (results directory, default bench/out).
+#              BENCH_OUT (results directory, default bench/out), BENCH_PG_BINDIR (the servers'
+#              initdb, pg_ctl and postgres, e.g. another major version from
+#              scripts/pg-server.sh; default: pg_config --bindir, which also gives psql).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,8 +32,9 @@ read -r -a FRESH_RATES <<< "${BENCH_FRESH_RATES:-50 500}"
 FRESH_SECONDS=${BENCH_FRESH_SECONDS:-30}
 FRESH_BURST=${BENCH_FRESH_BURST:-20000}
 mkdir -p "$OUT"
-BIN=$(pg_config --bindir)
-[ -x "$BIN/postgres" ] || { echo "PostgreSQL server binaries not found (pg_config --bindir)" >&2; exit 1; }
+BIN=$(pg_config --bindir)                # client programs: psql, pg_recvlogical
+SERVER_BIN=${BENCH_PG_BINDIR:-$BIN}      # server programs: initdb, pg_ctl, postgres
+[ -x "$SERVER_BIN/postgres" ] || { echo "PostgreSQL server binaries not found in $SERVER_BIN (BENCH_PG_BINDIR, else pg_config --bindir)" >&2; exit 1; }
 
 echo "==> building philotes (release)"
 cargo build --release -q
@@ -41,13 +44,13 @@ WORK=$(mktemp -d /tmp/philotes-bench-XXXXXX)
 AS=""; if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; AS="runuser -u postgres --"; fi
 SRC_PORT=55433; BUF_PORT=55432
 cleanup() {
-  for d in src buf; do [ -d "$WORK/$d" ] && $AS "$BIN/pg_ctl" -D "$WORK/$d" -m immediate stop >/dev/null 2>&1 || true; done
+  for d in src buf; do [ -d "$WORK/$d" ] && $AS "$SERVER_BIN/pg_ctl" -D "$WORK/$d" -m immediate stop >/dev/null 2>&1 || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 start_pg() { # dir port
-  $AS "$BIN/initdb" -D "$WORK/$1" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+  $AS "$SERVER_BIN/initdb" -D "$WORK/$1" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
   cat >> "$WORK/$1/postgresql.conf" <<CONF
 port = $2
 listen_addresses = '127.0.0.1'
@@ -64,7 +67,7 @@ $DURABLE
 logical_decoding_work_mem = 256MB
 wal_retrieve_retry_interval = 100ms
 CONF
-  $AS "$BIN/pg_ctl" -D "$WORK/$1" -l "$WORK/$1.log" -w start >/dev/null
+  $AS "$SERVER_BIN/pg_ctl" -D "$WORK/$1" -l "$WORK/$1.log" -w start >/dev/null
 }
 echo "==> starting source (:$SRC_PORT) and buffer (:$BUF_PORT) with identical settings (durability: $DURABILITY)"
 start_pg src $SRC_PORT
