@@ -181,13 +181,16 @@ impl Buffer {
             .await
             .map_err(setup_err)?
             .get(0);
+        // A failed prepare is classed as the same statements' failures were when each
+        // transaction prepared them: a lock or statement timeout heals by retrying.
+        let prepare_err = |e: tokio_postgres::Error| buffer_error(&e);
         let copy_events = client
             .prepare(&format!(
                 "COPY {schema}.cdc_event_log (pipeline_id, commit_lsn, seq, lsn, xid, commit_time, table_id, \
                  operation, before, after) FROM STDIN (FORMAT binary)"
             ))
             .await
-            .map_err(setup_err)?;
+            .map_err(prepare_err)?;
         // Inserts or updates nothing when another session took the pipeline over: the share
         // lock makes a new session's epoch wait for this transaction, and this one see a newer
         // epoch committed before it.
@@ -200,13 +203,13 @@ impl Buffer {
                  last_seq = excluded.last_seq, events_total = excluded.events_total, updated_at = excluded.updated_at"
             ))
             .await
-            .map_err(setup_err)?;
+            .map_err(prepare_err)?;
         let check_epoch = client
             .prepare(&format!(
                 "SELECT 1 FROM {schema}.cdc_writers WHERE pipeline = $1 AND epoch = $2 FOR SHARE"
             ))
             .await
-            .map_err(setup_err)?;
+            .map_err(prepare_err)?;
         Ok(Buffer {
             client,
             schema: schema.clone(),
