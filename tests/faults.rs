@@ -484,11 +484,18 @@ async fn buffer_outage_applies_backpressure_and_loses_nothing() {
 /// the writer stalled for good, the stream with it, and the slot stayed where it was. It was
 /// seen about once in a thousand buffer transactions on a busy machine (the fault suite under
 /// CPU load), when the two statements, prepared together, were ready in the other order. One
-/// buffer transaction per change makes thousands of starts, each of which must not stall.
+/// buffer transaction per change makes thousands of starts, each of which must not stall, and
+/// the buffer server's statement log shows the check ran before every COPY. A COPY started
+/// before its check was queued stalls here at once (tried: the check left to the commit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_buffer_transactions_never_stall() {
     let src = fresh_db(shared(), "starts_src").await;
-    let buf = fresh_db(shared(), "starts_buf").await;
+    // The buffer server logs every statement it runs, in the order it runs them.
+    let buffer_cluster = own_cluster(ClusterOptions {
+        extra_conf: vec!["log_statement = 'all'".into()],
+        ..Default::default()
+    });
+    let buf = fresh_db(&buffer_cluster, "starts_buf").await;
     let source = connect(&src).await;
     source
         .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL)")
@@ -540,6 +547,22 @@ async fn thousands_of_buffer_transactions_never_stall() {
         (row.get(0), row.get(1))
     };
     assert_eq!((events, transactions), (WRITERS * EACH, WRITERS * EACH));
+    // The mechanism: in every writer transaction the server ran the epoch check before the
+    // COPY, so the check was never queued behind it.
+    let (mut checked, mut copies) = (false, 0);
+    for line in buffer_cluster.log().lines() {
+        if line.contains("SELECT 1 FROM \"philotes\".cdc_writers") {
+            checked = true;
+        } else if line.contains("COPY \"philotes\".cdc_event_log") {
+            assert!(
+                checked,
+                "a COPY ran before its transaction's epoch check: {line}"
+            );
+            checked = false;
+            copies += 1;
+        }
+    }
+    assert_eq!(copies, WRITERS * EACH);
     let report = philotes::verify::verify(&cfg).await.unwrap();
     assert!(report.ok(), "{report}");
 }
