@@ -557,7 +557,7 @@ impl Buffer {
             // on its own, which cost a round trip per buffer transaction.
             let params: [&(dyn ToSql + Sync); 2] = [&self.pipeline, &self.epoch];
             let check = || tx.query_opt(&self.check_epoch, &params);
-            let mut checked = false;
+            // Open once the first rows arrive, with the epoch checked before it.
             let mut copy = None;
             loop {
                 match op {
@@ -565,33 +565,25 @@ impl Buffer {
                         let sink = match copy.as_mut() {
                             Some(sink) => sink,
                             None => {
-                                let started = if checked {
-                                    tx.copy_in::<_, Bytes>(&self.copy_events).await
-                                } else {
-                                    // The check is queued before the COPY, never after it: the
-                                    // client writes a request queued behind a COPY only once
-                                    // the COPY ends, and this COPY ends only after the check
-                                    // answered (a deadlock, seen when both statements were
-                                    // prepared concurrently and the COPY's was ready first).
-                                    // Its first poll queues it (the statement is prepared);
-                                    // pipelined with the COPY, it costs no round trip of its own.
-                                    let mut check = std::pin::pin!(check());
-                                    let early = futures_util::poll!(check.as_mut());
-                                    let started = tx.copy_in::<_, Bytes>(&self.copy_events);
-                                    let (current, started) = match early {
-                                        std::task::Poll::Ready(current) => (current, started.await),
-                                        std::task::Poll::Pending => {
-                                            futures_util::join!(check, started)
-                                        }
-                                    };
-                                    checked = true;
-                                    if current.map_err(err)?.is_none() {
-                                        // Dropping the COPY and the transaction aborts both;
-                                        // `serve` says who took over, once they are gone.
-                                        return Err(Error::Fenced(String::new()));
-                                    }
-                                    started
+                                // The check is queued before the COPY, never after it: the
+                                // client writes a request queued behind a COPY only once the
+                                // COPY ends, and this COPY ends only after the check answered
+                                // (a deadlock, seen when both statements were prepared
+                                // concurrently and the COPY's was ready first). Its first poll
+                                // queues it (the statement is prepared); pipelined with the
+                                // COPY, it costs no round trip of its own.
+                                let mut check = std::pin::pin!(check());
+                                let early = futures_util::poll!(check.as_mut());
+                                let started = tx.copy_in::<_, Bytes>(&self.copy_events);
+                                let (current, started) = match early {
+                                    std::task::Poll::Ready(current) => (current, started.await),
+                                    std::task::Poll::Pending => futures_util::join!(check, started),
                                 };
+                                if current.map_err(err)?.is_none() {
+                                    // Dropping the COPY and the transaction aborts both;
+                                    // `serve` says who took over, once they are gone.
+                                    return Err(Error::Fenced(String::new()));
+                                }
                                 let mut sink = Box::pin(started.map_err(err)?);
                                 sink.feed(Bytes::from_static(COPY_HEADER))
                                     .await
@@ -603,7 +595,8 @@ impl Buffer {
                     }
                     WriteOp::Commit(commit) => {
                         let started = Instant::now();
-                        if !checked && check().await.map_err(err)?.is_none() {
+                        // No rows, so no COPY: the epoch is checked here.
+                        if copy.is_none() && check().await.map_err(err)?.is_none() {
                             return Err(Error::Fenced(String::new()));
                         }
                         if let Some(mut sink) = copy.take() {
