@@ -845,7 +845,7 @@ impl Streamer<'_> {
         };
         // The task hands the chunk over before it writes the close watermark, so it is
         // queued by now (or the task ended and said why).
-        let chunk = match link.ready.pop_front() {
+        let mut chunk = match link.ready.pop_front() {
             Some(c) => c,
             None => match link.chunks.recv().await {
                 Some(snapshot::Message::Chunk(c)) => c,
@@ -875,7 +875,7 @@ impl Streamer<'_> {
                     chunk.plan.table
                 )),
             },
-            _ => window.close(&chunk),
+            _ => window.close(&mut chunk),
         };
         if let Some(why) = why {
             tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");

@@ -168,9 +168,26 @@ pub struct Plan {
     /// The publication's row filter as the server prints it.
     row_filter: Option<String>,
     pub estimate: Option<i64>,
+    /// What precedes each column's value in an image: `{"id":`, `,"name":`, ...
+    prefixes: Vec<String>,
 }
 
 impl Plan {
+    /// The image prefixes of `relation`'s columns (see [`Plan::prefixes`]).
+    fn prefixes(relation: &Relation) -> Vec<String> {
+        relation
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut p = String::from(if i == 0 { "{" } else { "," });
+                write_json_string(&mut p, &c.name);
+                p.push(':');
+                p
+            })
+            .collect()
+    }
+
     fn key_names(&self) -> Vec<&str> {
         self.key
             .iter()
@@ -227,19 +244,20 @@ impl Plan {
     /// A row read by a chunk as an event image, its key as the loop compares keys, and its
     /// key's text values.
     fn row(&self, values: &[Option<&str>]) -> Result<Row> {
-        let mut image =
-            String::with_capacity(64 + values.iter().flatten().map(|v| v.len()).sum::<usize>());
-        image.push('{');
-        for (i, (col, value)) in self.relation.columns.iter().zip(values).enumerate() {
-            if i > 0 {
-                image.push(',');
-            }
-            write_json_string(&mut image, &col.name);
-            image.push(':');
+        let mut image = String::with_capacity(
+            self.prefixes.iter().map(|p| p.len()).sum::<usize>()
+                + values.iter().flatten().map(|v| v.len() + 2).sum::<usize>()
+                + 2,
+        );
+        for ((col, prefix), value) in self.relation.columns.iter().zip(&self.prefixes).zip(values) {
+            image.push_str(prefix);
             match value {
                 None => image.push_str("null"),
                 Some(text) => write_value(&mut image, col.type_oid, text),
             }
+        }
+        if image.is_empty() {
+            image.push('{');
         }
         image.push('}');
         let mut key = String::from("[");
@@ -362,6 +380,8 @@ pub struct Chunk {
     pub kind: ChunkKind,
     pub visibility: Visibility,
     pub rows: Vec<Row>,
+    /// The key's text values of the last row read (the loop takes the rows it writes).
+    pub last_key: Option<Vec<String>>,
     /// A range chunk that reached the end of the table.
     pub end: bool,
 }
@@ -385,8 +405,8 @@ impl Chunk {
         next.started_lsn.get_or_insert(opened);
         match &self.kind {
             ChunkKind::After(_) => {
-                if let Some(last) = self.rows.last() {
-                    next.last_key = Some(last.key_text.clone());
+                if let Some(last) = &self.last_key {
+                    next.last_key = Some(last.clone());
                 }
                 next.range_done |= self.end;
             }
@@ -559,8 +579,9 @@ impl Window {
         }
     }
 
-    /// Decides the chunk at its close watermark (see the module's documentation).
-    pub fn close(self, chunk: &Chunk) -> Closed {
+    /// Decides the chunk at its close watermark (see the module's documentation), taking
+    /// the rows it keeps out of the chunk.
+    pub fn close(self, chunk: &mut Chunk) -> Closed {
         let vis = &chunk.visibility;
         // A change whose key the image does not show (an UPDATE that left a TOASTed key
         // column out): every row of the chunk is read again by key.
@@ -594,28 +615,32 @@ impl Window {
             e.1 |= t.whole;
             e.2 = t.deleted;
         }
-        let mut reread = Vec::new();
-        let mut rows = Vec::new();
-        for row in &chunk.rows {
-            match keys.get(row.key.as_str()) {
-                Some((true, whole, deleted, _)) => {
-                    if !whole && !deleted && !truncated {
-                        reread.push(row.key_text.clone());
-                    }
-                }
-                _ if truncated => {}
-                _ => rows.push(row.clone()),
-            }
-        }
         // A key the chunk did not hold that an UPDATE moved a row to, leaving columns out:
         // the row never had a whole image (any other key not in the chunk is copied by its
         // own chunk, or was, whole).
-        let in_chunk: HashSet<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
-        for (k, (unseen, whole, deleted, text)) in &keys {
-            if *unseen && !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
-                reread.push(text.to_vec());
+        let mut moved_reread = Vec::new();
+        if !moved_in.is_empty() {
+            let in_chunk: HashSet<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
+            for (k, (unseen, whole, deleted, text)) in &keys {
+                if *unseen && !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
+                    moved_reread.push(text.to_vec());
+                }
             }
         }
+        let mut reread = Vec::new();
+        let mut rows = Vec::with_capacity(chunk.rows.len());
+        for row in chunk.rows.drain(..) {
+            match keys.get(row.key.as_str()) {
+                Some((true, whole, deleted, _)) => {
+                    if !whole && !deleted && !truncated {
+                        reread.push(row.key_text);
+                    }
+                }
+                _ if truncated => {}
+                _ => rows.push(row),
+            }
+        }
+        reread.append(&mut moved_reread);
         Closed {
             rows,
             reread,
@@ -804,6 +829,7 @@ pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> R
             .remove(&table.to_string())
             .and_then(|(p, _)| p.row_filter),
     };
+    let prefixes = Plan::prefixes(&relation);
     Ok(Plan {
         table: table.clone(),
         relation,
@@ -815,6 +841,7 @@ pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> R
         },
         row_filter,
         estimate,
+        prefixes,
     })
 }
 
@@ -1035,9 +1062,10 @@ async fn copy_tables(
             .await?;
             wait_committed_visible(&client, cfg).await?;
             let (visibility, rows, end) = read_chunk(&client, cfg, &plan, &kind).await?;
+            let last_key = rows.last().map(|r| r.key_text.clone());
             if let ChunkKind::After(_) = kind {
-                if let Some(last) = rows.last() {
-                    next_after = Some(last.key_text.clone());
+                if last_key.is_some() {
+                    next_after = last_key.clone();
                 }
                 range_sent |= end;
             }
@@ -1048,6 +1076,7 @@ async fn copy_tables(
                 kind,
                 visibility,
                 rows,
+                last_key,
                 end,
             };
             if task
@@ -1183,13 +1212,22 @@ async fn read_chunk_in_tx(
             .await
             .map_err(err)?;
         let mut n = 0;
+        // One vector of values for every row of the batch (they borrow from it).
+        let mut values: Vec<Option<&str>> = Vec::new();
         for m in &fetched {
             if let SimpleQueryMessage::Row(r) = m {
                 n += 1;
-                let read: Vec<_> = (0..r.len()).map(|i| r.try_get(i)).collect();
-                let bad: Vec<usize> = (0..read.len()).filter(|&i| read[i].is_err()).collect();
-                let values: Vec<Option<&str>> =
-                    read.into_iter().map(|v| v.ok().flatten()).collect();
+                values.clear();
+                let mut bad = Vec::new();
+                for i in 0..r.len() {
+                    match r.try_get(i) {
+                        Ok(v) => values.push(v),
+                        Err(_) => {
+                            bad.push(i);
+                            values.push(None);
+                        }
+                    }
+                }
                 let row = if bad.is_empty() {
                     plan.row(&values)?
                 } else {
@@ -1248,6 +1286,7 @@ mod tests {
             from: "ONLY public.t".into(),
             row_filter: None,
             estimate: None,
+            prefixes: Plan::prefixes(&rel()),
         })
     }
 
@@ -1276,6 +1315,7 @@ mod tests {
             plan: p,
             kind: ChunkKind::After(None),
             visibility: Visibility::parse(snapshot).unwrap(),
+            last_key: ids.last().map(|i| vec![i.to_string()]),
             rows,
             end: true,
         }
@@ -1312,7 +1352,7 @@ mod tests {
     #[test]
     fn rows_changed_by_transactions_the_chunk_does_not_see_are_dropped() {
         // Transactions 1-9 are visible, 10 and up are not.
-        let c = chunk(&[1, 2, 3, 4, 5], "10:10:");
+        let mut c = chunk(&[1, 2, 3, 4, 5], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         // Seen by the chunk: the row read is at least as new.
         w.record(
@@ -1334,36 +1374,37 @@ mod tests {
                 Some(r#"{"id":40,"v":"x"}"#),
             ),
         );
-        let (rows, reread) = kept(w.close(&c));
+        let (rows, reread) = kept(w.close(&mut c));
         assert_eq!(rows, vec!["[1]", "[5]"]);
         assert!(reread.is_empty(), "{reread:?}");
     }
 
     #[test]
     fn an_incomplete_newer_image_is_read_again() {
-        let c = chunk(&[1, 2], "10:10:");
+        let mut c = chunk(&[1, 2], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         // An UPDATE that left the TOASTed column v out.
         w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
-        let (rows, reread) = kept(w.close(&c));
+        let (rows, reread) = kept(w.close(&mut c));
         assert_eq!(rows, vec!["[1]"]);
         assert_eq!(reread, vec![vec!["2".to_string()]]);
     }
 
     #[test]
     fn a_truncate_the_chunk_does_not_see_drops_it_and_unknown_keys_reread_it() {
-        let c = chunk(&[1, 2], "10:10:");
+        let mut c = chunk(&[1, 2], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         w.record(11, &change(Operation::Truncate, None, None));
-        let (rows, _) = kept(w.close(&c));
+        let (rows, _) = kept(w.close(&mut c));
         assert!(rows.is_empty());
         // A change whose image does not show the key: every row is read again by key.
+        let mut c = chunk(&[1, 2], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
         w.record(
             11,
             &change(Operation::Update, None, Some(r#"{"v":"no key"}"#)),
         );
-        let closed = w.close(&c);
+        let closed = w.close(&mut c);
         assert!(closed.rows.is_empty() && closed.why.is_some());
         assert_eq!(
             closed.reread,
