@@ -173,7 +173,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The image prefixes of `relation`'s columns (see [`Plan::prefixes`]).
+    /// The image prefixes of `relation`'s columns (the `prefixes` field).
     fn prefixes(relation: &Relation) -> Vec<String> {
         relation
             .columns
