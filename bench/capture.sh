@@ -3,6 +3,8 @@
 # machine. See bench/README.md. Usage: bench/capture.sh [workload ...]   (default: all six)
 # Environment: BENCH_ROWS (row changes per workload, default 1000000), BENCH_ROUNDS (3),
 #              BENCH_SNAPSHOT_ROWS (rows of the snapshot workload's table, default 5000000),
+#              BENCH_SNAPSHOT_CONTENDERS (default "copy native philotes"; add "halves" for two
+#              pipelines copying half the table each at once, PostgreSQL 15+),
 #              BENCH_DURABILITY (production: fsync, synchronous_commit and full_page_writes on,
 #              the default; off: fsync and full_page_writes off, a labelled variant),
 #              BENCH_FRESH_RATES (transactions per second of the freshness workload's trickles,
@@ -18,6 +20,7 @@ ROWS=${BENCH_ROWS:-1000000}
 ROUNDS=${BENCH_ROUNDS:-3}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 SNAP_ROWS=${BENCH_SNAPSHOT_ROWS:-5000000}
+read -r -a SNAP_CONTENDERS <<< "${BENCH_SNAPSHOT_CONTENDERS:-copy native philotes}"
 DURABILITY=${BENCH_DURABILITY:-production}
 case $DURABILITY in
   production) DURABLE="fsync = on
@@ -153,13 +156,13 @@ run_native() {
   until [ "$(psrc -At -c "SELECT confirmed_flush_lsn >= '$TARGET' FROM pg_replication_slots WHERE slot_name = 'native'")" = t ]; do sleep 0.05; done
 }
 
-write_pipeline() { # file slot snapshot-mode [table publication name]
+write_pipeline() { # file slot snapshot-mode [table publication name tables-entry]
   cat > "$1" <<YAML
 apiVersion: philotes.io/v1alpha1
 kind: CdcPipeline
 metadata: {name: ${6:-bench}, namespace: bench}
 spec:
-  source: {connectionSecretRef: {name: src}, tables: [public.${4:-t}], publication: ${5:-bench}, slot: $2}
+  source: {connectionSecretRef: {name: src}, tables: [${7:-public.${4:-t}}], publication: ${5:-bench}, slot: $2}
   buffer: {connectionSecretRef: {name: buf}}
   snapshot: {mode: $3}
 ---
@@ -195,11 +198,15 @@ check() { # contender: did it receive the whole workload?
 # The snapshot workload: copying a table's existing rows, side by side with PostgreSQL's own
 # initial table sync and with COPY to /dev/null (the read floor).
 prepare_snapshot() {
-  psrc -c "DROP TABLE IF EXISTS t; DROP PUBLICATION IF EXISTS bench"
+  psrc -c "DROP TABLE IF EXISTS t; DROP PUBLICATION IF EXISTS bench, bench_lo, bench_hi"
   pbuf -c "DROP TABLE IF EXISTS t; DROP SCHEMA IF EXISTS philotes CASCADE"
   psrc -c "$TABLE_DDL"; pbuf -c "$TABLE_DDL"
   psrc -c "INSERT INTO t SELECT i, i % 1000, i * 1.25, md5(i::text), 'row ' || i, now() FROM generate_series(1, $SNAP_ROWS) i"
   psrc -c "ALTER TABLE t SET (autovacuum_enabled = off)" -c "VACUUM ANALYZE t" -c "CREATE PUBLICATION bench FOR TABLE t" -c "CHECKPOINT"
+  if [[ " ${SNAP_CONTENDERS[*]} " == *" halves "* ]]; then
+    psrc -c "CREATE PUBLICATION bench_lo FOR TABLE t WHERE (id <= $((SNAP_ROWS / 2)))" \
+         -c "CREATE PUBLICATION bench_hi FOR TABLE t WHERE (id > $((SNAP_ROWS / 2)))"
+  fi
 }
 
 run_copy() {
@@ -220,11 +227,28 @@ run_philotes_snapshot() {
     || { cat "$WORK/philotes.log" >&2; return 1; }
 }
 
+# What two buffer sessions copying at once would reach on this machine (a pessimistic stand-in):
+# two pipelines, each copying half the table (a row filter on its publication), run at once.
+# Each has its own slot, walsender and source reads, which one pipeline writing through two
+# sessions would not need.
+run_halves() {
+  write_pipeline "$WORK/lo.yaml" philotes_lo Initial t bench_lo lo "{name: public.t, where: \"id <= $((SNAP_ROWS / 2))\"}"
+  write_pipeline "$WORK/hi.yaml" philotes_hi Initial t bench_hi hi "{name: public.t, where: \"id > $((SNAP_ROWS / 2))\"}"
+  local lo hi
+  ${TIME}.lo "$PHILOTES" run -f "$WORK/lo.yaml" --until-caught-up 2>"$WORK/lo.log" & lo=$!
+  ${TIME}.hi "$PHILOTES" run -f "$WORK/hi.yaml" --until-caught-up 2>"$WORK/hi.log" & hi=$!
+  wait "$lo" || { cat "$WORK/lo.log" >&2; return 1; }
+  wait "$hi" || { cat "$WORK/hi.log" >&2; return 1; }
+  # One line as GNU time writes it: CPU of both, the larger peak RSS.
+  paste <(tail -1 "$WORK/client.lo") <(tail -1 "$WORK/client.hi") |
+    awk -F'\t' '{ printf "%.2f\t%.2f\t%d\n", $1 + $4, $2 + $5, ($3 > $6 ? $3 : $6) }' > "$WORK/client"
+}
+
 check_snapshot() {
   case $1 in
     copy) true;;
     native) [ "$(pbuf -At -c "SELECT count(*) FROM t")" = "$SNAP_ROWS" ];;
-    philotes) [ "$(pbuf -At -c "SELECT count(*) FROM philotes.cdc_events WHERE operation = 'SNAPSHOT'")" = "$SNAP_ROWS" ];;
+    philotes|halves) [ "$(pbuf -At -c "SELECT count(*) FROM philotes.cdc_events WHERE operation = 'SNAPSHOT'")" = "$SNAP_ROWS" ];;
   esac
 }
 
@@ -233,6 +257,8 @@ cleanup_snapshot() {
     native) pbuf -c "DROP SUBSCRIPTION sub" >/dev/null;;
     philotes) psrc -c "SELECT pg_drop_replication_slot('philotes_snapshot')" >/dev/null
               pbuf -c "DROP SCHEMA philotes CASCADE" >/dev/null;;
+    halves) psrc -c "SELECT pg_drop_replication_slot(s) FROM unnest(ARRAY['philotes_lo', 'philotes_hi']) s" >/dev/null
+            pbuf -c "DROP SCHEMA philotes CASCADE" >/dev/null;;
   esac
 }
 
@@ -240,14 +266,14 @@ snapshot_round() { # round
   local round=$1 c order
   echo "==> snapshot, round $round/$ROUNDS: preparing ($SNAP_ROWS rows)"
   prepare_snapshot
-  local contenders=(copy native philotes)
-  order=("${contenders[@]:$(( (round - 1) % 3 ))}" "${contenders[@]:0:$(( (round - 1) % 3 ))}")
+  local contenders=("${SNAP_CONTENDERS[@]}") k=${#SNAP_CONTENDERS[@]}
+  order=("${contenders[@]:$(( (round - 1) % k ))}" "${contenders[@]:0:$(( (round - 1) % k ))}")
   for c in "${order[@]}"; do
     psrc -c "CHECKPOINT" >/dev/null; pbuf -c "CHECKPOINT" >/dev/null
     rm -f "$WORK/client"
     read -r src0 buf0 < <(server_cpu)
     t0=$(now)
-    case $c in copy) run_copy;; native) run_native_sync;; philotes) run_philotes_snapshot;; esac
+    case $c in copy) run_copy;; native) run_native_sync;; philotes) run_philotes_snapshot;; halves) run_halves;; esac
     t1=$(now)
     read -r src1 buf1 < <(server_cpu)
     check_snapshot "$c" || { echo "$c did not copy the whole table" >&2; exit 1; }
@@ -255,7 +281,7 @@ snapshot_round() { # round
     python3 - snapshot "$round" "$c" "$t0" "$t1" "$SNAP_ROWS" "$src0" "$src1" "$buf0" "$buf1" $client <<'PY' | tee -a "$RESULTS"
 import sys
 wl, rnd, c, t0, t1, n, s0, s1, b0, b1, cu, cs = sys.argv[1:13]
-rss = sys.argv[13] if len(sys.argv) > 13 and c == "philotes" else ""
+rss = sys.argv[13] if len(sys.argv) > 13 and c in ("philotes", "halves") else ""
 print(f"{wl}\t{rnd}\t{c}\t{float(t1) - float(t0):.3f}\t{n}\t{rss}\t{float(s1) - float(s0):.2f}\t{float(b1) - float(b0):.2f}\t{float(cu) + float(cs):.2f}\t")
 PY
     cleanup_snapshot "$c"

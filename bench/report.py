@@ -75,7 +75,7 @@ if snapshot_rows:
     for r in snapshot_rows:
         st[r["contender"]].append(float(r["seconds"]))
         scpu[r["contender"]].append(tuple(float(r[k]) for k in ("source_cpu_s", "buffer_cpu_s", "client_cpu_s")))
-        if r["peak_rss_kib"]:
+        if r["peak_rss_kib"] and r["contender"] == "philotes":
             srss.append(int(r["peak_rss_kib"]))
     n = int(snapshot_rows[0]["row_changes"])
     m = {c: statistics.median(v) for c, v in st.items()}
@@ -91,12 +91,19 @@ if snapshot_rows:
         f"| {m['philotes'] / m['copy']:.2f}× | {n / m['philotes']:,.0f} | {max(srss) / 1024:.0f} MB |"
     )
     print()
-    print("| contender | wall | source server CPU | buffer server CPU | client CPU |")
-    print("|---|---:|---:|---:|---:|")
-    for c in ("copy", "native", "philotes"):
-        samples = scpu[c]
+    print("| contender | wall | / native | source server CPU | buffer server CPU | client CPU | total CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in ("copy", "native", "philotes", "halves"):
+        samples = scpu.get(c)
+        if not samples:
+            continue
         src, buf, cli = (statistics.median(x[i] for x in samples) for i in range(3))
-        print(f"| {c} | {m[c]:.2f} s | {src:.2f} | {buf:.2f} | {cli:.2f} |")
+        print(f"| {c} | {m[c]:.2f} s | {m[c] / m['native']:.2f}× | {src:.2f} | {buf:.2f} | {cli:.2f} | {src + buf + cli:.2f} |")
+    if "halves" in m:
+        print()
+        print("`halves`: two pipelines copying half the table each (row-filtered publications), run at")
+        print("once: what two buffer sessions would reach on this machine, paying for a second slot,")
+        print("walsender and reader besides.")
     print()
     print(f"Median of {len(st['philotes'])} rounds; the order rotates between rounds.")
 
