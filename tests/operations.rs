@@ -693,6 +693,135 @@ async fn a_copied_value_that_is_not_utf8_is_reported_or_set_aside() {
     assert_eq!(report.dead_letters, vec![("public.t".to_string(), 1)]);
 }
 
+/// A copied row the buffer refuses (here a trigger raising a data exception) is found as a
+/// refused change in the stream is: from the checkpoint, the copy's rows are written one per
+/// transaction until only it is rolled back; then `poisonEvents` applies to it, by its key,
+/// whenever its chunk is read again. `Fail` stops naming the table and the row; `DeadLetter`
+/// sets its key aside and the copy goes on. Never a search that starts over on every try
+/// (a row alone in its chunk, table `one`, used to be looked for forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_row_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
+    let (src, buf, source) = databases_with(
+        "refusedrow",
+        "CREATE TABLE seed (id int PRIMARY KEY);
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 6) i;
+         CREATE TABLE one (id int PRIMARY KEY, v text);
+         INSERT INTO one VALUES (7, 'seven');",
+    )
+    .await;
+    // The buffer's tables exist once the pipeline started; `t` and `one` are added after.
+    let seed = manifest_file(&manifest("refusedrow", &src, &buf, &["seed"], ""));
+    assert_eq!(catch_up_cli(seed.path()).0, 0);
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "CREATE FUNCTION philotes_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.operation = 'S' AND NEW.after->>'id' IN ('4', '7') THEN
+                 RAISE EXCEPTION 'id % is not welcome', NEW.after->>'id' USING ERRCODE = '22023';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW EXECUTE FUNCTION philotes_refuse();",
+        )
+        .await
+        .expect("trigger");
+    let copied = |table: &'static str| {
+        let buffer = &buffer;
+        async move {
+            column::<i32>(
+                buffer,
+                &format!(
+                    "SELECT DISTINCT (after->>'id')::int FROM philotes.cdc_events \
+                     WHERE pipeline = 'test/refusedrow' AND table_name = '{table}' ORDER BY 1"
+                ),
+            )
+            .await
+        }
+    };
+    let text = manifest("refusedrow", &src, &buf, &["seed", "t", "one"], "");
+
+    // Fail (the default): the rows before it are written and confirmed, then it is named.
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(manifest_file(&text).path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    for phrase in [
+        "PoisonEvent",
+        "cannot store the SNAPSHOT of public.t",
+        "the buffer refused the row (id)=(4)",
+        "id 4 is not welcome",
+        "Every change before it is in the buffer and confirmed",
+        "poisonEvents: DeadLetter",
+    ] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert_eq!(
+        copied("t").await,
+        vec![1, 2, 3],
+        "the rows before it landed"
+    );
+    let (ckpt, confirmed) = checkpoint_and_confirmed(
+        &buffer,
+        &source,
+        "test/refusedrow",
+        "philotes_test_refusedrow",
+    )
+    .await;
+    assert_eq!(ckpt, confirmed, "what is written is confirmed");
+
+    // DeadLetter: each refused row's key is set aside with the server's reason; the copies
+    // complete.
+    let dead_text = text.replace("spec:\n", "spec:\n  poisonEvents: DeadLetter\n");
+    let dead = manifest_file(&dead_text);
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(dead.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    assert_eq!(copied("t").await, vec![1, 2, 3, 5, 6], "the copy went on");
+    assert_eq!(copied("one").await, Vec::<i32>::new());
+    let letters: Vec<String> = column(
+        &buffer,
+        "SELECT table_name || ' ' || operation || ' ' || convert_from(message, 'UTF8') || ': ' || reason \
+         FROM philotes.cdc_dead_letters WHERE pipeline = 'test/refusedrow' ORDER BY commit_lsn, seq",
+    )
+    .await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (letter, (table, id)) in letters.iter().zip([("t", 4), ("one", 7)]) {
+        assert!(
+            letter.starts_with(&format!(
+                "{table} SNAPSHOT [{id}]: the buffer refused the row (id)=({id})"
+            )) && letter.contains(&format!("id {id} is not welcome")),
+            "{letters:?}"
+        );
+    }
+    let state: Vec<String> = column(
+        &buffer,
+        "SELECT table_name || ' ' || phase FROM philotes.cdc_snapshots \
+         WHERE pipeline = 'test/refusedrow' ORDER BY table_name",
+    )
+    .await;
+    assert_eq!(state, ["one Done", "seed Done", "t Done"]);
+
+    // The refusal removed and the rows changed on the source: the UPDATEs carry the whole
+    // rows, and the replay matches the source.
+    buffer
+        .batch_execute("DROP TRIGGER refuse ON philotes.cdc_event_log")
+        .await
+        .expect("drop trigger");
+    source
+        .batch_execute("UPDATE t SET v = 'four' WHERE id = 4; UPDATE one SET v = 'SEVEN'")
+        .await
+        .expect("fix");
+    assert_eq!(catch_up_cli(dead.path()).0, 0);
+    let report = philotes::verify::verify(&config(&dead_text))
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{report}");
+}
+
 /// Two pipelines of one buffer naming the same slot: the second is refused with
 /// SlotConflict instead of taking changes from the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,8 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
                 message,
                 at: None,
                 upto: None,
+                row: None,
+                copied: false,
             };
         }
         _ => return Error::Buffer(message),

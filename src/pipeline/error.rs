@@ -82,6 +82,11 @@ pub enum Error {
         /// The last change handed to the writer when it failed: the refused one is at or
         /// before it.
         upto: Option<(u64, i32)>,
+        /// When the refused transaction held one change and it was a copied row: which
+        /// (its position changes each time its chunk is read, its table and key do not).
+        row: Option<Box<super::snapshot::CopiedRow>>,
+        /// The batch that failed held copied rows.
+        copied: bool,
     },
     /// Existing rows of a table cannot be copied (no key to read it in chunks by, no
     /// privilege to read it, a standby source); nothing is copied until the user acts.

@@ -153,8 +153,21 @@ pub async fn run(
         )
         .await;
         let result = match result {
-            Err(Error::ValueRefused { message, at, upto }) => {
-                match isolate(&cfg, &mut isolation, message, at, upto) {
+            Err(Error::ValueRefused {
+                message,
+                at,
+                upto,
+                row,
+                copied,
+            }) => {
+                let refused = Refused {
+                    reason: message,
+                    at,
+                    upto,
+                    row,
+                    copied,
+                };
+                match isolate(&cfg, &mut isolation, refused) {
                     Ok(step) => {
                         // The batch was rolled back and nothing of it confirmed: the next
                         // session starts from the checkpoint before it.
@@ -229,6 +242,9 @@ struct Isolation {
     /// Changes found refused, at `(commit_lsn, seq)`, with the server's reason: each goes the
     /// way of `poisonEvents` (stop naming it, or set it aside) when the stream reaches it.
     refused: BTreeMap<(u64, i32), String>,
+    /// Copied rows found refused, by table and key (a chunk read again puts its rows at new
+    /// positions), with why: each goes the way of `poisonEvents` when a chunk holds it.
+    refused_rows: BTreeMap<(String, String), String>,
     /// Finding the next one: one change (or set-aside change) per buffer transaction from
     /// the checkpoint, until only the refused one is rolled back and so named; back to
     /// batches once the checkpoint passes `until`, the last change taken before the failure
@@ -240,26 +256,59 @@ struct Isolation {
 struct Finding {
     reason: String,
     until: Option<(u64, i32)>,
+    /// The refused batch held copied rows. They are read again at new positions, after
+    /// `until`, so passing it says nothing: the search ends once a chunk's progress commits
+    /// (its rows went in one at a time, none refused).
+    copied: bool,
 }
 
-/// The next isolation step after the buffer refused a value (`at`: the change, when the
-/// refused transaction held just one; `upto`: the last change taken), or the error that
-/// stops the pipeline. Each step either names a new refused change or starts finding one,
-/// so a stream with n refused values takes at most 2n steps.
-fn isolate(
-    cfg: &PipelineConfig,
-    now: &mut Isolation,
+/// What the loop knows of a buffer transaction the buffer refused (see [`Error::ValueRefused`]).
+struct Refused {
     reason: String,
     at: Option<(u64, i32)>,
     upto: Option<(u64, i32)>,
-) -> Result<String> {
+    row: Option<Box<snapshot::CopiedRow>>,
+    copied: bool,
+}
+
+/// The next isolation step after the buffer refused a value (`at`: the change, when the
+/// refused transaction held just one, and `row`, when that change was a copied row; `upto`:
+/// the last change taken), or the error that stops the pipeline. Each step either names a new
+/// refused change (a copied row by its table and key) or starts finding one, and a search
+/// that names nothing ends only past `upto` (and, for copied rows, once a chunk's progress
+/// commits), so a stream with n refused values takes at most 2n steps plus one per chunk.
+fn isolate(cfg: &PipelineConfig, now: &mut Isolation, refused: Refused) -> Result<String> {
+    let Refused {
+        reason,
+        at,
+        upto,
+        row,
+        copied,
+    } = refused;
     if now.finding.is_none() {
         now.finding = Some(Finding {
             reason: reason.clone(),
             until: upto,
+            copied,
         });
         return Ok(format!(
             "the buffer refused a value in a batch ({reason}); writing the changes after the checkpoint one at a time to find it"
+        ));
+    }
+    if let Some(row) = row {
+        let key = (row.table.clone(), row.key.clone());
+        if now.refused_rows.contains_key(&key) {
+            return Err(Error::BufferSetup(format!(
+                "the buffer refuses a write of pipeline {} that holds no change it could set aside: {reason}; \
+                 remove what refuses it (a trigger or constraint on the buffer's tables) and start again",
+                cfg.id
+            )));
+        }
+        now.refused_rows.insert(key, reason.clone());
+        now.finding = None;
+        return Ok(format!(
+            "the buffer refuses the copied row {} of {}: {reason}; everything before it is written first, then spec.poisonEvents applies",
+            row.shown, row.table
         ));
     }
     match at {
@@ -510,6 +559,7 @@ async fn session(
             snapshots: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
+            last_row: None,
             deadline: None,
         },
         submitted: ckpt,
@@ -520,6 +570,7 @@ async fn session(
         stream_idle: true,
         isolation: isolation.clone(),
         in_flight: VecDeque::new(),
+        copying: None,
         snap,
         snapshot_submitted: None,
         snapshots_in_flight: VecDeque::new(),
@@ -535,16 +586,20 @@ async fn session(
     }
     match (result, closed) {
         // Writing one change per transaction, the refused one is the oldest not committed.
-        (_, Err(Error::ValueRefused { message, .. })) => Err(Error::ValueRefused {
-            message,
-            at: st
-                .isolation
-                .finding
-                .is_some()
-                .then(|| st.in_flight.front().copied().flatten())
-                .flatten(),
-            upto: st.pending.last_event,
-        }),
+        (_, Err(Error::ValueRefused { message, .. })) => {
+            let finding = st.isolation.finding.is_some();
+            let oldest = st.in_flight.front();
+            Err(Error::ValueRefused {
+                message,
+                at: oldest.and_then(|t| t.one).filter(|_| finding),
+                upto: st.pending.last_event,
+                row: oldest
+                    .and_then(|t| t.row.clone())
+                    .filter(|_| finding)
+                    .map(Box::new),
+                copied: oldest.is_some_and(|t| t.copied),
+            })
+        }
         // The loop only saw that the writer stopped; the writer knows why.
         (Err(Error::Buffer(_)), Err(e)) | (Ok(_), Err(e)) => Err(e),
         (result, _) => result,
@@ -576,9 +631,11 @@ struct Streamer<'a> {
     stream_idle: bool,
     /// How a value the buffer refused is being dealt with.
     isolation: Isolation,
-    /// Per commit request not yet reported committed, oldest first: the position of its one
-    /// change (kept while finding a refused value, one change per transaction).
-    in_flight: VecDeque<Option<(u64, i32)>>,
+    /// Per commit request not yet reported committed, oldest first: what it holds, for
+    /// finding a refused value.
+    in_flight: VecDeque<InFlight>,
+    /// The copied row [`Streamer::on_change`] is about to take (it takes this at once).
+    copying: Option<snapshot::CopiedRow>,
     /// The link with this session's snapshot task, while it has tables to copy.
     snap: Option<Link>,
     /// The checkpoint (position, events) of the last commit request that carried snapshot
@@ -912,17 +969,28 @@ impl Streamer<'_> {
             });
         }
         let mut written = 0;
+        let table = chunk.plan.table.to_string();
         for row in rows {
+            let copied = snapshot::CopiedRow {
+                table: table.clone(),
+                shown: format!("({})=({})", key_names.join(", "), row.key_text.join(", ")),
+                key: row.key,
+            };
+            let refused = self
+                .isolation
+                .refused_rows
+                .get(&(copied.table.clone(), copied.key.clone()))
+                .map(|why| format!("the buffer refused the row {}: {why}", copied.shown));
             // A row that cannot be stored goes the way of `poisonEvents`, as such a change
             // in the stream does: stop, naming it (everything before it written and
             // confirmed), or set its key aside in `cdc_dead_letters` and go on.
-            if let Some(reason) = row.unstorable {
+            if let Some(reason) = row.unstorable.or(refused) {
                 let poison = Poison {
                     relation: rel.clone(),
                     operation: super::decode::Operation::Snapshot,
                     reason,
                 };
-                self.on_poison(poison, Bytes::from(row.key), lsn)?;
+                self.set_aside(poison, Bytes::from(copied.key), lsn).await?;
                 continue;
             }
             written += 1;
@@ -932,6 +1000,8 @@ impl Streamer<'_> {
                 before: None,
                 after: Some(row.image),
             };
+            // Taken by `on_change` before it awaits anything.
+            self.copying = Some(copied);
             self.on_change(change, lsn).await?;
         }
         let next = chunk.advance(&before, written, reread, opened, commit_lsn);
@@ -1058,10 +1128,12 @@ impl Streamer<'_> {
     /// One change of the open transaction: skipped if the buffer has it already, else encoded
     /// for the writer.
     async fn on_change(&mut self, change: Change, lsn: u64) -> Result<()> {
+        let copying = self.copying.take();
         let Some(at) = self.next_position(lsn)? else {
             return Ok(());
         };
         self.pending.last_event = Some((at.commit_lsn, at.seq));
+        self.pending.last_row = copying;
         self.pending.add(&change);
         self.encoder.push(&at, &change);
         self.arm_deadline();
@@ -1079,8 +1151,12 @@ impl Streamer<'_> {
         // Rows of a snapshot count by their bytes only: a buffer transaction commits with a
         // flush of the buffer's WAL, and one per chunk of narrow rows would leave the buffer
         // server idle for most of a copy (bench/RESULTS.md). A kill then costs at most
-        // MAX_BATCH_BYTES (or flushInterval) of copying.
-        let changes = self.pending.events - self.pending.snapshot_events;
+        // MAX_BATCH_BYTES (or flushInterval) of copying. While finding a refused value they
+        // count as changes: one per transaction too.
+        let changes = match self.isolation.finding {
+            Some(_) => self.pending.events,
+            None => self.pending.events - self.pending.snapshot_events,
+        };
         if changes >= batch_size || self.pending.image_bytes >= MAX_BATCH_BYTES {
             self.flush().await?;
         }
@@ -1134,11 +1210,13 @@ impl Streamer<'_> {
     }
 
     /// Back to batches once the checkpoint passed the last change taken before the refusal
-    /// that started the search: the refusal went away.
-    fn stop_finding_once_past(&mut self) {
+    /// that started the search (and, if that batch held copied rows, a chunk's progress
+    /// committed with it: `progressed`): the refusal went away.
+    fn stop_finding_once_past(&mut self, progressed: bool) {
         let past = self.isolation.finding.as_ref().is_some_and(|f| {
             f.until
                 .is_some_and(|u| self.ckpt.last_event.is_some_and(|last| last >= u))
+                && (!f.copied || progressed)
         });
         if past {
             self.isolation.finding = None;
@@ -1254,10 +1332,12 @@ impl Streamer<'_> {
             checkpoint: next,
             counts: std::mem::take(&mut pending.counts),
         };
-        let one_change = (pending.events == 1 && commit_dead_letters == 0)
-            .then_some(pending.last_event)
-            .flatten();
-        self.in_flight.push_back(one_change);
+        let alone = pending.events == 1 && commit_dead_letters == 0;
+        self.in_flight.push_back(InFlight {
+            one: pending.last_event.filter(|_| alone),
+            row: pending.last_row.take().filter(|_| alone),
+            copied: pending.snapshot_events > 0,
+        });
         pending.events = 0;
         pending.snapshot_events = 0;
         pending.image_bytes = 0;
@@ -1282,9 +1362,13 @@ impl Streamer<'_> {
         failpoint("after-buffer-commit");
         debug_assert!(committed.checkpoint.lsn >= self.ckpt.lsn);
         self.in_flight.pop_front();
+        let progressed = self
+            .snapshots_in_flight
+            .front()
+            .is_some_and(|states| !states.is_empty());
         publish_snapshots(&mut self.snapshots_in_flight, self.progress, &self.cfg.id);
         self.ckpt = committed.checkpoint;
-        self.stop_finding_once_past();
+        self.stop_finding_once_past(progressed);
         stream.update_applied_lsn(Lsn(self.ckpt.lsn));
         let ckpt = self.ckpt;
         self.progress.send_modify(|p| {
@@ -1335,6 +1419,17 @@ const MAX_QUEUED_MESSAGES: usize = 16;
 /// `batchSize` batch large in memory.
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
+/// A commit request not yet reported committed: what the loop needs to know of it when the
+/// buffer refuses it.
+struct InFlight {
+    /// The position of its change, when it holds just one (and nothing set aside).
+    one: Option<(u64, i32)>,
+    /// That change, when it is a copied row.
+    row: Option<snapshot::CopiedRow>,
+    /// It holds copied rows.
+    copied: bool,
+}
+
 /// What is received but not yet handed to the writer in a commit request.
 struct Pending {
     /// Events in the batch.
@@ -1354,6 +1449,8 @@ struct Pending {
     safe_lsn: u64,
     /// The last event accepted: written, or in the batch.
     last_event: Option<(u64, i32)>,
+    /// The copied row the last event in the batch is, if it is one.
+    last_row: Option<snapshot::CopiedRow>,
     /// When the oldest unwritten event (or checkpoint advance) must be written.
     deadline: Option<Instant>,
 }

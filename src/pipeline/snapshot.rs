@@ -325,6 +325,18 @@ pub struct Row {
     pub unstorable: Option<String>,
 }
 
+/// A copied row, as the loop knows it across sessions: its position is new each time its
+/// chunk is read, its table and key are not.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CopiedRow {
+    /// `schema.table`.
+    pub table: String,
+    /// The key's values as JSON ([`Row::key`]).
+    pub key: String,
+    /// The key for people: `(id)=(4)`.
+    pub shown: String,
+}
+
 /// Which rows a chunk reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChunkKind {
