@@ -693,6 +693,26 @@ async fn a_copied_value_that_is_not_utf8_is_reported_or_set_aside() {
     assert_eq!(report.dead_letters, vec![("public.t".to_string(), 1)]);
 }
 
+/// Makes the buffer refuse the events matching `condition` (on `NEW`, a `cdc_event_log` row)
+/// with a data exception, `id … is not welcome`, as a trigger or constraint a user added
+/// would.
+async fn refuse_events_where(buffer: &tokio_postgres::Client, condition: &str) {
+    buffer
+        .batch_execute(&format!(
+            "CREATE FUNCTION philotes_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF {condition} THEN
+                 RAISE EXCEPTION 'id % is not welcome', NEW.after->>'id' USING ERRCODE = '22023';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW EXECUTE FUNCTION philotes_refuse();"
+        ))
+        .await
+        .expect("a trigger on cdc_event_log");
+}
+
 /// A copied row the buffer refuses (here a trigger raising a data exception) is found as a
 /// refused change in the stream is: from the checkpoint, the copy's rows are written one per
 /// transaction until only it is rolled back; then `poisonEvents` applies to it, by its key,
@@ -714,20 +734,11 @@ async fn a_copied_row_the_buffer_refuses_is_isolated_then_reported_or_set_aside(
     let seed = manifest_file(&manifest("refusedrow", &src, &buf, &["seed"], ""));
     assert_eq!(catch_up_cli(seed.path()).0, 0);
     let buffer = connect(&buf).await;
-    buffer
-        .batch_execute(
-            "CREATE FUNCTION philotes_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF NEW.operation = 'S' AND NEW.after->>'id' IN ('4', '7') THEN
-                 RAISE EXCEPTION 'id % is not welcome', NEW.after->>'id' USING ERRCODE = '22023';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_event_log
-               FOR EACH ROW EXECUTE FUNCTION philotes_refuse();",
-        )
-        .await
-        .expect("trigger");
+    refuse_events_where(
+        &buffer,
+        "NEW.operation = 'S' AND NEW.after->>'id' IN ('4', '7')",
+    )
+    .await;
     let copied = |table: &'static str| {
         let buffer = &buffer;
         async move {
@@ -904,20 +915,7 @@ async fn a_value_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
         .unwrap();
     assert_eq!(catch_up_cli(file.path()).0, 0);
     let buffer = connect(&buf).await;
-    buffer
-        .batch_execute(
-            "CREATE FUNCTION philotes_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF NEW.after->>'id' IN ('25', '27') THEN
-                 RAISE EXCEPTION 'id % is not welcome', NEW.after->>'id' USING ERRCODE = '22023';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse BEFORE INSERT ON philotes.cdc_event_log
-               FOR EACH ROW EXECUTE FUNCTION philotes_refuse();",
-        )
-        .await
-        .unwrap();
+    refuse_events_where(&buffer, "NEW.after->>'id' IN ('25', '27')").await;
     // One transaction: the refused row is in the middle of it.
     source
         .batch_execute("INSERT INTO t SELECT generate_series(21, 30)")
