@@ -962,3 +962,53 @@ async fn a_truncate_during_a_copy_replays_to_the_source() {
     let buffer = connect(&buf).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-truncate", "public.tr", &["id"]).await;
 }
+
+/// `slotDeletionPolicy: Delete` forgets a pipeline (its slot, checkpoint and snapshot states);
+/// one created later under the same name starts afresh and copies its tables again, since
+/// rows changed while no slot kept their changes. It used to find the old `Done` states and
+/// copy nothing, missing those rows for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_created_again_after_being_forgotten_copies_its_tables_again() {
+    let (src, buf, source) = databases_with(
+        "forgotten",
+        "CREATE TABLE f (id int PRIMARY KEY, v text);
+         INSERT INTO f SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let cfg = config(&manifest("forgotten", &src, &buf, &["f"], ""));
+    assert_eq!(catch_up(&cfg).await, pipeline::Outcome::CaughtUp);
+    philotes::pipeline::lifecycle::forget(&cfg)
+        .await
+        .expect("forget");
+    // Written while no slot exists: only a new copy brings them.
+    source
+        .batch_execute(
+            "INSERT INTO f SELECT g, 'late' FROM generate_series(101, 150) g;
+             UPDATE f SET v = 'changed' WHERE id <= 10;
+             DELETE FROM f WHERE id BETWEEN 11 AND 20;",
+        )
+        .await
+        .expect("changes with no slot");
+    assert_eq!(catch_up(&cfg).await, pipeline::Outcome::CaughtUp);
+    let buffer = connect(&buf).await;
+    let state = buffer
+        .query_one(
+            "SELECT phase, request, rows_copied FROM philotes.cdc_snapshots WHERE pipeline = 'test/forgotten'",
+            &[],
+        )
+        .await
+        .expect("the table's snapshot state");
+    assert_eq!(
+        (
+            state.get::<_, &str>(0),
+            state.get::<_, &str>(1),
+            state.get::<_, i64>(2)
+        ),
+        ("Done", "initial", 140),
+        "copied again as a new pipeline's table"
+    );
+    // The replay rules (README: Snapshots), with the copy's started_lsn removing the rows
+    // deleted while no slot existed, give the source table.
+    let report = philotes::verify::verify(&cfg).await.expect("verify");
+    assert!(report.ok(), "{report}");
+}

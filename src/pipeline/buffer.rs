@@ -454,17 +454,22 @@ impl Buffer {
         tx.commit().await.map_err(err)
     }
 
-    /// Removes the pipeline's checkpoint (its events stay for consumers).
+    /// Removes the pipeline's checkpoint and its tables' snapshot states, in one transaction
+    /// (its events stay for consumers). A pipeline created later under the same name is new:
+    /// it copies its tables again, as rows may have changed while no slot kept their changes.
+    /// A `Done` state left behind would have it skip the copy and miss those rows.
     pub async fn delete_checkpoint(&mut self) -> Result<()> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
         let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
         let tx = self.guarded().await?;
-        tx.execute(
-            &format!("DELETE FROM {schema}.cdc_checkpoints WHERE pipeline = $1"),
-            &[&pipeline],
-        )
-        .await
-        .map_err(err)?;
+        for table in ["cdc_checkpoints", "cdc_snapshots"] {
+            tx.execute(
+                &format!("DELETE FROM {schema}.{table} WHERE pipeline = $1"),
+                &[&pipeline],
+            )
+            .await
+            .map_err(err)?;
+        }
         tx.commit().await.map_err(err)
     }
 

@@ -157,8 +157,9 @@ fn unix_seconds() -> u64 {
 }
 
 /// For `slotDeletionPolicy: Delete`: drops the slot (and a publication Philotes created) the
-/// pipeline streams from, then its checkpoint, so a pipeline created later under the same
-/// name starts afresh instead of reporting a lost slot.
+/// pipeline streams from, then its checkpoint and snapshot states, so a pipeline created later
+/// under the same name starts afresh (copying its tables again) instead of reporting a lost
+/// slot.
 pub async fn forget(cfg: &PipelineConfig) -> Result<source::Dropped> {
     let mut buffer = Buffer::open(cfg).await?;
     let stored = buffer.checkpoint().await?;
