@@ -970,17 +970,20 @@ impl Streamer<'_> {
         }
         let mut written = 0;
         let table = chunk.plan.table.to_string();
+        let shown =
+            |key_text: &[String]| format!("({})=({})", key_names.join(", "), key_text.join(", "));
         for row in rows {
-            let copied = snapshot::CopiedRow {
-                table: table.clone(),
-                shown: format!("({})=({})", key_names.join(", "), row.key_text.join(", ")),
-                key: row.key,
+            // Only while the buffer refuses rows: nothing more per row otherwise.
+            let refused = if self.isolation.refused_rows.is_empty() {
+                None
+            } else {
+                self.isolation
+                    .refused_rows
+                    .get(&(table.clone(), row.key.clone()))
+                    .map(|why| {
+                        format!("the buffer refused the row {}: {why}", shown(&row.key_text))
+                    })
             };
-            let refused = self
-                .isolation
-                .refused_rows
-                .get(&(copied.table.clone(), copied.key.clone()))
-                .map(|why| format!("the buffer refused the row {}: {why}", copied.shown));
             // A row that cannot be stored goes the way of `poisonEvents`, as such a change
             // in the stream does: stop, naming it (everything before it written and
             // confirmed), or set its key aside in `cdc_dead_letters` and go on.
@@ -990,7 +993,7 @@ impl Streamer<'_> {
                     operation: super::decode::Operation::Snapshot,
                     reason,
                 };
-                self.set_aside(poison, Bytes::from(copied.key), lsn).await?;
+                self.set_aside(poison, Bytes::from(row.key), lsn).await?;
                 continue;
             }
             written += 1;
@@ -1000,8 +1003,15 @@ impl Streamer<'_> {
                 before: None,
                 after: Some(row.image),
             };
-            // Taken by `on_change` before it awaits anything.
-            self.copying = Some(copied);
+            // Which row it is matters only while finding a refused value (one change per
+            // transaction); taken by `on_change` before it awaits anything.
+            if self.isolation.finding.is_some() {
+                self.copying = Some(snapshot::CopiedRow {
+                    table: table.clone(),
+                    shown: shown(&row.key_text),
+                    key: row.key,
+                });
+            }
             self.on_change(change, lsn).await?;
         }
         let next = chunk.advance(&before, written, reread, opened, commit_lsn);
