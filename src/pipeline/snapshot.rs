@@ -628,13 +628,15 @@ impl Window {
             e.2 = t.deleted;
         }
         // A key the chunk did not hold that an UPDATE moved a row to, leaving columns out:
-        // the row never had a whole image (any other key not in the chunk is copied by its
-        // own chunk, or was, whole).
+        // the row never had a whole image, whether the chunk's snapshot saw the move or not
+        // (a key the copy has passed is not read by range again; any other key not in the
+        // chunk is copied by its own chunk, or was, whole). Read again by itself; a key
+        // still ahead of the copy is then copied twice, both times whole.
         let mut moved_reread = Vec::new();
         if !moved_in.is_empty() {
             let in_chunk: HashSet<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
-            for (k, (unseen, whole, deleted, text)) in &keys {
-                if *unseen && !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
+            for (k, (_, whole, deleted, text)) in &keys {
+                if !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
                     moved_reread.push(text.to_vec());
                 }
             }
@@ -1400,6 +1402,52 @@ mod tests {
         let (rows, reread) = kept(w.close(&mut c));
         assert_eq!(rows, vec!["[1]"]);
         assert_eq!(reread, vec![vec!["2".to_string()]]);
+    }
+
+    #[test]
+    fn a_row_moved_to_a_key_outside_the_chunk_without_a_whole_image_is_read_again() {
+        let mut c = chunk(&[5, 6], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        // Seen by the chunk (3) and not seen (11), each leaving v out: neither new key is
+        // in the chunk, so neither has a whole image anywhere.
+        w.record(
+            3,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":90}"#),
+                Some(r#"{"id":-1}"#),
+            ),
+        );
+        w.record(
+            11,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":91}"#),
+                Some(r#"{"id":-2}"#),
+            ),
+        );
+        // With a whole image, or moved away again: nothing to read.
+        w.record(
+            3,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":92}"#),
+                Some(r#"{"id":-3,"v":"x"}"#),
+            ),
+        );
+        w.record(
+            4,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":93}"#),
+                Some(r#"{"id":-4}"#),
+            ),
+        );
+        w.record(5, &change(Operation::Delete, Some(r#"{"id":-4}"#), None));
+        let (rows, mut reread) = kept(w.close(&mut c));
+        assert_eq!(rows, vec!["[5]", "[6]"]);
+        reread.sort();
+        assert_eq!(reread, vec![vec!["-1".to_string()], vec!["-2".to_string()]]);
     }
 
     #[test]
