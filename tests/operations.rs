@@ -1014,6 +1014,116 @@ async fn a_value_the_buffer_refuses_is_isolated_then_reported_or_set_aside() {
     assert_eq!(letters, 2, "nothing more set aside");
 }
 
+/// Refusals by the buffer's own rules, not only data exceptions: a CHECK constraint
+/// (23514) and a trigger's `RAISE EXCEPTION` without an ERRCODE (P0001) refuse the same
+/// change on every try, so they are found and `poisonEvents` applies, as for a value the
+/// buffer cannot store. They used to be retried forever with the same batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_buffer_rules_refuse_is_isolated_not_retried_forever() {
+    let (src, buf, source) =
+        databases_with("refusedrule", "CREATE TABLE t (id int PRIMARY KEY)").await;
+    let text = manifest("refusedrule", &src, &buf, &["t"], "");
+    let file = manifest_file(&text);
+    assert_eq!(catch_up_cli(file.path()).0, 0);
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "ALTER TABLE philotes.cdc_event_log ADD CONSTRAINT no_five
+               CHECK (after->>'id' IS DISTINCT FROM '5') NOT VALID;
+             CREATE FUNCTION philotes_rule() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.after->>'id' = '7' THEN RAISE EXCEPTION 'seven is reserved'; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER rule BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW EXECUTE FUNCTION philotes_rule();",
+        )
+        .await
+        .expect("rules on cdc_event_log");
+    source
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("insert");
+    let ids = || async {
+        column::<i32>(
+            &buffer,
+            "SELECT (after->>'id')::int FROM philotes.cdc_events WHERE pipeline = 'test/refusedrule' ORDER BY commit_lsn, seq",
+        )
+        .await
+    };
+
+    // Fail (the default): what comes before it is written and confirmed, then it is named.
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(file.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    for phrase in [
+        "PoisonEvent",
+        "INSERT of public.t",
+        "the buffer refused it",
+        "no_five",
+    ] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert_eq!(ids().await, (1..=4).collect::<Vec<_>>());
+    let (ckpt, confirmed) = checkpoint_and_confirmed(
+        &buffer,
+        &source,
+        "test/refusedrule",
+        "philotes_test_refusedrule",
+    )
+    .await;
+    assert_eq!(ckpt, confirmed, "what is written is confirmed");
+
+    // DeadLetter: both are set aside with the server's reason; the rest lands once.
+    let dead = manifest_file(&text.replace("spec:\n", "spec:\n  poisonEvents: DeadLetter\n"));
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(dead.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    assert_eq!(ids().await, vec![1, 2, 3, 4, 6, 8, 9, 10]);
+    let letters: Vec<String> = column(
+        &buffer,
+        "SELECT reason FROM philotes.cdc_dead_letters WHERE pipeline = 'test/refusedrule' ORDER BY commit_lsn, seq",
+    )
+    .await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters[0].contains("no_five"), "{letters:?}");
+    assert!(letters[1].contains("seven is reserved"), "{letters:?}");
+
+    // A constraint on Philotes's own bookkeeping: no change is to blame, none is set aside;
+    // the pipeline stops naming the constraint and what to do.
+    buffer
+        .batch_execute(
+            "ALTER TABLE philotes.cdc_checkpoints ADD CONSTRAINT frozen
+               CHECK (events_total <= 8) NOT VALID",
+        )
+        .await
+        .expect("a constraint on cdc_checkpoints");
+    source
+        .batch_execute("INSERT INTO t VALUES (11)")
+        .await
+        .expect("insert");
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(dead.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    for phrase in ["BufferNotReady", "frozen", "drop that constraint"] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    assert_eq!(
+        ids().await,
+        vec![1, 2, 3, 4, 6, 8, 9, 10],
+        "nothing more written"
+    );
+    let letters: i64 = buffer
+        .query_one("SELECT count(*) FROM philotes.cdc_dead_letters", &[])
+        .await
+        .expect("count dead letters")
+        .get(0);
+    assert_eq!(letters, 2, "nothing set aside for it");
+}
+
 /// `spec.source.failoverSlot` (PostgreSQL 17+): the slot is created with `failover = true`, a
 /// standby with `sync_replication_slots` keeps a copy, and after the standby is promoted and
 /// the pipeline pointed at it, it continues exactly once (same system, new timeline). On

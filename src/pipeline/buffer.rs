@@ -35,6 +35,7 @@ use crate::crd::SnapshotMode;
 /// good stops the pipeline with what to do.
 fn buffer_error(e: &tokio_postgres::Error) -> Error {
     let message = describe_pg_error(e);
+    let refused_table = e.as_db_error().and_then(|d| d.table());
     let fix = match e.code().map(|c| c.code()) {
         Some("23505") => "the buffer already holds an event at a position this pipeline has not checkpointed \
              (another writer, or a buffer restored from a different point than its checkpoint); \
@@ -43,9 +44,24 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
         Some("42P01") | Some("42703") => {
             "the buffer schema's tables were dropped or altered by hand; restore them or use a new spec.buffer.schema"
         }
-        // Data exceptions and program limits: the same batch would be refused again on every
-        // retry. The loop finds the change and applies poisonEvents to it.
-        Some(code) if code.starts_with("22") || code.starts_with("54") => {
+        // A constraint on Philotes's own records (checkpoints, snapshot states, dead
+        // letters): no change causes it, so none is to be set aside.
+        Some(code) if code.starts_with("23") && refused_table.is_some_and(|t| t != "cdc_event_log") => {
+            "a constraint added to the buffer schema's own bookkeeping table refuses what Philotes records there; \
+             drop that constraint"
+        }
+        // Data exceptions, program limits, and the buffer's own rules refusing an event (a
+        // CHECK or NOT NULL constraint, a foreign key, a trigger's RAISE EXCEPTION or
+        // ASSERT): the same batch would be refused again on every retry. The loop finds the
+        // change and applies poisonEvents to it (a refusal no single change causes stops,
+        // saying so). 23505 is not one of them: see above.
+        Some(code)
+            if code.starts_with("22")
+                || code.starts_with("54")
+                || code.starts_with("23")
+                || code == "P0001"
+                || code == "P0004" =>
+        {
             return Error::ValueRefused {
                 message,
                 at: None,

@@ -71,8 +71,9 @@ pub enum Error {
     /// `poisonEvents: Fail`.
     #[error("{0}")]
     PoisonEvent(String),
-    /// The buffer server refused a value of the batch being written (a data exception or a
-    /// limit, SQLSTATE 22xxx/54xxx). The loop then writes one change per transaction to
+    /// The buffer server refused a value of the batch being written (a data exception, a
+    /// limit, or a rule of the buffer's tables: SQLSTATE 22xxx, 54xxx, 23xxx but 23505,
+    /// P0001, P0004). The loop then writes one change per transaction to
     /// find it (`at`: its `(commit_lsn, seq)` once known) and applies `poisonEvents` to it;
     /// this error stops a pipeline only when that cannot be done.
     #[error("{message}")]

@@ -235,7 +235,7 @@ pub async fn run(
     }
 }
 
-/// How the loop deals with values the buffer server refused (SQLSTATE 22xxx/54xxx): the
+/// How the loop deals with values the buffer server refused (see [`Error::ValueRefused`]): the
 /// batch holding one was rolled back, so the changes before it are not written yet either.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Isolation {
