@@ -1074,3 +1074,86 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
     finish_copy(running, &source).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-moved", "public.mv", &["id"]).await;
 }
+
+/// The copy's connection to the source lost while it waits for the loop (the session
+/// terminated; a source restart or a network cut does the same): the copy resumes from the
+/// last chunk written, as the stream does, instead of failing for good. It used to stop the
+/// pipeline with SnapshotFailed ("cannot read the definition of …").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_connection_is_cut_resumes() {
+    let (src, buf, source) = databases_with(
+        "snap_cut",
+        "CREATE TABLE seed (id int PRIMARY KEY);
+         CREATE TABLE cut (id int PRIMARY KEY, v text);
+         INSERT INTO cut SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    // The buffer's tables exist once the pipeline ran; `cut` is added after.
+    let seed = config(&manifest("snap-cut", &src, &buf, &["seed"], ""));
+    assert_eq!(catch_up(&seed).await, pipeline::Outcome::CaughtUp);
+    // A busy buffer (a row trigger that sleeps) holds the loop back, so the copy's
+    // connection waits, idle, for the loop's answer most of the time.
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END$$;
+             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW EXECUTE FUNCTION public.slow();",
+        )
+        .await
+        .expect("slow down the buffer");
+    let cfg = config(&manifest(
+        "snap-cut",
+        &src,
+        &buf,
+        &["seed", "cut"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    ));
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    let copied = |p: &pipeline::Progress| {
+        p.snapshots
+            .iter()
+            .find(|t| t.table == "public.cut")
+            .map(|t| (t.rows_copied, t.phase == pipeline::snapshot::Phase::Done))
+            .unwrap_or_default()
+    };
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            copied(p).0 > 0
+        })
+        .await;
+    // Every idle session of the pipeline on the source, the copy's among them, cut again
+    // and again until the copy is done.
+    let mut cut = 0;
+    while cut < 3 && !copied(&running.progress.borrow()).1 {
+        let ended: Vec<bool> = column(
+            &source,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'philotes' AND state = 'idle'",
+        )
+        .await;
+        if ended.contains(&true) {
+            cut += 1;
+            // Until the copy is back at work.
+            let before = copied(&running.progress.borrow()).0;
+            running
+                .wait("the copy to go on", Duration::from_secs(60), |p| {
+                    let (rows, done) = copied(p);
+                    rows > before || done
+                })
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cut >= 2,
+        "the copy ended after {cut} cuts; make the table larger"
+    );
+    finish_copy(running, &source).await;
+    assert_replay_equals_source(&source, &buffer, "test/snap-cut", "public.cut", &["id"]).await;
+    assert_eq!(
+        phase(&buffer, "test/snap-cut", "public.cut").await.0,
+        "Done"
+    );
+}

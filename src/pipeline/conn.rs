@@ -389,6 +389,23 @@ fn refused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether an error of a statement on an open connection heals by retrying, whatever the
+/// statement was: the connection lost (the server restarting, the session terminated, the
+/// network), the server shutting down or not accepting connections yet, out of resources
+/// for a while, or a serialization failure or deadlock.
+pub fn heals_by_retrying(e: &tokio_postgres::Error) -> bool {
+    match e.code().map(|c| c.code()) {
+        None => {
+            e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        }
+        Some(c) => {
+            c.starts_with("08")
+                || c.starts_with("53")
+                || matches!(c, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        }
+    }
+}
+
 pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {

@@ -56,7 +56,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::config::{quote_ident, quote_literal, PipelineConfig, TableName};
-use super::conn::describe_pg_error;
+use super::conn::{describe_pg_error, heals_by_retrying};
 use super::decode::{oid, write_json_string, write_value, Change, Column, Operation, Relation};
 use super::error::{Error, Result};
 use super::run::Progress;
@@ -702,12 +702,20 @@ fn json_text(raw: &str, type_oid: u32) -> Option<String> {
 
 /// Reads what a snapshot of `table` needs from the source's catalog.
 pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> Result<Plan> {
+    // The connection lost, the server restarting or out of connections: the next session
+    // reads the definition again and resumes after the last chunk written. Anything else
+    // the source refused is for the user to fix.
     let err = |e: tokio_postgres::Error| {
-        Error::Snapshot(format!(
+        let message = format!(
             "cannot read the definition of {table} on the source database {} for its snapshot: {}",
             cfg.source,
             describe_pg_error(&e)
-        ))
+        );
+        if heals_by_retrying(&e) {
+            Error::Stream(message)
+        } else {
+            Error::Snapshot(message)
+        }
     };
     let row = client
         .query_opt(
@@ -1118,6 +1126,9 @@ fn source_error(cfg: &PipelineConfig, e: &tokio_postgres::Error) -> Error {
         Some("42501") => Error::Snapshot(format!(
             "{message}; grant the source user SELECT on the captured tables and EXECUTE on pg_logical_emit_message"
         )),
+        // A column dropped between reading the table's definition and reading the chunk:
+        // the next session reads both again.
+        Some("42703") => Error::Stream(message),
         Some(c) if c.starts_with("42") => Error::Snapshot(message),
         _ => Error::Stream(message),
     }

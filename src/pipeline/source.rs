@@ -6,7 +6,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::Client;
 
 use super::config::{quote_ident, quote_literal, PipelineConfig, TableFilter, TableName};
-use super::conn::describe_pg_error;
+use super::conn::{describe_pg_error, heals_by_retrying};
+
+/// A statement of the source's setup failed: retried when that can heal it (the connection
+/// lost, the server restarting), else for the user to fix.
+fn setup_error(e: &tokio_postgres::Error, message: String) -> Error {
+    if heals_by_retrying(e) {
+        Error::Stream(message)
+    } else {
+        Error::SourceSetup(message)
+    }
+}
 use super::error::{Error, Result};
 use super::identity::{self, SlotState};
 use super::lsn;
@@ -44,10 +54,10 @@ pub async fn provision(
         } else {
             ""
         };
-        Error::SourceSetup(format!(
-            "source database {src}: {}{hint}",
-            describe_pg_error(&e)
-        ))
+        setup_error(
+            &e,
+            format!("source database {src}: {}{hint}", describe_pg_error(&e)),
+        )
     };
 
     let wal_level: String = client
@@ -137,11 +147,10 @@ async fn check_table(client: &Client, cfg: &PipelineConfig, table: &TableName) -
         )
         .await
         .map_err(|e| {
-            Error::SourceSetup(format!(
-                "source database {}: {}",
-                cfg.source,
-                describe_pg_error(&e)
-            ))
+            setup_error(
+                &e,
+                format!("source database {}: {}", cfg.source, describe_pg_error(&e)),
+            )
         })?;
     let Some(row) = row else {
         return Err(Error::SourceSetup(format!(
@@ -198,7 +207,10 @@ async fn check_filter(
         return Ok(());
     };
     let q = |e: tokio_postgres::Error| {
-        Error::SourceSetup(format!("source database {src}: {}", describe_pg_error(&e)))
+        setup_error(
+            &e,
+            format!("source database {src}: {}", describe_pg_error(&e)),
+        )
     };
     let rows = client
         .query(
@@ -348,6 +360,14 @@ fn filter_error(cfg: &PipelineConfig, e: &tokio_postgres::Error) -> Error {
             describe_pg_error(e)
         ));
     }
+    if heals_by_retrying(e) {
+        return Error::Stream(format!(
+            "the source database {} did not answer while creating or updating the publication {}: {}",
+            cfg.source,
+            cfg.publication,
+            describe_pg_error(e)
+        ));
+    }
     Error::SourceSetup(format!(
         "the source database {} refused the publication {} for spec.source.tables{}: {}",
         cfg.source,
@@ -453,11 +473,14 @@ async fn sync_owned_publication(
 async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
     let name = &cfg.publication;
     let err = |e: tokio_postgres::Error| {
-        Error::SourceSetup(format!(
-            "publication {name} on the source database {}: {}",
-            cfg.source,
-            describe_pg_error(&e)
-        ))
+        setup_error(
+            &e,
+            format!(
+                "publication {name} on the source database {}: {}",
+                cfg.source,
+                describe_pg_error(&e)
+            ),
+        )
     };
     let existing = client
         .query_opt(
@@ -659,12 +682,15 @@ struct SlotRow {
 }
 
 fn slot_error(cfg: &PipelineConfig, e: tokio_postgres::Error) -> Error {
-    Error::SourceSetup(format!(
-        "replication slot {} on the source database {}: {}",
-        cfg.slot,
-        cfg.source,
-        describe_pg_error(&e)
-    ))
+    setup_error(
+        &e,
+        format!(
+            "replication slot {} on the source database {}: {}",
+            cfg.slot,
+            cfg.source,
+            describe_pg_error(&e)
+        ),
+    )
 }
 
 async fn slot_row(client: &Client, cfg: &PipelineConfig) -> Result<Option<SlotRow>> {
@@ -887,11 +913,14 @@ pub struct Dropped {
 /// (an adopted publication is left alone). A slot still in use is refused, not terminated.
 pub async fn drop_provisioned(client: &Client, cfg: &PipelineConfig) -> Result<Dropped> {
     let err = |what: &str, e: tokio_postgres::Error| {
-        Error::SourceSetup(format!(
-            "cannot drop {what} on the source database {}: {}",
-            cfg.source,
-            describe_pg_error(&e)
-        ))
+        setup_error(
+            &e,
+            format!(
+                "cannot drop {what} on the source database {}: {}",
+                cfg.source,
+                describe_pg_error(&e)
+            ),
+        )
     };
     let mut dropped = Dropped {
         slot: drop_slot(client, cfg).await?,
