@@ -863,7 +863,7 @@ impl Streamer<'_> {
         let Some(link) = self.snap.as_mut() else {
             return Ok(());
         };
-        let (token, chunk_id) = match Watermark::parse(content) {
+        let (token, chunk_id, closed_with) = match Watermark::parse(content) {
             Some(Watermark::Open {
                 token,
                 chunk,
@@ -883,7 +883,11 @@ impl Streamer<'_> {
                 }
                 return Ok(());
             }
-            Some(Watermark::Close { token, chunk }) => (token, chunk),
+            Some(Watermark::Close {
+                token,
+                chunk,
+                definition,
+            }) => (token, chunk, definition),
             None => return Ok(()),
         };
         if token != link.token {
@@ -920,19 +924,22 @@ impl Streamer<'_> {
         }
         let key_names = window.key_names().to_vec();
         let opened = window.opened_at();
-        // The stream describes the table differently from the definition the chunk was
-        // read with (a column added or dropped in between): its rows are read again.
-        let described = self.decoder.described(chunk.plan.relation.id);
-        let Closed { rows, reread, why } = match &described {
-            Some(d) if !same_columns(d, &chunk.plan.relation) => Closed {
+        // The table's definition changed between the chunk's read and its close watermark
+        // (a column added, dropped or retyped): the rows no longer fit the events around
+        // them, and are read again. Otherwise they are current at the close watermark,
+        // whether or not the stream has described the table since the change (it does so
+        // only before the table's next change).
+        let Closed { rows, reread, why } = if closed_with != chunk.definition {
+            Closed {
                 rows: Vec::new(),
                 reread: chunk.rows.iter().map(|r| r.key_text.clone()).collect(),
                 why: Some(format!(
                     "the definition of {} changed while it was read",
                     chunk.plan.table
                 )),
-            },
-            _ => window.close(&mut chunk),
+            }
+        } else {
+            window.close(&mut chunk)
         };
         if let Some(why) = why {
             tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");
@@ -949,8 +956,14 @@ impl Streamer<'_> {
             ));
         };
         let (commit_lsn, seq) = (open.commit_lsn, open.seq);
-        // The stream's own description when it matches, so the table is not recorded twice.
-        let rel = described.unwrap_or_else(|| chunk.plan.relation.clone());
+        // The stream's own description when it has the same columns, so the table is not
+        // recorded twice; else the definition the rows were read with, recorded here (the
+        // stream describes the table again before its next change).
+        let rel = self
+            .decoder
+            .described(chunk.plan.relation.id)
+            .filter(|d| same_columns(d, &chunk.plan.relation))
+            .unwrap_or_else(|| chunk.plan.relation.clone());
         let known = self
             .written_relations
             .get(&rel.id)

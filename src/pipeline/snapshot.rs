@@ -18,6 +18,11 @@
 //!    chunk, so no `xmin` is held for a whole table);
 //! 3. hands the chunk to the loop and writes a *close* watermark.
 //!
+//! Both the read (2) and the close watermark (3) lock the table `ACCESS SHARE` and note its
+//! definition ([`definition_sql`]): no ALTER TABLE commits between the definition read and
+//! the rows read, or the watermark. A chunk whose two definitions differ is read again; else
+//! its rows fit the table as it is at the close watermark, whatever the stream last said.
+//!
 //! The loop sees the watermarks in the stream, in WAL order among the transactions. Between
 //! them it notes every change of the table with its transaction's id ([`Window`]). At the
 //! close watermark a chunk row is stale exactly when a transaction the chunk's snapshot does
@@ -170,6 +175,19 @@ pub struct Plan {
     pub estimate: Option<i64>,
     /// What precedes each column's value in an image: `{"id":`, `,"name":`, ...
     prefixes: Vec<String>,
+    /// The table's definition when the plan was made, as [`definition_sql`] gives it.
+    pub definition: String,
+}
+
+/// A query giving a fingerprint of table `relid`'s definition (its columns with their types,
+/// and its replica identity), or `gone` once it no longer exists. Equal fingerprints read in
+/// two transactions mean no column was added, dropped or retyped in between.
+fn definition_sql(relid: u32) -> String {
+    format!(
+        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod, ',' ORDER BY a.attnum)) \
+           FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+           WHERE c.oid = {relid} GROUP BY c.relreplident), 'gone')"
+    )
 }
 
 impl Plan {
@@ -396,6 +414,8 @@ pub struct Chunk {
     pub last_key: Option<Vec<String>>,
     /// A range chunk that reached the end of the table.
     pub end: bool,
+    /// The table's definition the rows were read with ([`definition_sql`]), the plan's.
+    pub definition: String,
 }
 
 impl Chunk {
@@ -852,6 +872,11 @@ pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> R
             .and_then(|(p, _)| p.row_filter),
     };
     let prefixes = Plan::prefixes(&relation);
+    let definition: String = client
+        .query_one(&definition_sql(relid), &[])
+        .await
+        .map_err(err)?
+        .get(0);
     Ok(Plan {
         table: table.clone(),
         relation,
@@ -864,6 +889,7 @@ pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> R
         row_filter,
         estimate,
         prefixes,
+        definition,
     })
 }
 
@@ -937,6 +963,8 @@ pub enum Watermark {
     Close {
         token: String,
         chunk: u64,
+        /// The table's definition when the watermark was written ([`definition_sql`]).
+        definition: String,
     },
 }
 
@@ -954,6 +982,7 @@ impl Watermark {
             "close" => Some(Watermark::Close {
                 token: parts.next()?.to_string(),
                 chunk: parts.next()?.parse().ok()?,
+                definition: parts.next()?.to_string(),
             }),
             _ => None,
         }
@@ -1083,7 +1112,23 @@ async fn copy_tables(
             )
             .await?;
             wait_committed_visible(&client, cfg).await?;
-            let (visibility, rows, end) = read_chunk(&client, cfg, &plan, &kind).await?;
+            let (mut visibility, mut rows, mut end, mut read_with) =
+                read_chunk(&client, cfg, &plan, &kind).await?;
+            // A column added, dropped or retyped after the plan was made: the rows were read
+            // for the old columns. Planned and read again, in the same window (any snapshot
+            // taken after its open watermark will do).
+            let mut tries = 0;
+            while read_with != plan.definition {
+                tries += 1;
+                if tries > 3 {
+                    return Err(Error::Stream(format!(
+                        "the definition of {} kept changing while a chunk of it was read; reading it again",
+                        state.table
+                    )));
+                }
+                plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
+                (visibility, rows, end, read_with) = read_chunk(&client, cfg, &plan, &kind).await?;
+            }
             let last_key = rows.last().map(|r| r.key_text.clone());
             if let ChunkKind::After(_) = kind {
                 if last_key.is_some() {
@@ -1100,6 +1145,7 @@ async fn copy_tables(
                 rows,
                 last_key,
                 end,
+                definition: read_with,
             };
             if task
                 .chunks
@@ -1109,7 +1155,7 @@ async fn copy_tables(
             {
                 return Ok(());
             }
-            emit(&client, cfg, &format!("close {token} {chunk_id}")).await?;
+            emit_close(&client, cfg, &plan, &format!("close {token} {chunk_id}")).await?;
         }
         tracing::info!(pipeline = %cfg.id, table = %table, rows = state.rows_copied, "existing rows copied");
     }
@@ -1145,6 +1191,30 @@ async fn emit(client: &Client, cfg: &PipelineConfig, content: &str) -> Result<()
         .await
         .map(drop)
         .map_err(|e| source_error(cfg, &e))
+}
+
+/// Writes a chunk's close watermark carrying the table's definition at that point in the
+/// WAL: with the table locked against ALTER TABLE (`ACCESS SHARE`, as a read takes), no
+/// change of the definition commits between reading it and the watermark's commit.
+async fn emit_close(
+    client: &Client,
+    cfg: &PipelineConfig,
+    plan: &Plan,
+    content: &str,
+) -> Result<()> {
+    let sql = format!(
+        "BEGIN; LOCK TABLE {} IN ACCESS SHARE MODE; \
+         SELECT pg_logical_emit_message(true, {}, {} || ' ' || ({})); COMMIT",
+        plan.from,
+        quote_literal(PREFIX),
+        quote_literal(content),
+        definition_sql(plan.relation.id)
+    );
+    let result = client.batch_execute(&sql).await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result.map_err(|e| source_error(cfg, &e))
 }
 
 /// Waits until the transactions the source has marked committed but not yet made visible
@@ -1188,7 +1258,7 @@ async fn read_chunk(
     cfg: &PipelineConfig,
     plan: &Plan,
     kind: &ChunkKind,
-) -> Result<(Visibility, Vec<Row>, bool)> {
+) -> Result<(Visibility, Vec<Row>, bool, String)> {
     let limit = match kind {
         ChunkKind::After(_) => cfg.snapshot.chunk_size,
         ChunkKind::Reread(keys) => keys.len(),
@@ -1206,10 +1276,15 @@ async fn read_chunk_in_tx(
     plan: &Plan,
     kind: &ChunkKind,
     limit: usize,
-) -> Result<(Visibility, Vec<Row>, bool)> {
+) -> Result<(Visibility, Vec<Row>, bool, String)> {
     let err = |e: tokio_postgres::Error| source_error(cfg, &e);
-    let mut sql = String::from(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text; ",
+    // The lock before the snapshot (`LOCK` takes none): the definition the snapshot's
+    // catalog shows is then the one the read uses.
+    let mut sql = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; LOCK TABLE {} IN ACCESS SHARE MODE; \
+         SELECT pg_current_snapshot()::text, ({}); ",
+        plan.from,
+        definition_sql(plan.relation.id)
     );
     let _ = write!(
         sql,
@@ -1217,10 +1292,13 @@ async fn read_chunk_in_tx(
         plan.query(kind, limit)
     );
     let opened = client.simple_query(&sql).await.map_err(err)?;
-    let visibility = opened
+    let (visibility, definition) = opened
         .iter()
         .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).and_then(Visibility::parse),
+            SimpleQueryMessage::Row(r) => r
+                .get(0)
+                .and_then(Visibility::parse)
+                .zip(r.get(1).map(String::from)),
             _ => None,
         })
         .ok_or_else(|| Error::Stream("the source returned no snapshot for a chunk".into()))?;
@@ -1273,7 +1351,7 @@ async fn read_chunk_in_tx(
     }
     client.batch_execute("COMMIT").await.map_err(err)?;
     let end = exhausted && matches!(kind, ChunkKind::After(_));
-    Ok((visibility, rows, end))
+    Ok((visibility, rows, end, definition))
 }
 
 #[cfg(test)]
@@ -1312,6 +1390,7 @@ mod tests {
             row_filter: None,
             estimate: None,
             prefixes: Plan::prefixes(&rel()),
+            definition: "d".into(),
         })
     }
 
@@ -1343,6 +1422,7 @@ mod tests {
             last_key: ids.last().map(|i| vec![i.to_string()]),
             rows,
             end: true,
+            definition: "d".into(),
         }
     }
 
@@ -1548,10 +1628,11 @@ mod tests {
             })
         );
         assert_eq!(
-            Watermark::parse(b"close tok 3"),
+            Watermark::parse(b"close tok 3 0123abcd"),
             Some(Watermark::Close {
                 token: "tok".into(),
-                chunk: 3
+                chunk: 3,
+                definition: "0123abcd".into(),
             })
         );
         assert_eq!(Watermark::parse(b"other"), None);
