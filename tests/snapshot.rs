@@ -1224,3 +1224,54 @@ async fn a_copy_finishes_after_an_alter_while_the_table_is_quiet() {
     .await;
     assert_eq!(images, ["gone,id,v", "id,note,v"]);
 }
+
+/// The key the chunks are ordered by changing during a copy (here the replica identity moved
+/// to another unique index, whose order is the reverse): the progress noted under the old key
+/// means nothing under the new one, so the table is copied again from its start under the new
+/// key. It used to go on after the old key's last value, compared with the new key's values,
+/// and to finish with most rows never copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
+    let (src, buf, source) = databases_with(
+        "snap_rekey",
+        "CREATE TABLE rk (id int PRIMARY KEY, u int NOT NULL UNIQUE, v text);
+         INSERT INTO rk SELECT g, -g, repeat(md5(g::text), 8) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-rekey",
+        &src,
+        &buf,
+        &["rk"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 200}",
+    ));
+    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    source
+        .batch_execute("ALTER TABLE rk REPLICA IDENTITY USING INDEX rk_u_key")
+        .await
+        .expect("change the replica identity");
+    let copying = running
+        .progress
+        .borrow()
+        .snapshots
+        .iter()
+        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
+    assert!(
+        copying,
+        "the copy ended before the change; make the table larger"
+    );
+    finish_copy(running, &source).await;
+    let buffer = connect(&buf).await;
+    assert_eq!(
+        phase(&buffer, "test/snap-rekey", "public.rk").await.0,
+        "Done"
+    );
+    assert_replay_equals_source(&source, &buffer, "test/snap-rekey", "public.rk", &["id"]).await;
+    let report = philotes::verify::verify(&cfg).await.expect("verify");
+    assert!(report.ok(), "{report}");
+}

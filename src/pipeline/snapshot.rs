@@ -113,6 +113,9 @@ pub struct TableState {
     pub last_key: Option<Vec<String>>,
     /// Keys to read again before going on.
     pub reread: Vec<Vec<String>>,
+    /// The names of the key columns `last_key` and `reread` hold values of (`None`: not
+    /// known yet, or written before they were noted).
+    pub key_names: Option<Vec<String>>,
     pub rows_copied: i64,
     /// The chunks in key order reached the end of the table (rows to read again may remain).
     pub range_done: bool,
@@ -135,6 +138,7 @@ impl TableState {
             request,
             last_key: None,
             reread: Vec::new(),
+            key_names: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
@@ -431,6 +435,20 @@ impl Chunk {
         at: u64,
     ) -> TableState {
         let mut next = before.clone();
+        let key: Vec<String> = self
+            .plan
+            .key_names()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        if next.key_names.as_ref().is_some_and(|k| *k != key) {
+            // Read under a new key (see `copy_tables`): what was noted under the old one
+            // means nothing now; the copy starts over from this chunk.
+            next.last_key = None;
+            next.reread.clear();
+            next.range_done = false;
+        }
+        next.key_names = Some(key);
         next.rows_copied += written as i64;
         // Everything of the table from here on is in the log: events after it, or rows
         // of the copy (README: the consumer rule of a finished copy).
@@ -1058,6 +1076,8 @@ async fn copy_tables(
         // range ahead of it and learns the keys to read again from its answers.
         let mut next_after = state.last_key.clone();
         let mut range_sent = state.range_done;
+        // The key the copy goes by: `last_key` and `reread` are its values.
+        let mut copy_key = state.key_names.clone();
         let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
         loop {
             while let Ok(next) = task.results.try_recv() {
@@ -1068,7 +1088,10 @@ async fn copy_tables(
                 break;
             }
             let reread_in_flight = in_flight.iter().any(|r| *r);
-            let kind = if !state.reread.is_empty() && !reread_in_flight {
+            // Keys noted under another key (the loop has not written a chunk under the new
+            // one yet) are not read: the copy starts over anyway.
+            let same_key = state.key_names.is_none() || state.key_names == copy_key;
+            let kind = if !state.reread.is_empty() && !reread_in_flight && same_key {
                 Some(ChunkKind::Reread(
                     state
                         .reread
@@ -1082,7 +1105,7 @@ async fn copy_tables(
             } else {
                 None
             };
-            let Some(kind) = kind.filter(|_| in_flight.len() < 2) else {
+            let Some(mut kind) = kind.filter(|_| in_flight.len() < 2) else {
                 // Wait for the loop's answer: the state it wrote decides what comes next.
                 match task.results.recv().await {
                     Some(next) => {
@@ -1101,6 +1124,18 @@ async fn copy_tables(
                 plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
             }
             fresh_plan = false;
+            // A key changed since the copy began (a new replica identity index or primary
+            // key): the values noted mean nothing under it, so the copy starts over from the
+            // table's start (the loop drops them with this chunk, see `Chunk::advance`).
+            let key: Vec<String> = plan.key_names().iter().map(|k| k.to_string()).collect();
+            if copy_key.as_ref().is_some_and(|k| *k != key) {
+                tracing::info!(pipeline = %cfg.id, table = %table, from = ?copy_key, to = ?key,
+                    "the key of a table changed during its copy; copying it again from its start");
+                next_after = None;
+                range_sent = false;
+                kind = ChunkKind::After(None);
+            }
+            copy_key = Some(key.clone());
             emit(
                 &client,
                 cfg,
@@ -1127,6 +1162,14 @@ async fn copy_tables(
                     )));
                 }
                 plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
+                // The open watermark named the old key, and the values to read after are
+                // its: the next session starts the table over under the new one.
+                if plan.key_names() != key {
+                    return Err(Error::Stream(format!(
+                        "the key of {} changed while a chunk of it was read; copying it again from its start",
+                        state.table
+                    )));
+                }
                 (visibility, rows, end, read_with) = read_chunk(&client, cfg, &plan, &kind).await?;
             }
             let last_key = rows.last().map(|r| r.key_text.clone());
@@ -1401,6 +1444,7 @@ mod tests {
             phase: Phase::Pending,
             last_key: None,
             reread: vec![],
+            key_names: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
@@ -1584,6 +1628,28 @@ mod tests {
             (done.phase, done.done_lsn, done.rows_copied),
             (Phase::Done, Some(99), 3)
         );
+    }
+
+    #[test]
+    fn a_chunk_under_a_new_key_drops_what_was_noted_under_the_old_one() {
+        let mut before = state();
+        before.key_names = Some(vec!["other".to_string()]);
+        before.last_key = Some(vec!["900".to_string()]);
+        before.reread = vec![vec!["5".to_string()]];
+        before.range_done = true;
+        before.rows_copied = 900;
+        let c = Chunk {
+            end: false,
+            ..chunk(&[1, 2], "10:10:")
+        };
+        let next = c.advance(&before, 2, vec![], 70, 77);
+        assert_eq!(next.key_names, Some(vec!["id".to_string()]));
+        assert_eq!(next.last_key, Some(vec!["2".to_string()]));
+        assert!(next.reread.is_empty() && !next.range_done);
+        assert_eq!((next.phase, next.rows_copied), (Phase::Copying, 902));
+        // Under the same key, nothing is dropped.
+        let again = c.advance(&next, 2, vec![vec!["1".to_string()]], 80, 88);
+        assert_eq!(again.reread, vec![vec!["1".to_string()]]);
     }
 
     #[test]
