@@ -134,9 +134,11 @@ async fn assert_replay_equals_source(
 async fn finish_copy(mut running: Running, source: &Client) {
     running
         .wait("the copy to finish", Duration::from_secs(300), |p| {
-            p.snapshots
-                .iter()
-                .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+            // Not before the session has read the tables' states.
+            !p.snapshots.is_empty()
+                && p.snapshots
+                    .iter()
+                    .all(|t| t.phase == pipeline::snapshot::Phase::Done)
         })
         .await;
     let lsn = wal_lsn(source).await;
@@ -1017,7 +1019,8 @@ async fn a_pipeline_created_again_after_being_forgotten_copies_its_tables_again(
 /// TOASTed column unchanged and so left out of the image: the copy never reads the new key
 /// by range, and the event carries no whole image of it, so the key is read again by itself.
 /// It used to be read again only when the chunk's snapshot did not see the move; a move the
-/// next chunk's snapshot saw left the row without its column for good.
+/// next chunk's snapshot saw, or one made while the pipeline was stopped mid-copy, left the
+/// row without its column for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() {
     let (src, buf, source) = databases_with(
@@ -1034,7 +1037,7 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
         &["mv"],
         "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
     ));
-    let mut running = start(cfg, pipeline::RunOptions::default());
+    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
     running
         .wait("the copy to start", Duration::from_secs(60), |p| {
             p.snapshots.iter().any(|t| t.rows_copied > 0)
@@ -1071,6 +1074,20 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
         copying,
         "the copy ended before the moves; make the table larger"
     );
+    // And while the pipeline is stopped mid-copy: the moves arrive before the first chunk of
+    // the session that resumes the copy.
+    running.stop().await.expect("stops");
+    let copying = phase(&buffer, "test/snap-moved", "public.mv").await;
+    assert_eq!(copying.0, "Copying", "{copying:?}; make the table larger");
+    for i in 11..=15 {
+        source
+            .batch_execute(&format!(
+                "UPDATE mv SET id = -{i}, n = n + 1 WHERE id = 3001 - {i}"
+            ))
+            .await
+            .expect("move a row behind the copy");
+    }
+    let running = start(cfg, pipeline::RunOptions::default());
     finish_copy(running, &source).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-moved", "public.mv", &["id"]).await;
 }

@@ -871,7 +871,19 @@ impl Streamer<'_> {
                 key_names,
             }) => {
                 if token == link.token {
-                    let carried = link.window.take().filter(|w| w.chunk == 0);
+                    // The changes since the table's previous chunk closed, or, for its first
+                    // chunk in this session, the moves noted since the session began.
+                    let carried = link
+                        .window
+                        .take()
+                        .filter(|w| w.chunk == 0 && w.relation_id == relation_id)
+                        .or_else(|| {
+                            let i = link
+                                .resumed
+                                .iter()
+                                .position(|(_, w)| w.relation_id == relation_id)?;
+                            Some(link.resumed.swap_remove(i).1)
+                        });
                     let at = self.tx.as_ref().map_or(lsn, |t| t.commit_lsn);
                     link.window = Some(Window::open_after(
                         carried,
@@ -1138,13 +1150,21 @@ impl Streamer<'_> {
         Ok(())
     }
 
-    /// Notes a change in the open snapshot window, if any.
+    /// Notes a change in the open snapshot window, if any, and in the window of a table
+    /// whose copy this session resumes.
     fn note_in_window(&mut self, change: &Change) {
-        if let (Some(window), Some(open)) = (
-            self.snap.as_mut().and_then(|l| l.window.as_mut()),
-            self.tx.as_ref(),
-        ) {
+        let (Some(link), Some(open)) = (self.snap.as_mut(), self.tx.as_ref()) else {
+            return;
+        };
+        if let Some(window) = link.window.as_mut() {
             window.record(open.xid, change);
+        }
+        let rel = &change.relation;
+        for (table, window) in &mut link.resumed {
+            if table.schema == rel.schema && table.name == rel.name {
+                window.adopt(change);
+                window.record(open.xid, change);
+            }
         }
     }
 

@@ -35,14 +35,17 @@
 //! A transaction that committed before the open watermark and that `S` does not see would be
 //! missed by a window that began there. So the window of a chunk begins where the previous
 //! chunk of the table closed ([`Window::open_after`]), and step 1's wait covers every
-//! transaction the source shows as committed. What remains is the first chunk of a table: a
-//! backend that wrote and flushed its commit record before its open watermark and had not
-//! yet marked it in the commit log by the time the task asked (after the watermark's own
-//! commit returned), i.e. stalled between two adjacent steps of its commit.
+//! transaction the source shows as committed. What remains is the first chunk a session
+//! reads of a table (the table's first, or the first after a restart): a backend that wrote
+//! and flushed its commit record before its open watermark and had not yet marked it in the
+//! commit log by the time the task asked (after the watermark's own commit returned), i.e.
+//! stalled between two adjacent steps of its commit.
 //!
 //! A dropped row whose newer image is incomplete (an UPDATE that left an unchanged TOASTed
 //! column out) is read again in a later chunk of its own (`reread`), so every row ends with
-//! a whole image.
+//! a whole image. So is a key an UPDATE moved a row to with such an image, outside the chunk:
+//! the copy may have passed it. A session resuming a copy notes those moves from its start
+//! ([`Window::resumed`]).
 //!
 //! # Durability
 //!
@@ -513,6 +516,8 @@ pub struct Window {
     unknown: Vec<u32>,
     /// The commit position of the watermark that opened it (0: carried from a close).
     opened_at: u64,
+    /// Notes only rows moved to a key with an incomplete image (see [`Window::resumed`]).
+    moves_only: bool,
 }
 
 impl Window {
@@ -530,6 +535,10 @@ impl Window {
         match carried {
             Some(mut w) if w.relation_id == relation_id && w.key_names == key_names => {
                 w.chunk = chunk;
+                if w.moves_only {
+                    w.moves_only = false;
+                    w.opened_at = at;
+                }
                 w
             }
             _ => Window {
@@ -557,6 +566,27 @@ impl Window {
             key_names,
             touches: Vec::new(),
             unknown: Vec::new(),
+            moves_only: false,
+        }
+    }
+
+    /// The window of a table whose copy a session resumes, from the session's start to the
+    /// table's first chunk in it: the copy has passed some keys, and a row an UPDATE moves
+    /// to one of them with an incomplete image (an unchanged TOASTed column left out) has no
+    /// whole image anywhere until it is read again. Only such moves are noted, so its size
+    /// does not grow with the changes streamed meanwhile. Its relation is that of the first
+    /// change of the table seen ([`Window::adopt`]).
+    pub fn resumed(key_names: Vec<String>) -> Window {
+        Window {
+            moves_only: true,
+            ..Window::open(0, 0, key_names)
+        }
+    }
+
+    /// Takes the relation of `change` if the window has none yet.
+    pub fn adopt(&mut self, change: &Change) {
+        if self.relation_id == 0 {
+            self.relation_id = change.relation.id;
         }
     }
 
@@ -577,6 +607,7 @@ impl Window {
             })
             .collect();
         match change.operation {
+            Operation::Truncate if self.moves_only => {}
             Operation::Truncate => self.touches.push(Touch {
                 xid,
                 key: None,
@@ -610,18 +641,23 @@ impl Window {
                             let moved_in = is_after
                                 && op == Operation::Update
                                 && old_key.as_ref().is_some_and(|(old, _)| *old != key);
+                            let whole =
+                                is_after && (op == Operation::Insert || whole_after == Some(true));
+                            if self.moves_only && (whole || !moved_in) {
+                                continue;
+                            }
                             self.touches.push(Touch {
                                 moved_in,
                                 xid,
                                 key: Some(key),
                                 key_text,
-                                whole: is_after
-                                    && (op == Operation::Insert || whole_after == Some(true)),
+                                whole,
                                 deleted,
                             });
                         }
                         // The old image of an UPDATE carries the key only when it changed.
                         None if !is_after && op == Operation::Update => {}
+                        None if self.moves_only => {}
                         None => self.unknown.push(xid),
                     }
                 }
@@ -933,6 +969,9 @@ pub struct Link {
     /// A chunk received before its close watermark.
     pub ready: std::collections::VecDeque<Box<Chunk>>,
     pub window: Option<Window>,
+    /// Tables whose copy this session resumes, each with its [`Window::resumed`] until the
+    /// window of its first chunk in the session takes it over.
+    pub resumed: Vec<(TableName, Window)>,
     /// The task ended: every table is copied (or it failed and said so).
     pub finished: bool,
     /// Each table's state as written with its last chunk (or read at the start): the loop
@@ -958,6 +997,11 @@ pub fn link(token: String, todo: &[TableState]) -> (Link, Task) {
             results: results_tx,
             ready: std::collections::VecDeque::new(),
             window: None,
+            resumed: todo
+                .iter()
+                .filter(|t| t.phase == Phase::Copying)
+                .filter_map(|t| Some((t.table.clone(), Window::resumed(t.key_names.clone()?))))
+                .collect(),
             finished: false,
             states: todo.iter().map(|t| (t.table.clone(), t.clone())).collect(),
         },
@@ -1583,6 +1627,41 @@ mod tests {
         assert_eq!(rows, vec!["[5]", "[6]"]);
         reread.sort();
         assert_eq!(reread, vec![vec!["-1".to_string()], vec!["-2".to_string()]]);
+    }
+
+    #[test]
+    fn a_resumed_copy_notes_only_moves_without_a_whole_image_until_its_first_chunk() {
+        let mut w = Window::resumed(vec!["id".into()]);
+        let moved = change(
+            Operation::Update,
+            Some(r#"{"id":90}"#),
+            Some(r#"{"id":-1}"#),
+        );
+        w.adopt(&moved);
+        w.record(3, &moved);
+        // Neither an UPDATE in place, a whole image, a DELETE nor a TRUNCATE is kept.
+        w.record(4, &change(Operation::Update, None, Some(r#"{"id":7}"#)));
+        w.record(
+            4,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":91}"#),
+                Some(r#"{"id":-2,"v":"x"}"#),
+            ),
+        );
+        w.record(5, &change(Operation::Delete, Some(r#"{"id":8}"#), None));
+        w.record(6, &change(Operation::Truncate, None, None));
+        assert_eq!(w.touches.len(), 1);
+        assert!(w.unknown.is_empty());
+        // Taken over by the first chunk's window, which notes everything from then on.
+        let mut w = Window::open_after(Some(w), 1, 7, vec!["id".into()], 500);
+        assert_eq!(w.opened_at(), 500);
+        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
+        let mut c = chunk(&[1, 2], "10:10:");
+        let (rows, mut reread) = kept(w.close(&mut c));
+        reread.sort();
+        assert_eq!(rows, vec!["[1]"]);
+        assert_eq!(reread, vec![vec!["-1".to_string()], vec!["2".to_string()]]);
     }
 
     #[test]
