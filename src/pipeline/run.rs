@@ -871,19 +871,7 @@ impl Streamer<'_> {
                 key_names,
             }) => {
                 if token == link.token {
-                    // The changes since the table's previous chunk closed, or, for its first
-                    // chunk in this session, the moves noted since the session began.
-                    let carried = link
-                        .window
-                        .take()
-                        .filter(|w| w.chunk == 0 && w.relation_id == relation_id)
-                        .or_else(|| {
-                            let i = link
-                                .resumed
-                                .iter()
-                                .position(|(_, w)| w.relation_id == relation_id)?;
-                            Some(link.resumed.swap_remove(i).1)
-                        });
+                    let carried = link.window.take().filter(|w| w.chunk == 0);
                     let at = self.tx.as_ref().map_or(lsn, |t| t.commit_lsn);
                     link.window = Some(Window::open_after(
                         carried,
@@ -970,7 +958,8 @@ impl Streamer<'_> {
         let (commit_lsn, seq) = (open.commit_lsn, open.seq);
         // The stream's own description when it has the same columns, so the table is not
         // recorded twice; else the definition the rows were read with, recorded here (the
-        // stream describes the table again before its next change).
+        // stream describes the table again before its next change). Only with rows written:
+        // a chunk read again may have been read with a definition that is no longer current.
         let rel = self
             .decoder
             .described(chunk.plan.relation.id)
@@ -981,6 +970,7 @@ impl Streamer<'_> {
             .get(&rel.id)
             .is_some_and(|r| **r == *rel);
         if !known
+            && !rows.is_empty()
             && self
                 .pending
                 .last_event
@@ -1150,22 +1140,46 @@ impl Streamer<'_> {
         Ok(())
     }
 
-    /// Notes a change in the open snapshot window, if any, and in the window of a table
-    /// whose copy this session resumes.
+    /// Notes a change in the open snapshot window, if any; and a row moved behind the copy
+    /// of its table with an incomplete image, whose new key is then read again.
     fn note_in_window(&mut self, change: &Change) {
-        let (Some(link), Some(open)) = (self.snap.as_mut(), self.tx.as_ref()) else {
+        let Some(link) = self.snap.as_mut() else {
             return;
         };
-        if let Some(window) = link.window.as_mut() {
+        if let (Some(window), Some(open)) = (link.window.as_mut(), self.tx.as_ref()) {
             window.record(open.xid, change);
         }
-        let rel = &change.relation;
-        for (table, window) in &mut link.resumed {
-            if table.schema == rel.schema && table.name == rel.name {
-                window.adopt(change);
-                window.record(open.xid, change);
-            }
+        if change.operation != super::decode::Operation::Update || change.before.is_none() {
+            return;
         }
+        let rel = &change.relation;
+        let Some(state) = link
+            .states
+            .values_mut()
+            .find(|t| t.table.schema == rel.schema && t.table.name == rel.name)
+        else {
+            return;
+        };
+        // Only once a chunk was written under a known key: before, nothing was passed.
+        let Some(names) = state
+            .key_names
+            .as_ref()
+            .filter(|_| state.phase == Phase::Copying)
+        else {
+            return;
+        };
+        let Some(key) = snapshot::moved_without_whole_image(change, names) else {
+            return;
+        };
+        if state.reread.contains(&key) {
+            return;
+        }
+        // Written with this change, in the same buffer transaction: once the checkpoint
+        // is past the change, the key to read again is durable too.
+        state.reread.push(key);
+        let noted = state.clone();
+        self.pending.snapshots.push(noted);
+        self.arm_deadline();
     }
 
     /// One change of the open transaction: skipped if the buffer has it already, else encoded

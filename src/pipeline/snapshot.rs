@@ -35,17 +35,17 @@
 //! A transaction that committed before the open watermark and that `S` does not see would be
 //! missed by a window that began there. So the window of a chunk begins where the previous
 //! chunk of the table closed ([`Window::open_after`]), and step 1's wait covers every
-//! transaction the source shows as committed. What remains is the first chunk a session
-//! reads of a table (the table's first, or the first after a restart): a backend that wrote
-//! and flushed its commit record before its open watermark and had not yet marked it in the
-//! commit log by the time the task asked (after the watermark's own commit returned), i.e.
-//! stalled between two adjacent steps of its commit.
+//! transaction the source shows as committed. What remains is the first chunk of a table: a
+//! backend that wrote and flushed its commit record before its open watermark and had not
+//! yet marked it in the commit log by the time the task asked (after the watermark's own
+//! commit returned), i.e. stalled between two adjacent steps of its commit.
 //!
 //! A dropped row whose newer image is incomplete (an UPDATE that left an unchanged TOASTed
 //! column out) is read again in a later chunk of its own (`reread`), so every row ends with
-//! a whole image. So is a key an UPDATE moved a row to with such an image, outside the chunk:
-//! the copy may have passed it. A session resuming a copy notes those moves from its start
-//! ([`Window::resumed`]).
+//! a whole image. So is a key an UPDATE moved a row to with such an image
+//! ([`moved_without_whole_image`]): the copy may have passed it. The loop adds such a key to
+//! the table's `reread` as the change arrives, whatever window is open, and writes it with
+//! the change, so a restart after the checkpoint passed the change still reads it again.
 //!
 //! # Durability
 //!
@@ -516,8 +516,6 @@ pub struct Window {
     unknown: Vec<u32>,
     /// The commit position of the watermark that opened it (0: carried from a close).
     opened_at: u64,
-    /// Notes only rows moved to a key with an incomplete image (see [`Window::resumed`]).
-    moves_only: bool,
 }
 
 impl Window {
@@ -535,10 +533,6 @@ impl Window {
         match carried {
             Some(mut w) if w.relation_id == relation_id && w.key_names == key_names => {
                 w.chunk = chunk;
-                if w.moves_only {
-                    w.moves_only = false;
-                    w.opened_at = at;
-                }
                 w
             }
             _ => Window {
@@ -566,27 +560,6 @@ impl Window {
             key_names,
             touches: Vec::new(),
             unknown: Vec::new(),
-            moves_only: false,
-        }
-    }
-
-    /// The window of a table whose copy a session resumes, from the session's start to the
-    /// table's first chunk in it: the copy has passed some keys, and a row an UPDATE moves
-    /// to one of them with an incomplete image (an unchanged TOASTed column left out) has no
-    /// whole image anywhere until it is read again. Only such moves are noted, so its size
-    /// does not grow with the changes streamed meanwhile. Its relation is that of the first
-    /// change of the table seen ([`Window::adopt`]).
-    pub fn resumed(key_names: Vec<String>) -> Window {
-        Window {
-            moves_only: true,
-            ..Window::open(0, 0, key_names)
-        }
-    }
-
-    /// Takes the relation of `change` if the window has none yet.
-    pub fn adopt(&mut self, change: &Change) {
-        if self.relation_id == 0 {
-            self.relation_id = change.relation.id;
         }
     }
 
@@ -607,7 +580,6 @@ impl Window {
             })
             .collect();
         match change.operation {
-            Operation::Truncate if self.moves_only => {}
             Operation::Truncate => self.touches.push(Touch {
                 xid,
                 key: None,
@@ -641,23 +613,18 @@ impl Window {
                             let moved_in = is_after
                                 && op == Operation::Update
                                 && old_key.as_ref().is_some_and(|(old, _)| *old != key);
-                            let whole =
-                                is_after && (op == Operation::Insert || whole_after == Some(true));
-                            if self.moves_only && (whole || !moved_in) {
-                                continue;
-                            }
                             self.touches.push(Touch {
                                 moved_in,
                                 xid,
                                 key: Some(key),
                                 key_text,
-                                whole,
+                                whole: is_after
+                                    && (op == Operation::Insert || whole_after == Some(true)),
                                 deleted,
                             });
                         }
                         // The old image of an UPDATE carries the key only when it changed.
                         None if !is_after && op == Operation::Update => {}
-                        None if self.moves_only => {}
                         None => self.unknown.push(xid),
                     }
                 }
@@ -737,6 +704,32 @@ impl Window {
     }
 }
 
+/// The new key's text values of an UPDATE that moved a row to another key of `key_names`
+/// leaving columns out of its image (an unchanged TOASTed value): that row has no whole image
+/// anywhere, and if the copy of its table has passed the new key, it is never read by range.
+pub fn moved_without_whole_image(change: &Change, key_names: &[String]) -> Option<Vec<String>> {
+    if change.operation != Operation::Update {
+        return None;
+    }
+    let (before, after) = (change.before.as_deref()?, change.after.as_deref()?);
+    let rel = &change.relation;
+    if image_columns(after) == Some(rel.columns.len()) {
+        return None;
+    }
+    let key_types: Vec<u32> = key_names
+        .iter()
+        .map(|k| {
+            rel.columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map_or(0, |c| c.type_oid)
+        })
+        .collect();
+    let (old, _) = image_key(before, key_names, &key_types)?;
+    let (new, text) = image_key(after, key_names, &key_types)?;
+    (old != new).then_some(text)
+}
+
 /// The number of top-level members of a JSON object image, if it is one.
 fn image_columns(image: &str) -> Option<usize> {
     serde_json::from_str::<HashMap<String, &RawValue>>(image)
@@ -774,8 +767,26 @@ fn json_text(raw: &str, type_oid: u32) -> Option<String> {
     }
 }
 
-/// Reads what a snapshot of `table` needs from the source's catalog.
+/// Reads what a snapshot of `table` needs from the source's catalog, in one snapshot: the
+/// columns, the key and the definition's fingerprint agree with each other.
 pub async fn plan(client: &Client, cfg: &PipelineConfig, table: &TableName) -> Result<Plan> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| source_error(cfg, &e))?;
+    let planned = plan_in_tx(client, cfg, table).await;
+    let end = if planned.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = client.batch_execute(end).await;
+    let planned = planned?;
+    ended.map_err(|e| source_error(cfg, &e))?;
+    Ok(planned)
+}
+
+async fn plan_in_tx(client: &Client, cfg: &PipelineConfig, table: &TableName) -> Result<Plan> {
     // The connection lost, the server restarting or out of connections: the next session
     // reads the definition again and resumes after the last chunk written. Anything else
     // the source refused is for the user to fix.
@@ -969,9 +980,6 @@ pub struct Link {
     /// A chunk received before its close watermark.
     pub ready: std::collections::VecDeque<Box<Chunk>>,
     pub window: Option<Window>,
-    /// Tables whose copy this session resumes, each with its [`Window::resumed`] until the
-    /// window of its first chunk in the session takes it over.
-    pub resumed: Vec<(TableName, Window)>,
     /// The task ended: every table is copied (or it failed and said so).
     pub finished: bool,
     /// Each table's state as written with its last chunk (or read at the start): the loop
@@ -997,11 +1005,6 @@ pub fn link(token: String, todo: &[TableState]) -> (Link, Task) {
             results: results_tx,
             ready: std::collections::VecDeque::new(),
             window: None,
-            resumed: todo
-                .iter()
-                .filter(|t| t.phase == Phase::Copying)
-                .filter_map(|t| Some((t.table.clone(), Window::resumed(t.key_names.clone()?))))
-                .collect(),
             finished: false,
             states: todo.iter().map(|t| (t.table.clone(), t.clone())).collect(),
         },
@@ -1630,38 +1633,26 @@ mod tests {
     }
 
     #[test]
-    fn a_resumed_copy_notes_only_moves_without_a_whole_image_until_its_first_chunk() {
-        let mut w = Window::resumed(vec!["id".into()]);
-        let moved = change(
-            Operation::Update,
-            Some(r#"{"id":90}"#),
-            Some(r#"{"id":-1}"#),
+    fn a_move_is_read_again_only_without_a_whole_image() {
+        let names = vec!["id".to_string()];
+        let moved = |before: Option<&str>, after: &str| {
+            moved_without_whole_image(&change(Operation::Update, before, Some(after)), &names)
+        };
+        assert_eq!(
+            moved(Some(r#"{"id":90}"#), r#"{"id":-1}"#),
+            Some(vec!["-1".to_string()])
         );
-        w.adopt(&moved);
-        w.record(3, &moved);
-        // Neither an UPDATE in place, a whole image, a DELETE nor a TRUNCATE is kept.
-        w.record(4, &change(Operation::Update, None, Some(r#"{"id":7}"#)));
-        w.record(
-            4,
-            &change(
-                Operation::Update,
-                Some(r#"{"id":91}"#),
-                Some(r#"{"id":-2,"v":"x"}"#),
+        // A whole image, no old key (the key did not change), or the same key.
+        assert_eq!(moved(Some(r#"{"id":90}"#), r#"{"id":-1,"v":"x"}"#), None);
+        assert_eq!(moved(None, r#"{"id":-1}"#), None);
+        assert_eq!(moved(Some(r#"{"id":-1}"#), r#"{"id":-1}"#), None);
+        assert_eq!(
+            moved_without_whole_image(
+                &change(Operation::Delete, Some(r#"{"id":1}"#), None),
+                &names
             ),
+            None
         );
-        w.record(5, &change(Operation::Delete, Some(r#"{"id":8}"#), None));
-        w.record(6, &change(Operation::Truncate, None, None));
-        assert_eq!(w.touches.len(), 1);
-        assert!(w.unknown.is_empty());
-        // Taken over by the first chunk's window, which notes everything from then on.
-        let mut w = Window::open_after(Some(w), 1, 7, vec!["id".into()], 500);
-        assert_eq!(w.opened_at(), 500);
-        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
-        let mut c = chunk(&[1, 2], "10:10:");
-        let (rows, mut reread) = kept(w.close(&mut c));
-        reread.sort();
-        assert_eq!(rows, vec!["[1]"]);
-        assert_eq!(reread, vec![vec!["-1".to_string()], vec!["2".to_string()]]);
     }
 
     #[test]
