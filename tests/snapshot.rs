@@ -1247,21 +1247,19 @@ async fn a_copy_finishes_after_an_alter_while_the_table_is_quiet() {
     assert_eq!(images, ["gone,id,v", "id,note,v"]);
 }
 
-/// The key the chunks are ordered by changing during a copy (here the replica identity moved
-/// to another unique index, whose order is the reverse): the progress noted under the old key
-/// means nothing under the new one, so the table is copied again from its start under the new
-/// key. It used to go on after the old key's last value, compared with the new key's values,
-/// and to finish with most rows never copied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
+/// The key the chunks are ordered by changing during a copy: the progress noted under the old
+/// key means nothing under the new one, so the table is copied again from its start under the
+/// new key. It used to go on after the old key's last value, compared with the new key's
+/// values, and to finish with most rows never copied.
+async fn copy_while_the_key_changes(name: &str, change: &str) {
     let (src, buf, source) = databases_with(
-        "snap_rekey",
+        &name.replace('-', "_"),
         "CREATE TABLE rk (id int PRIMARY KEY, u int NOT NULL UNIQUE, v text);
          INSERT INTO rk SELECT g, -g, repeat(md5(g::text), 8) FROM generate_series(1, 20000) g;",
     )
     .await;
     let cfg = config(&manifest(
-        "snap-rekey",
+        name,
         &src,
         &buf,
         &["rk"],
@@ -1273,10 +1271,7 @@ async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
             p.snapshots.iter().any(|t| t.rows_copied > 0)
         })
         .await;
-    source
-        .batch_execute("ALTER TABLE rk REPLICA IDENTITY USING INDEX rk_u_key")
-        .await
-        .expect("change the replica identity");
+    source.batch_execute(change).await.expect("change the key");
     let copying = running
         .progress
         .borrow()
@@ -1289,11 +1284,25 @@ async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
     );
     finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
-    assert_eq!(
-        phase(&buffer, "test/snap-rekey", "public.rk").await.0,
-        "Done"
-    );
-    assert_replay_equals_source(&source, &buffer, "test/snap-rekey", "public.rk", &["id"]).await;
+    let pipeline = format!("test/{name}");
+    assert_eq!(phase(&buffer, &pipeline, "public.rk").await.0, "Done");
+    assert_replay_equals_source(&source, &buffer, &pipeline, "public.rk", &["id"]).await;
     let report = philotes::verify::verify(&cfg).await.expect("verify");
     assert!(report.ok(), "{report}");
+}
+
+/// The replica identity moved to another unique index, whose order is the reverse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
+    copy_while_the_key_changes(
+        "snap-rekey",
+        "ALTER TABLE rk REPLICA IDENTITY USING INDEX rk_u_key",
+    )
+    .await;
+}
+
+/// The key column's type changed (int to text): same names, another order ('10000' < '2000').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_key_type_changes_starts_over() {
+    copy_while_the_key_changes("snap-retype", "ALTER TABLE rk ALTER COLUMN id TYPE text").await;
 }

@@ -392,7 +392,9 @@ fn refused_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
 /// Whether an error of a statement on an open connection heals by retrying, whatever the
 /// statement was: the connection lost (the server restarting, the session terminated, the
 /// network), the server shutting down or not accepting connections yet, out of resources
-/// for a while, or a serialization failure or deadlock.
+/// for a while, a serialization failure or deadlock, or a timeout of the server's (a
+/// statement, lock, idle-session or transaction timeout of the role or database: creating a
+/// slot waits for running transactions, which end).
 pub fn heals_by_retrying(e: &tokio_postgres::Error) -> bool {
     match e.code().map(|c| c.code()) {
         None => {
@@ -401,7 +403,19 @@ pub fn heals_by_retrying(e: &tokio_postgres::Error) -> bool {
         Some(c) => {
             c.starts_with("08")
                 || c.starts_with("53")
-                || matches!(c, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+                || matches!(
+                    c,
+                    "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "57P05"
+                        | "57014"
+                        | "55P03"
+                        | "25P03"
+                        | "25P04"
+                        | "40001"
+                        | "40P01"
+                )
         }
     }
 }

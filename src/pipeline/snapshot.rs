@@ -119,6 +119,9 @@ pub struct TableState {
     /// The names of the key columns `last_key` and `reread` hold values of (`None`: not
     /// known yet, or written before they were noted).
     pub key_names: Option<Vec<String>>,
+    /// Each key column's type and collation (`<type oid>/<collation oid>`): a key of the
+    /// same names whose values order differently is another key.
+    pub key_kinds: Option<Vec<String>>,
     pub rows_copied: i64,
     /// The chunks in key order reached the end of the table (rows to read again may remain).
     pub range_done: bool,
@@ -142,6 +145,7 @@ impl TableState {
             last_key: None,
             reread: Vec::new(),
             key_names: None,
+            key_kinds: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
@@ -184,14 +188,16 @@ pub struct Plan {
     prefixes: Vec<String>,
     /// The table's definition when the plan was made, as [`definition_sql`] gives it.
     pub definition: String,
+    /// The key columns' types and collations (see [`TableState::key_kinds`]).
+    pub key_kinds: Vec<String>,
 }
 
-/// A query giving a fingerprint of table `relid`'s definition (its columns with their types,
-/// and its replica identity), or `gone` once it no longer exists. Equal fingerprints read in
+/// A query giving a fingerprint of table `relid`'s definition (its columns with their types
+/// and collations, and its replica identity), or `gone` once it no longer exists. Equal fingerprints read in
 /// two transactions mean no column was added, dropped or retyped in between.
 fn definition_sql(relid: u32) -> String {
     format!(
-        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod, ',' ORDER BY a.attnum)) \
+        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod || ' ' || a.attcollation, ',' ORDER BY a.attnum)) \
            FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
            WHERE c.oid = {relid} GROUP BY c.relreplident), 'gone')"
     )
@@ -211,6 +217,14 @@ impl Plan {
                 p
             })
             .collect()
+    }
+
+    /// The key the chunks go by: its column names, and their types and collations.
+    pub fn key_id(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.key_names().iter().map(|k| k.to_string()).collect(),
+            self.key_kinds.clone(),
+        )
     }
 
     fn key_names(&self) -> Vec<&str> {
@@ -438,20 +452,16 @@ impl Chunk {
         at: u64,
     ) -> TableState {
         let mut next = before.clone();
-        let key: Vec<String> = self
-            .plan
-            .key_names()
-            .iter()
-            .map(|k| k.to_string())
-            .collect();
-        if next.key_names.as_ref().is_some_and(|k| *k != key) {
+        let (names, kinds) = self.plan.key_id();
+        if another_key(&next, &names, &kinds) {
             // Read under a new key (see `copy_tables`): what was noted under the old one
             // means nothing now; the copy starts over from this chunk.
             next.last_key = None;
             next.reread.clear();
             next.range_done = false;
         }
-        next.key_names = Some(key);
+        next.key_names = Some(names);
+        next.key_kinds = Some(kinds);
         next.rows_copied += written as i64;
         // Everything of the table from here on is in the log: events after it, or rows
         // of the copy (README: the consumer rule of a finished copy).
@@ -478,6 +488,13 @@ impl Chunk {
         }
         next
     }
+}
+
+/// Whether `state`'s progress was noted under another key than `names` with `kinds` (not
+/// when it does not say: progress written before the key was noted).
+fn another_key(state: &TableState, names: &[String], kinds: &[String]) -> bool {
+    state.key_names.as_deref().is_some_and(|k| k != names)
+        || state.key_kinds.as_deref().is_some_and(|k| k != kinds)
 }
 
 /// What the loop made of a chunk at its close watermark: the rows to write, and the keys
@@ -845,7 +862,7 @@ async fn plan_in_tx(client: &Client, cfg: &PipelineConfig, table: &TableName) ->
     }
     let columns = client
         .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum FROM pg_attribute a \
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnum, a.attcollation FROM pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
             &[&relid],
         )
@@ -937,6 +954,17 @@ async fn plan_in_tx(client: &Client, cfg: &PipelineConfig, table: &TableName) ->
             .and_then(|(p, _)| p.row_filter),
     };
     let prefixes = Plan::prefixes(&relation);
+    let key_kinds = key
+        .iter()
+        .map(|&i| {
+            let (_, type_oid, _, attnum) = &kept[i];
+            let collation: u32 = columns
+                .iter()
+                .find(|r| r.get::<_, i16>(3) == *attnum)
+                .map_or(0, |r| r.get(4));
+            format!("{type_oid}/{collation}")
+        })
+        .collect();
     let definition: String = client
         .query_one(&definition_sql(relid), &[])
         .await
@@ -955,6 +983,7 @@ async fn plan_in_tx(client: &Client, cfg: &PipelineConfig, table: &TableName) ->
         estimate,
         prefixes,
         definition,
+        key_kinds,
     })
 }
 
@@ -1124,7 +1153,11 @@ async fn copy_tables(
         let mut next_after = state.last_key.clone();
         let mut range_sent = state.range_done;
         // The key the copy goes by: `last_key` and `reread` are its values.
-        let mut copy_key = state.key_names.clone();
+        let mut copy_key = TableState {
+            key_names: state.key_names.clone(),
+            key_kinds: state.key_kinds.clone(),
+            ..TableState::requested(state.table.clone(), String::new())
+        };
         let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
         loop {
             while let Ok(next) = task.results.try_recv() {
@@ -1137,7 +1170,11 @@ async fn copy_tables(
             let reread_in_flight = in_flight.iter().any(|r| *r);
             // Keys noted under another key (the loop has not written a chunk under the new
             // one yet) are not read: the copy starts over anyway.
-            let same_key = state.key_names.is_none() || state.key_names == copy_key;
+            let same_key = copy_key
+                .key_names
+                .as_ref()
+                .zip(copy_key.key_kinds.as_ref())
+                .is_none_or(|(names, kinds)| !another_key(&state, names, kinds));
             let kind = if !state.reread.is_empty() && !reread_in_flight && same_key {
                 Some(ChunkKind::Reread(
                     state
@@ -1174,15 +1211,16 @@ async fn copy_tables(
             // A key changed since the copy began (a new replica identity index or primary
             // key): the values noted mean nothing under it, so the copy starts over from the
             // table's start (the loop drops them with this chunk, see `Chunk::advance`).
-            let key: Vec<String> = plan.key_names().iter().map(|k| k.to_string()).collect();
-            if copy_key.as_ref().is_some_and(|k| *k != key) {
-                tracing::info!(pipeline = %cfg.id, table = %table, from = ?copy_key, to = ?key,
+            let key = plan.key_id();
+            if another_key(&copy_key, &key.0, &key.1) {
+                tracing::info!(pipeline = %cfg.id, table = %table, from = ?copy_key.key_names, to = ?key.0,
                     "the key of a table changed during its copy; copying it again from its start");
                 next_after = None;
                 range_sent = false;
                 kind = ChunkKind::After(None);
             }
-            copy_key = Some(key.clone());
+            copy_key.key_names = Some(key.0.clone());
+            copy_key.key_kinds = Some(key.1.clone());
             emit(
                 &client,
                 cfg,
@@ -1211,7 +1249,7 @@ async fn copy_tables(
                 plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
                 // The open watermark named the old key, and the values to read after are
                 // its: the next session starts the table over under the new one.
-                if plan.key_names() != key {
+                if plan.key_id() != key {
                     return Err(Error::Stream(format!(
                         "the key of {} changed while a chunk of it was read; copying it again from its start",
                         state.table
@@ -1481,6 +1519,7 @@ mod tests {
             estimate: None,
             prefixes: Plan::prefixes(&rel()),
             definition: "d".into(),
+            key_kinds: vec!["23/0".into()],
         })
     }
 
@@ -1492,6 +1531,7 @@ mod tests {
             last_key: None,
             reread: vec![],
             key_names: None,
+            key_kinds: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
