@@ -1108,7 +1108,25 @@ async fn a_change_the_buffer_rules_refuse_is_isolated_not_retried_forever() {
     let (code, out) = catch_up_cli(dead.path());
     assert_eq!(code, 1, "{out}");
     assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
-    for phrase in ["BufferNotReady", "frozen", "drop that constraint"] {
+    for phrase in ["BufferNotReady", "frozen", "drop it"] {
+        assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
+    }
+    // A trigger there raising an error names no table: known by the statement it failed.
+    buffer
+        .batch_execute(
+            "ALTER TABLE philotes.cdc_checkpoints DROP CONSTRAINT frozen;
+             CREATE FUNCTION philotes_frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'checkpoints are frozen'; END $$;
+             CREATE TRIGGER frozen BEFORE UPDATE ON philotes.cdc_checkpoints
+               FOR EACH ROW EXECUTE FUNCTION philotes_frozen();",
+        )
+        .await
+        .expect("a trigger on cdc_checkpoints");
+    let started = Instant::now();
+    let (code, out) = catch_up_cli(dead.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(60), "no retry loop");
+    for phrase in ["BufferNotReady", "checkpoints are frozen", "drop it"] {
         assert!(out.contains(phrase), "no `{phrase}` in:\n{out}");
     }
     assert_eq!(

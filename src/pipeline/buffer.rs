@@ -22,7 +22,7 @@ use tokio_postgres::{Client, GenericClient, Statement, Transaction};
 
 use super::config::TableName;
 use super::config::{quote_ident, PipelineConfig};
-use super::conn::describe_pg_error;
+use super::conn::{describe_pg_error, heals_by_retrying};
 use super::decode::{write_json_string, Change, Operation, Relation};
 use super::error::{Error, Result};
 use super::identity::Recorded;
@@ -32,11 +32,30 @@ use crate::crd::SnapshotMode;
 
 /// Classifies an error of the buffer: what retrying can heal (the server restarting,
 /// read-only for a while, the network) is [`Error::Buffer`]; a write the buffer refuses for
-/// good stops the pipeline with what to do.
+/// good stops the pipeline with what to do. See [`event_error`] for the events' own COPY.
 fn buffer_error(e: &tokio_postgres::Error) -> Error {
+    classify(e, false)
+}
+
+/// [`buffer_error`] for the statement writing events into `cdc_event_log`: a rule of that
+/// table refusing a row (a constraint, a row security policy, a trigger raising an error)
+/// refuses that change, on every try.
+fn event_error(e: &tokio_postgres::Error) -> Error {
+    classify(e, true)
+}
+
+fn classify(e: &tokio_postgres::Error, events: bool) -> Error {
     let message = describe_pg_error(e);
     let refused_table = e.as_db_error().and_then(|d| d.table());
-    let fix = match e.code().map(|c| c.code()) {
+    let code = e.code().map(|c| c.code());
+    let refused = Error::ValueRefused {
+        message: message.clone(),
+        at: None,
+        upto: None,
+        row: None,
+        copied: false,
+    };
+    let fix = match code {
         Some("23505") => "the buffer already holds an event at a position this pipeline has not checkpointed \
              (another writer, or a buffer restored from a different point than its checkpoint); \
              Philotes stops rather than overwrite or skip it",
@@ -44,33 +63,32 @@ fn buffer_error(e: &tokio_postgres::Error) -> Error {
         Some("42P01") | Some("42703") => {
             "the buffer schema's tables were dropped or altered by hand; restore them or use a new spec.buffer.schema"
         }
-        // A constraint on Philotes's own records (checkpoints, snapshot states, dead
-        // letters): no change causes it, so none is to be set aside.
-        Some(code) if code.starts_with("23") && refused_table.is_some_and(|t| t != "cdc_event_log") => {
-            "a constraint added to the buffer schema's own bookkeeping table refuses what Philotes records there; \
-             drop that constraint"
-        }
-        // Data exceptions, program limits, and the buffer's own rules refusing an event (a
-        // CHECK or NOT NULL constraint, a foreign key, a trigger's RAISE EXCEPTION or
-        // ASSERT): the same batch would be refused again on every retry. The loop finds the
-        // change and applies poisonEvents to it (a refusal no single change causes stops,
-        // saying so). 23505 is not one of them: see above.
-        Some(code)
-            if code.starts_with("22")
-                || code.starts_with("54")
-                || code.starts_with("23")
-                || code == "P0001"
-                || code == "P0004" =>
+        // Data exceptions and program limits: the same batch would be refused again on every
+        // retry. The loop finds the change and applies poisonEvents to it (a refusal no
+        // single change causes stops, saying so).
+        Some(c) if c.starts_with("22") || c.starts_with("54") => return refused,
+        // The events' table refusing a row by a rule added to it: the same.
+        Some(c)
+            if events
+                && ((c.starts_with("23") && refused_table.is_none_or(|t| t == "cdc_event_log"))
+                    || matches!(c, "P0001" | "P0002" | "P0003" | "P0004" | "44000")) =>
         {
-            return Error::ValueRefused {
-                message,
-                at: None,
-                upto: None,
-                row: None,
-                copied: false,
-            };
+            return refused
         }
-        _ => return Error::Buffer(message),
+        // The same rules on Philotes's own bookkeeping (checkpoints, definitions, snapshot
+        // states, dead letters): no change causes them, so none is to be set aside.
+        Some(c) if c.starts_with("23") || c.starts_with("P0") || c == "44000" => {
+            "a constraint, row security policy or trigger added to the buffer schema's tables refuses what Philotes \
+             records there; drop it"
+        }
+        // The connection lost, the server restarting, read-only for a while (a standby being
+        // promoted), out of resources, a timeout or an I/O error: retried.
+        None => return Error::Buffer(message),
+        Some(c) if heals_by_retrying(e) || c == "25006" || c.starts_with("58") => {
+            return Error::Buffer(message)
+        }
+        // Anything else the server refused is refused again on every try.
+        Some(_) => "the buffer server refuses it on every try; fix what the message names",
     };
     Error::BufferSetup(format!("the buffer refused a write: {message}; {fix}"))
 }
@@ -572,6 +590,8 @@ impl Buffer {
         done: &mpsc::UnboundedSender<Committed>,
     ) -> Result<()> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
+        // The COPY into cdc_event_log: a row its rules refuse is a refused change.
+        let events_err = |e: tokio_postgres::Error| event_error(&e);
         while let Some(mut op) = ops.recv().await {
             let tx = self.client.transaction().await.map_err(err)?;
             // Fencing first: the epoch check is the transaction's first statement, so a
@@ -609,14 +629,14 @@ impl Buffer {
                                     // `serve` says who took over, once they are gone.
                                     return Err(Error::Fenced(String::new()));
                                 }
-                                let mut sink = Box::pin(started.map_err(err)?);
+                                let mut sink = Box::pin(started.map_err(events_err)?);
                                 sink.feed(Bytes::from_static(COPY_HEADER))
                                     .await
-                                    .map_err(err)?;
+                                    .map_err(events_err)?;
                                 copy.insert(sink)
                             }
                         };
-                        sink.send(rows).await.map_err(err)?;
+                        sink.send(rows).await.map_err(events_err)?;
                     }
                     WriteOp::Commit(commit) => {
                         let started = Instant::now();
@@ -627,8 +647,8 @@ impl Buffer {
                         if let Some(mut sink) = copy.take() {
                             sink.feed(Bytes::from_static(&COPY_TRAILER))
                                 .await
-                                .map_err(err)?;
-                            sink.as_mut().finish().await.map_err(err)?;
+                                .map_err(events_err)?;
+                            sink.as_mut().finish().await.map_err(events_err)?;
                         }
                         for d in &commit.dead_letters {
                             insert_dead_letter(&tx, &self.schema, &self.pipeline, d)
