@@ -71,15 +71,7 @@ async fn sigterm_during_a_busy_backlog_loses_nothing() {
     let (code, out) = catch_up_cli(file.path());
     assert_eq!(code, 0, "{out}");
     let buffer = connect(&buf).await;
-    buffer
-        .batch_execute(
-            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
-               $$BEGIN PERFORM pg_sleep(0.0002); RETURN NEW; END$$;
-             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
-               FOR EACH ROW EXECUTE FUNCTION public.slow();",
-        )
-        .await
-        .expect("slow down the buffer");
+    slow_down_buffer(&buffer, "0.0002").await;
     let rows = 100_000;
     for i in 0..100 {
         source

@@ -1027,7 +1027,7 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
         "snap_moved",
         "CREATE TABLE mv (id int PRIMARY KEY, n int NOT NULL, doc text);
          ALTER TABLE mv ALTER doc SET STORAGE EXTERNAL;
-         INSERT INTO mv SELECT g, 0, repeat(md5(g::text), 80) FROM generate_series(1, 3000) g;",
+         INSERT INTO mv SELECT g, 0, repeat(md5(g::text), 80) FROM generate_series(1, 6000) g;",
     )
     .await;
     let cfg = config(&manifest(
@@ -1045,20 +1045,12 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
         .await;
     // A busy buffer (a row trigger that sleeps) keeps the copy going while the rows move.
     let buffer = connect(&buf).await;
-    buffer
-        .batch_execute(
-            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
-               $$BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END$$;
-             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
-               FOR EACH ROW EXECUTE FUNCTION public.slow();",
-        )
-        .await
-        .expect("slow down the buffer");
+    slow_down_buffer(&buffer, "0.002").await;
     // Each move commits on its own, between chunks or while one is read.
     for i in 1..=8 {
         source
             .batch_execute(&format!(
-                "UPDATE mv SET id = -{i}, n = n + 1 WHERE id = 3001 - {i}"
+                "UPDATE mv SET id = -{i}, n = n + 1 WHERE id = 6001 - {i}"
             ))
             .await
             .expect("move a row behind the copy");
@@ -1078,7 +1070,7 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
     // checkpoint written at the stop is past it. And more while the pipeline is stopped
     // mid-copy: they arrive before the first chunk of the session that resumes the copy.
     source
-        .batch_execute("UPDATE mv SET id = -9, n = n + 1 WHERE id = 2992")
+        .batch_execute("UPDATE mv SET id = -9, n = n + 1 WHERE id = 5992")
         .await
         .expect("move a row behind the copy");
     running.stop().await.expect("stops");
@@ -1087,7 +1079,7 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
     for i in 11..=15 {
         source
             .batch_execute(&format!(
-                "UPDATE mv SET id = -{i}, n = n + 1 WHERE id = 3001 - {i}"
+                "UPDATE mv SET id = -{i}, n = n + 1 WHERE id = 6001 - {i}"
             ))
             .await
             .expect("move a row behind the copy");
@@ -1116,15 +1108,7 @@ async fn a_copy_whose_connection_is_cut_resumes() {
     // A busy buffer (a row trigger that sleeps) holds the loop back, so the copy's
     // connection waits, idle, for the loop's answer most of the time.
     let buffer = connect(&buf).await;
-    buffer
-        .batch_execute(
-            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
-               $$BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END$$;
-             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
-               FOR EACH ROW EXECUTE FUNCTION public.slow();",
-        )
-        .await
-        .expect("slow down the buffer");
+    slow_down_buffer(&buffer, "0.005").await;
     let cfg = config(&manifest(
         "snap-cut",
         &src,

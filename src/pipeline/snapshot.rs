@@ -586,16 +586,7 @@ impl Window {
             return;
         }
         let rel = &change.relation;
-        let key_types: Vec<u32> = self
-            .key_names
-            .iter()
-            .map(|k| {
-                rel.columns
-                    .iter()
-                    .find(|c| &c.name == k)
-                    .map_or(0, |c| c.type_oid)
-            })
-            .collect();
+        let key_types = key_types(rel, &self.key_names);
         match change.operation {
             Operation::Truncate => self.touches.push(Touch {
                 xid,
@@ -733,7 +724,15 @@ pub fn moved_without_whole_image(change: &Change, key_names: &[String]) -> Optio
     if image_columns(after) == Some(rel.columns.len()) {
         return None;
     }
-    let key_types: Vec<u32> = key_names
+    let key_types = key_types(rel, key_names);
+    let (old, _) = image_key(before, key_names, &key_types)?;
+    let (new, text) = image_key(after, key_names, &key_types)?;
+    (old != new).then_some(text)
+}
+
+/// The types of `key_names` as `rel` describes them (0 for a column it does not have).
+fn key_types(rel: &Relation, key_names: &[String]) -> Vec<u32> {
+    key_names
         .iter()
         .map(|k| {
             rel.columns
@@ -741,10 +740,7 @@ pub fn moved_without_whole_image(change: &Change, key_names: &[String]) -> Optio
                 .find(|c| &c.name == k)
                 .map_or(0, |c| c.type_oid)
         })
-        .collect();
-    let (old, _) = image_key(before, key_names, &key_types)?;
-    let (new, text) = image_key(after, key_names, &key_types)?;
-    (old != new).then_some(text)
+        .collect()
 }
 
 /// The number of top-level members of a JSON object image, if it is one.

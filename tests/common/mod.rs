@@ -783,3 +783,17 @@ pub async fn catch_up_measuring_rss(file: &std::path::Path) -> u64 {
     );
     peak_kib
 }
+
+/// Makes the buffer busy: a row trigger on `cdc_event_log` that sleeps `seconds` per event
+/// (the buffer's tables must exist: the pipeline ran once).
+pub async fn slow_down_buffer(buffer: &Client, seconds: &str) {
+    buffer
+        .batch_execute(&format!(
+            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END$$;
+             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW EXECUTE FUNCTION public.slow();"
+        ))
+        .await
+        .expect("slow down the buffer");
+}
