@@ -1089,6 +1089,65 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
     assert_replay_equals_source(&source, &buffer, "test/snap-moved", "public.mv", &["id"]).await;
 }
 
+/// More keys to read again than one chunk's bytes hold (here 8,000 rows of 3 KB moved behind
+/// the copy, their TOASTed column left out of the stream's images; a chunk holds 8 MB): the
+/// keys a chunk did not get to stay noted and are read by the next ones. They used to be
+/// dropped with those it read, and the table was Done with thousands of rows never copied
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_to_read_again_beyond_a_chunk_s_bytes_are_all_read() {
+    let (src, buf, source) = databases_with(
+        "snap_many_moved",
+        "CREATE TABLE mm (id int PRIMARY KEY, n int NOT NULL, doc text);
+         ALTER TABLE mm ALTER doc SET STORAGE EXTERNAL;
+         INSERT INTO mm SELECT g, 0, repeat(md5(g::text), 100) FROM generate_series(1, 20000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-many-moved",
+        &src,
+        &buf,
+        &["mm"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 10000}",
+    ));
+    // A busy buffer keeps the copy going until the stop.
+    let buffer = connect(&buf).await;
+    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            !p.snapshots.is_empty()
+        })
+        .await;
+    slow_down_buffer(&buffer, "0.0003").await;
+    running
+        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    running.stop().await.expect("stops");
+    let copying = phase(&buffer, "test/snap-many-moved", "public.mm").await;
+    assert_eq!(copying.0, "Copying", "{copying:?}; make the table larger");
+    buffer
+        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
+        .await
+        .expect("drop the trigger");
+    // Behind the copy, whatever it has read: 8,000 keys to read again, 24 MB of rows.
+    source
+        .batch_execute("UPDATE mm SET id = -id, n = n + 1 WHERE id > 12000")
+        .await
+        .expect("move rows behind the copy");
+    let running = start(cfg, pipeline::RunOptions::default());
+    finish_copy(running, &source).await;
+    assert_replay_equals_source(
+        &source,
+        &buffer,
+        "test/snap-many-moved",
+        "public.mm",
+        &["id"],
+    )
+    .await;
+}
+
 /// The copy's connection to the source lost while it waits for the loop (the session
 /// terminated; a source restart or a network cut does the same): the copy resumes from the
 /// last chunk written, as the stream does, instead of failing for good. It used to stop the

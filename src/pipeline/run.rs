@@ -1033,7 +1033,7 @@ impl Streamer<'_> {
         let phase = next.phase;
         // Published (status, metrics, the log line) once the buffer transaction holding it
         // commits: see `snapshots_committed`.
-        self.pending.snapshots.push(next.clone());
+        self.pending.note(next.clone());
         self.arm_deadline();
         if let Some(link) = self.snap.as_mut() {
             // Changes of the table between this chunk and the next belong to the next one's
@@ -1178,7 +1178,7 @@ impl Streamer<'_> {
         // is past the change, the key to read again is durable too.
         state.reread.push(key);
         let noted = state.clone();
-        self.pending.snapshots.push(noted);
+        self.pending.note(noted);
         self.arm_deadline();
     }
 
@@ -1513,6 +1513,17 @@ struct Pending {
 }
 
 impl Pending {
+    /// A table's snapshot state to write with the batch. Each state holds all that came
+    /// before it, so only the table's last one is kept: one UPDATE an UPDATE-moved key used
+    /// to add a whole copy of the keys noted so far, thousands of moves made that quadratic
+    /// in memory and in what the buffer wrote.
+    fn note(&mut self, state: TableState) {
+        match self.snapshots.iter_mut().find(|s| s.table == state.table) {
+            Some(s) => *s = state,
+            None => self.snapshots.push(state),
+        }
+    }
+
     fn add(&mut self, change: &Change) {
         self.events += 1;
         if change.operation == super::decode::Operation::Snapshot {

@@ -473,10 +473,14 @@ impl Chunk {
                 }
                 next.range_done |= self.end;
             }
-            ChunkKind::Reread(taken) => next.reread.retain(|k| !taken.contains(k)),
+            ChunkKind::Reread(taken) => {
+                let taken: HashSet<&Vec<String>> = taken.iter().collect();
+                next.reread.retain(|k| !taken.contains(k));
+            }
         }
+        let mut noted: HashSet<Vec<String>> = next.reread.iter().cloned().collect();
         for k in reread {
-            if !next.reread.contains(&k) {
+            if noted.insert(k.clone()) {
                 next.reread.push(k);
             }
         }
@@ -1228,13 +1232,12 @@ async fn copy_tables(
             )
             .await?;
             wait_committed_visible(&client, cfg).await?;
-            let (mut visibility, mut rows, mut end, mut read_with) =
-                read_chunk(&client, cfg, &plan, &kind).await?;
+            let mut read = read_chunk(&client, cfg, &plan, &kind).await?;
             // A column added, dropped or retyped after the plan was made: the rows were read
             // for the old columns. Planned and read again, in the same window (any snapshot
             // taken after its open watermark will do).
             let mut tries = 0;
-            while read_with != plan.definition {
+            while read.definition != plan.definition {
                 tries += 1;
                 if tries > 3 {
                     return Err(Error::Stream(format!(
@@ -1251,8 +1254,34 @@ async fn copy_tables(
                         state.table
                     )));
                 }
-                (visibility, rows, end, read_with) = read_chunk(&client, cfg, &plan, &kind).await?;
+                read = read_chunk(&client, cfg, &plan, &kind).await?;
             }
+            // Keys to read again whose rows did not fit in the chunk's bytes: the chunk
+            // answers for those it read (the rows come in key order, so it stopped at some
+            // key), and the others stay noted for the next chunks.
+            if let ChunkKind::Reread(taken) = &mut kind {
+                if !read.whole {
+                    let got: HashSet<&[String]> =
+                        read.rows.iter().map(|r| r.key_text.as_slice()).collect();
+                    taken.retain(|k| got.contains(k.as_slice()));
+                    if taken.is_empty() {
+                        // The rows read back do not show the keys as noted (they come from
+                        // the stream's text): reading them again would read the same rows.
+                        return Err(Error::Snapshot(format!(
+                            "the keys of {} to read again do not match the rows read back for them; \
+                             re-sync the table (spec.snapshot.resync)",
+                            state.table
+                        )));
+                    }
+                }
+            }
+            let Read {
+                visibility,
+                rows,
+                end,
+                definition,
+                ..
+            } = read;
             let last_key = rows.last().map(|r| r.key_text.clone());
             if let ChunkKind::After(_) = kind {
                 if last_key.is_some() {
@@ -1269,7 +1298,7 @@ async fn copy_tables(
                 rows,
                 last_key,
                 end,
-                definition: read_with,
+                definition,
             };
             if task
                 .chunks
@@ -1377,12 +1406,24 @@ async fn in_progress(
 }
 
 /// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
+/// What one read of a chunk got.
+struct Read {
+    visibility: Visibility,
+    rows: Vec<Row>,
+    /// A range chunk that reached the end of the table.
+    end: bool,
+    /// Every row the query would return was read: not cut short by `MAX_CHUNK_BYTES`.
+    whole: bool,
+    /// The table's definition the rows were read with ([`definition_sql`]).
+    definition: String,
+}
+
 async fn read_chunk(
     client: &Client,
     cfg: &PipelineConfig,
     plan: &Plan,
     kind: &ChunkKind,
-) -> Result<(Visibility, Vec<Row>, bool, String)> {
+) -> Result<Read> {
     let limit = match kind {
         ChunkKind::After(_) => cfg.snapshot.chunk_size,
         ChunkKind::Reread(keys) => keys.len(),
@@ -1400,7 +1441,7 @@ async fn read_chunk_in_tx(
     plan: &Plan,
     kind: &ChunkKind,
     limit: usize,
-) -> Result<(Visibility, Vec<Row>, bool, String)> {
+) -> Result<Read> {
     let err = |e: tokio_postgres::Error| source_error(cfg, &e);
     // The lock before the snapshot (`LOCK` takes none): the definition the snapshot's
     // catalog shows is then the one the read uses.
@@ -1474,8 +1515,13 @@ async fn read_chunk_in_tx(
             .clamp(1, FETCH_ROWS);
     }
     client.batch_execute("COMMIT").await.map_err(err)?;
-    let end = exhausted && matches!(kind, ChunkKind::After(_));
-    Ok((visibility, rows, end, definition))
+    Ok(Read {
+        visibility,
+        end: exhausted && matches!(kind, ChunkKind::After(_)),
+        whole: exhausted || rows.len() == limit,
+        rows,
+        definition,
+    })
 }
 
 #[cfg(test)]
