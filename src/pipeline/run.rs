@@ -929,18 +929,22 @@ impl Streamer<'_> {
         // them, and are read again. Otherwise they are current at the close watermark,
         // whether or not the stream has described the table since the change (it does so
         // only before the table's next change).
-        let Closed { rows, reread, why } = if closed_with != chunk.definition {
-            Closed {
+        // The window decides first either way: the keys it reads again (rows moved in
+        // without a whole image among them) are read again then too.
+        let mut closed = window.close(&mut chunk);
+        if closed_with != chunk.definition {
+            let mut reread: Vec<Vec<String>> = closed.rows.drain(..).map(|r| r.key_text).collect();
+            reread.append(&mut closed.reread);
+            closed = Closed {
                 rows: Vec::new(),
-                reread: chunk.rows.iter().map(|r| r.key_text.clone()).collect(),
+                reread,
                 why: Some(format!(
                     "the definition of {} changed while it was read",
                     chunk.plan.table
                 )),
-            }
-        } else {
-            window.close(&mut chunk)
-        };
+            };
+        }
+        let Closed { rows, reread, why } = closed;
         if let Some(why) = why {
             tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");
         }

@@ -648,24 +648,13 @@ impl Window {
     /// the rows it keeps out of the chunk.
     pub fn close(self, chunk: &mut Chunk) -> Closed {
         let vis = &chunk.visibility;
-        // A change whose key the image does not show (an UPDATE that left a TOASTed key
-        // column out): every row of the chunk is read again by key.
-        if let Some(xid) = self.unknown.iter().find(|x| !vis.sees(**x)) {
-            return Closed {
-                rows: Vec::new(),
-                reread: chunk.rows.iter().map(|r| r.key_text.clone()).collect(),
-                why: Some(format!(
-                    "transaction {xid} changed a row of {} whose key its image does not show",
-                    chunk.plan.table
-                )),
-            };
-        }
         let truncated = self
             .touches
             .iter()
             .any(|t| t.key.is_none() && !vis.sees(t.xid));
-        // Per key: changed by a transaction the chunk does not see; whole image seen; the
-        // last change deleted it.
+        // Per key: changed by a transaction the chunk does not see; a whole image seen since
+        // the key last held no row (a row moved in or inserted after a delete is another
+        // row); the last change deleted it.
         let mut keys: HashMap<&str, (bool, bool, bool, &[String])> = HashMap::new();
         let mut moved_in: HashSet<&str> = HashSet::new();
         for t in &self.touches {
@@ -677,7 +666,7 @@ impl Window {
                 .entry(k.as_str())
                 .or_insert((false, false, false, &t.key_text));
             e.0 |= !vis.sees(t.xid);
-            e.1 |= t.whole;
+            e.1 = if t.deleted { false } else { e.1 || t.whole };
             e.2 = t.deleted;
         }
         // A key the chunk did not hold that an UPDATE moved a row to, leaving columns out:
@@ -693,6 +682,21 @@ impl Window {
                     moved_reread.push(text.to_vec());
                 }
             }
+        }
+        // A change whose key the image does not show (an UPDATE that left a TOASTed key
+        // column out): every row of the chunk is read again by key, and the keys moved in.
+        if let Some(xid) = self.unknown.iter().find(|x| !vis.sees(**x)) {
+            let mut reread: Vec<Vec<String>> =
+                chunk.rows.iter().map(|r| r.key_text.clone()).collect();
+            reread.append(&mut moved_reread);
+            return Closed {
+                rows: Vec::new(),
+                reread,
+                why: Some(format!(
+                    "transaction {xid} changed a row of {} whose key its image does not show",
+                    chunk.plan.table
+                )),
+            };
         }
         let mut reread = Vec::new();
         let mut rows = Vec::with_capacity(chunk.rows.len());
@@ -1712,6 +1716,61 @@ mod tests {
         assert_eq!(rows, vec!["[5]", "[6]"]);
         reread.sort();
         assert_eq!(reread, vec![vec!["-1".to_string()], vec!["-2".to_string()]]);
+    }
+
+    #[test]
+    fn a_whole_image_before_the_key_is_deleted_does_not_cover_a_row_moved_in_after() {
+        let mut c = chunk(&[4, 5, 6], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        // One transaction the chunk does not see: row 5 updated whole, moved away to -5,
+        // then row 50 (ahead of the copy) moved in to 5, leaving v out.
+        w.record(
+            11,
+            &change(Operation::Update, None, Some(r#"{"id":5,"v":"y"}"#)),
+        );
+        w.record(
+            11,
+            &change(Operation::Update, Some(r#"{"id":5}"#), Some(r#"{"id":-5}"#)),
+        );
+        w.record(
+            11,
+            &change(Operation::Update, Some(r#"{"id":50}"#), Some(r#"{"id":5}"#)),
+        );
+        let (rows, mut reread) = kept(w.close(&mut c));
+        assert_eq!(rows, vec!["[4]", "[6]"]);
+        reread.sort();
+        // 5 has no whole image since row 50 moved in. (-5 is read again too: a key moved in
+        // without a whole image is, though the consumer holds it whole from row 5's.)
+        assert_eq!(reread, vec![vec!["-5".to_string()], vec!["5".to_string()]]);
+    }
+
+    #[test]
+    fn a_change_whose_key_is_unknown_still_reads_rows_moved_in_again() {
+        let mut c = chunk(&[5, 6], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.record(
+            3,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":90}"#),
+                Some(r#"{"id":-1}"#),
+            ),
+        );
+        // An UPDATE whose image does not show the key (a TOASTed key column left out).
+        w.record(11, &change(Operation::Update, None, Some(r#"{"v":"x"}"#)));
+        let closed = w.close(&mut c);
+        assert!(closed.why.is_some());
+        assert!(closed.rows.is_empty(), "{:?}", closed.rows);
+        let mut reread = closed.reread;
+        reread.sort();
+        assert_eq!(
+            reread,
+            vec![
+                vec!["-1".to_string()],
+                vec!["5".to_string()],
+                vec!["6".to_string()]
+            ]
+        );
     }
 
     #[test]
