@@ -60,7 +60,7 @@ use super::buffer::{
     Buffer, Checkpoint, Commit, Committed, Count, DeadLetter, Position, RelationRecord, RowEncoder,
     WriteOp, Writer, ROWS_CHUNK,
 };
-use super::config::PipelineConfig;
+use super::config::{PipelineConfig, TableName};
 use super::decode::{Change, Decoded, Decoder, Poison, Relation};
 use super::error::{Error, Result};
 use super::identity::{self, Recorded, SourceNow};
@@ -557,6 +557,7 @@ async fn session(
             relations: Vec::new(),
             dead_letters: Vec::new(),
             snapshots: Vec::new(),
+            moved: Vec::new(),
             safe_lsn: ckpt.lsn,
             last_event: ckpt.last_event,
             last_row: None,
@@ -832,6 +833,7 @@ impl Streamer<'_> {
             && self.ckpt.lsn >= self.target
             && self.snap.as_ref().is_none_or(|l| l.finished)
             && self.pending.snapshots.is_empty()
+            && self.pending.moved.is_empty()
             && self.snapshot_submitted.is_none_or(|(lsn, events)| {
                 self.ckpt.lsn >= lsn && self.ckpt.events_total >= events
             })
@@ -1181,8 +1183,10 @@ impl Streamer<'_> {
         // Written with this change, in the same buffer transaction: once the checkpoint
         // is past the change, the key to read again is durable too.
         state.reread.push(key);
-        let noted = state.clone();
-        self.pending.note(noted);
+        // The state is taken when the batch is handed over (see `Pending::moved`).
+        if !self.pending.moved.contains(&state.table) {
+            self.pending.moved.push(state.table.clone());
+        }
         self.arm_deadline();
     }
 
@@ -1357,6 +1361,7 @@ impl Streamer<'_> {
             && self.pending.relations.is_empty()
             && self.pending.dead_letters.is_empty()
             && self.pending.snapshots.is_empty()
+            && self.pending.moved.is_empty()
             && self.pending.safe_lsn <= self.submitted.lsn
         {
             self.pending.deadline = None;
@@ -1380,6 +1385,11 @@ impl Streamer<'_> {
             events_total: self.submitted.events_total + pending.events as i64,
         };
         let commit_dead_letters = pending.dead_letters.len();
+        for table in std::mem::take(&mut pending.moved) {
+            if let Some(state) = self.snap.as_ref().and_then(|l| l.states.get(&table)) {
+                pending.note(state.clone());
+            }
+        }
         if !pending.snapshots.is_empty() {
             self.snapshot_submitted = Some((next.lsn, next.events_total));
         }
@@ -1506,6 +1516,10 @@ struct Pending {
     dead_letters: Vec<DeadLetter>,
     /// Snapshot progress of the chunks in the batch, written with their rows.
     snapshots: Vec<TableState>,
+    /// Tables whose keys to read again grew with a change in the batch (a row moved behind
+    /// the copy): their state is taken from the loop's when the batch is handed over, once,
+    /// rather than copied at every move.
+    moved: Vec<TableName>,
     /// The LSN the next checkpoint may claim (see the LSN rules above).
     safe_lsn: u64,
     /// The last event accepted: written, or in the batch.
