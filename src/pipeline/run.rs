@@ -1532,9 +1532,8 @@ struct Pending {
 
 impl Pending {
     /// A table's snapshot state to write with the batch. Each state holds all that came
-    /// before it, so only the table's last one is kept: one UPDATE an UPDATE-moved key used
-    /// to add a whole copy of the keys noted so far, thousands of moves made that quadratic
-    /// in memory and in what the buffer wrote.
+    /// before it, so only the table's last one is kept (one state per move, each with every
+    /// key noted so far, was quadratic in memory and in what the buffer wrote).
     fn note(&mut self, state: TableState) {
         match self.snapshots.iter_mut().find(|s| s.table == state.table) {
             Some(s) => *s = state,

@@ -1409,7 +1409,6 @@ async fn in_progress(
         .collect())
 }
 
-/// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
 /// What one read of a chunk got.
 struct Read {
     visibility: Visibility,
@@ -1422,6 +1421,7 @@ struct Read {
     definition: String,
 }
 
+/// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
 async fn read_chunk(
     client: &Client,
     cfg: &PipelineConfig,
