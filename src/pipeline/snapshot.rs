@@ -75,6 +75,11 @@ pub const PREFIX: &str = "philotes.snapshot";
 /// A chunk holds at most this many bytes of row images, whatever `chunkSize` says.
 pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
+/// A window holds at most this many changes of its table: past it, the chunk's rows are read
+/// again instead of being decided change by change (a large UPDATE of the table being copied
+/// would otherwise be held, key by key, until the chunk closes).
+const MAX_WINDOW_TOUCHES: usize = 100_000;
+
 /// Rows fetched from the chunk's cursor per round trip.
 const FETCH_ROWS: usize = 1000;
 
@@ -535,6 +540,9 @@ pub struct Window {
     touches: Vec<Touch>,
     /// Transactions with a change whose key could not be read.
     unknown: Vec<u32>,
+    /// Changes past `limit` were not kept (see [`MAX_WINDOW_TOUCHES`]).
+    overflowed: bool,
+    limit: usize,
     /// The commit position of the watermark that opened it (0: carried from a close).
     opened_at: u64,
 }
@@ -581,6 +589,8 @@ impl Window {
             key_names,
             touches: Vec::new(),
             unknown: Vec::new(),
+            overflowed: false,
+            limit: MAX_WINDOW_TOUCHES,
         }
     }
 
@@ -592,7 +602,7 @@ impl Window {
         let rel = &change.relation;
         let key_types = key_types(rel, &self.key_names);
         match change.operation {
-            Operation::Truncate => self.touches.push(Touch {
+            Operation::Truncate => self.touch(Touch {
                 xid,
                 key: None,
                 key_text: Vec::new(),
@@ -625,7 +635,7 @@ impl Window {
                             let moved_in = is_after
                                 && op == Operation::Update
                                 && old_key.as_ref().is_some_and(|(old, _)| *old != key);
-                            self.touches.push(Touch {
+                            self.touch(Touch {
                                 moved_in,
                                 xid,
                                 key: Some(key),
@@ -637,10 +647,22 @@ impl Window {
                         }
                         // The old image of an UPDATE carries the key only when it changed.
                         None if !is_after && op == Operation::Update => {}
+                        None if self.unknown.last() == Some(&xid) => {}
                         None => self.unknown.push(xid),
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps a change, within the window's limit. Past it, only what the chunk's rows read
+    /// again would not cover is kept: a TRUNCATE, and a row moved in without a whole image
+    /// (its key may be outside the chunk).
+    fn touch(&mut self, t: Touch) {
+        if self.touches.len() < self.limit || t.key.is_none() || (t.moved_in && !t.whole) {
+            self.touches.push(t);
+        } else {
+            self.overflowed = true;
         }
     }
 
@@ -684,18 +706,28 @@ impl Window {
             }
         }
         // A change whose key the image does not show (an UPDATE that left a TOASTed key
-        // column out): every row of the chunk is read again by key, and the keys moved in.
-        if let Some(xid) = self.unknown.iter().find(|x| !vis.sees(**x)) {
+        // column out), or more changes than the window keeps: every row of the chunk is read
+        // again by key, and the keys moved in.
+        let unknown = self.unknown.iter().find(|x| !vis.sees(**x)).map(|xid| {
+            format!(
+                "transaction {xid} changed a row of {} whose key its image does not show",
+                chunk.plan.table
+            )
+        });
+        let overflowed = self.overflowed.then(|| {
+            format!(
+                "more than {} changes of {} arrived while it was read",
+                self.limit, chunk.plan.table
+            )
+        });
+        if let Some(why) = unknown.or(overflowed) {
             let mut reread: Vec<Vec<String>> =
                 chunk.rows.iter().map(|r| r.key_text.clone()).collect();
             reread.append(&mut moved_reread);
             return Closed {
                 rows: Vec::new(),
                 reread,
-                why: Some(format!(
-                    "transaction {xid} changed a row of {} whose key its image does not show",
-                    chunk.plan.table
-                )),
+                why: Some(why),
             };
         }
         let mut reread = Vec::new();
@@ -1771,6 +1803,45 @@ mod tests {
                 vec!["6".to_string()]
             ]
         );
+    }
+
+    #[test]
+    fn a_window_past_its_limit_keeps_no_more_changes_and_reads_the_chunk_again() {
+        let mut c = chunk(&[1, 2, 3], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.limit = 4;
+        // Seen by the chunk, but more than the window keeps: which rows are newer in the
+        // stream is no longer known.
+        for id in 100..110 {
+            w.record(
+                5,
+                &change(
+                    Operation::Update,
+                    None,
+                    Some(&format!(r#"{{"id":{id},"v":"x"}}"#)),
+                ),
+            );
+        }
+        // Still kept past the limit: a row moved in without a whole image.
+        w.record(
+            11,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":90}"#),
+                Some(r#"{"id":-1}"#),
+            ),
+        );
+        assert_eq!(w.touches.len(), 5);
+        let closed = w.close(&mut c);
+        assert!(closed.why.is_some());
+        assert!(closed.rows.is_empty(), "{:?}", closed.rows);
+        let mut reread = closed.reread;
+        reread.sort();
+        let want: Vec<Vec<String>> = ["-1", "1", "2", "3"]
+            .iter()
+            .map(|k| vec![k.to_string()])
+            .collect();
+        assert_eq!(reread, want);
     }
 
     #[test]
