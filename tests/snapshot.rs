@@ -1148,6 +1148,51 @@ async fn keys_to_read_again_beyond_a_chunk_s_bytes_are_all_read() {
     .await;
 }
 
+/// One UPDATE of more rows than a chunk's window keeps changes of (100,000), committed while
+/// the table is copied: the window stops noting them and its chunk is read again, and the
+/// copy still replays to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_larger_than_a_window_during_a_copy_replays_to_the_source() {
+    let (src, buf, source) = databases_with(
+        "snap_big_update",
+        "CREATE TABLE bu (id int PRIMARY KEY, n int NOT NULL, s text);
+         INSERT INTO bu SELECT g, 0, md5(g::text) FROM generate_series(1, 120000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-big-update",
+        &src,
+        &buf,
+        &["bu"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 1000}",
+    ));
+    let buffer = connect(&buf).await;
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    source
+        .batch_execute("UPDATE bu SET n = n + 1, s = s || 'x'")
+        .await
+        .expect("update every row");
+    let (phase_now, copied) = phase(&buffer, "test/snap-big-update", "public.bu").await;
+    assert_eq!(
+        phase_now, "Copying",
+        "copied {copied} before the UPDATE ended; make the table larger"
+    );
+    finish_copy(running, &source).await;
+    assert_replay_equals_source(
+        &source,
+        &buffer,
+        "test/snap-big-update",
+        "public.bu",
+        &["id"],
+    )
+    .await;
+}
+
 /// The copy's connection to the source lost while it waits for the loop (the session
 /// terminated; a source restart or a network cut does the same): the copy resumes from the
 /// last chunk written, as the stream does, instead of failing for good. It used to stop the
