@@ -75,9 +75,10 @@ pub const PREFIX: &str = "philotes.snapshot";
 /// A chunk holds at most this many bytes of row images, whatever `chunkSize` says.
 pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 
-/// A window holds at most this many changes of its table: past it, the chunk's rows are read
-/// again instead of being decided change by change (a large UPDATE of the table being copied
-/// would otherwise be held, key by key, until the chunk closes).
+/// A window holds at most this many changes of its table, besides TRUNCATEs and rows moved in
+/// without a whole image: past it, the chunk's rows are read again instead of being decided
+/// change by change (a large UPDATE of the table being copied would otherwise be held, key by
+/// key, until the chunk closes).
 const MAX_WINDOW_TOUCHES: usize = 100_000;
 
 /// Rows fetched from the chunk's cursor per round trip.
@@ -679,10 +680,14 @@ impl Window {
         // row); the last change deleted it.
         let mut keys: HashMap<&str, (bool, bool, bool, &[String])> = HashMap::new();
         let mut moved_in: HashSet<&str> = HashSet::new();
+        let mut moved_partial: HashSet<&str> = HashSet::new();
         for t in &self.touches {
             let Some(k) = &t.key else { continue };
             if t.moved_in {
                 moved_in.insert(k.as_str());
+                if !t.whole {
+                    moved_partial.insert(k.as_str());
+                }
             }
             let e = keys
                 .entry(k.as_str())
@@ -696,11 +701,15 @@ impl Window {
         // (a key the copy has passed is not read by range again; any other key not in the
         // chunk is copied by its own chunk, or was, whole). Read again by itself; a key
         // still ahead of the copy is then copied twice, both times whole.
+        // Past the window's limit the changes that would tell (a delete, a whole image) may
+        // not have been kept: every key a row was moved in to without a whole image is read
+        // again (one that no longer exists costs nothing).
         let mut moved_reread = Vec::new();
         if !moved_in.is_empty() {
             let in_chunk: HashSet<&str> = chunk.rows.iter().map(|r| r.key.as_str()).collect();
             for (k, (_, whole, deleted, text)) in &keys {
-                if !whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k) {
+                let unsure = self.overflowed && moved_partial.contains(k);
+                if unsure || (!whole && !deleted && !in_chunk.contains(k) && moved_in.contains(k)) {
                     moved_reread.push(text.to_vec());
                 }
             }
@@ -1842,6 +1851,45 @@ mod tests {
             .map(|k| vec![k.to_string()])
             .collect();
         assert_eq!(reread, want);
+    }
+
+    #[test]
+    fn past_its_limit_a_window_reads_every_key_moved_in_without_a_whole_image_again() {
+        let mut c = chunk(&[1, 2, 3], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.limit = 2;
+        // Key 500 inserted whole, then more changes than the window keeps, then 500
+        // deleted (not kept) and row 90 moved in to it leaving v out (kept).
+        w.record(
+            11,
+            &change(Operation::Insert, None, Some(r#"{"id":500,"v":"a"}"#)),
+        );
+        for id in 100..110 {
+            w.record(
+                11,
+                &change(
+                    Operation::Update,
+                    None,
+                    Some(&format!(r#"{{"id":{id},"v":"x"}}"#)),
+                ),
+            );
+        }
+        w.record(11, &change(Operation::Delete, Some(r#"{"id":500}"#), None));
+        w.record(
+            11,
+            &change(
+                Operation::Update,
+                Some(r#"{"id":90}"#),
+                Some(r#"{"id":500}"#),
+            ),
+        );
+        let closed = w.close(&mut c);
+        assert!(closed.why.is_some());
+        assert!(
+            closed.reread.contains(&vec!["500".to_string()]),
+            "{:?}",
+            closed.reread
+        );
     }
 
     #[test]
