@@ -776,10 +776,14 @@ async fn streaming_goes_on_while_a_table_is_copied() {
             .execute("INSERT INTO other VALUES ($1)", &[&i])
             .await
             .expect("insert");
+        // Philotes's sessions on the source database only: the buffer here is another
+        // database of the same server (its writes are not the source's transactions), and a
+        // walsender's decoding is not a snapshot of the source's rows.
         let age: Vec<Option<f64>> = column(
             &source,
             "SELECT extract(epoch FROM max(clock_timestamp() - xact_start))::float8 FROM pg_stat_activity \
-             WHERE application_name = 'philotes' AND xact_start IS NOT NULL",
+             WHERE application_name = 'philotes' AND xact_start IS NOT NULL \
+             AND datname = current_database() AND backend_type = 'client backend'",
         )
         .await;
         longest = longest.max(Duration::from_secs_f64(age[0].unwrap_or(0.0)));
