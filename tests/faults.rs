@@ -123,7 +123,7 @@ async fn large_transaction_streams_in_bounded_memory() {
         ))
         .await
         .unwrap();
-    let peak_kib = catch_up_measuring_rss(file.path()).await;
+    let (peak_kib, _) = catch_up_measuring_rss(file.path()).await;
     let buffer = connect(&buf).await;
     let n: i64 = buffer
         .query_one(
@@ -162,7 +162,7 @@ async fn a_backlog_of_wide_rows_streams_in_memory_bounded_by_bytes() {
             .await
             .unwrap();
     }
-    let peak_kib = catch_up_measuring_rss(file.path()).await;
+    let (peak_kib, _) = catch_up_measuring_rss(file.path()).await;
     let buffer = connect(&buf).await;
     let (n, bytes): (i64, i64) = buffer
         .query_one(

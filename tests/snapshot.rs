@@ -704,25 +704,32 @@ async fn a_table_is_added_resynced_and_copied_again_on_demand() {
     assert_replay_equals_source(&source, &buffer, "test/snap-add", "public.b", &["id"]).await;
 }
 
-/// Memory is bounded by the chunk, not the table: 120 rows of 1 MB each are copied in
-/// chunks of at most 16 MB.
+/// Memory is bounded by the chunk, not the table: 120 rows of 1 MB each, after 3,000
+/// narrow ones, are copied in chunks of at most 8 MB (plus a row), also when a chunk's rows
+/// turn out wider than its first rows said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_rows_are_copied_in_memory_bounded_by_the_chunk() {
     let (src, buf, source) = databases_with(
         "snap_huge",
         "CREATE TABLE huge (id int PRIMARY KEY, doc text);
          ALTER TABLE huge ALTER doc SET STORAGE EXTERNAL;
+         INSERT INTO huge SELECT g, md5(g::text) FROM generate_series(-2999, 0) g;
          INSERT INTO huge SELECT g, repeat(md5(g::text), 32768) FROM generate_series(1, 120) g;",
     )
     .await;
     let file = manifest_file(&manifest("snap-huge", &src, &buf, &["huge"], ""));
-    let peak_kib = catch_up_measuring_rss(file.path()).await;
+    let (peak_kib, log) = catch_up_measuring_rss(file.path()).await;
     let buffer = connect(&buf).await;
     assert_eq!(
         snapshot_events(&buffer, "test/snap-huge", "public.huge").await,
-        120
+        3120
     );
     assert_replay_equals_source(&source, &buffer, "test/snap-huge", "public.huge", &["id"]).await;
+    // The first chunk asked for more rows than 8 MB of the wide ones: its read was cut.
+    assert!(
+        log.contains("the read was cut"),
+        "no read was cut short:\n{log}"
+    );
     // 120 MB of rows; a chunk is at most 8 MB of images plus the row that crosses the
     // bound, and three are in memory at most (being read, queued, being written).
     eprintln!("peak RSS {peak_kib} KiB copying 120 MB of rows");
@@ -1343,7 +1350,7 @@ async fn a_copy_finishes_after_an_alter_while_the_table_is_quiet() {
 /// key means nothing under the new one, so the table is copied again from its start under the
 /// new key. It used to go on after the old key's last value, compared with the new key's
 /// values, and to finish with most rows never copied.
-async fn copy_while_the_key_changes(name: &str, change: &str) {
+async fn copy_while_the_key_changes(name: &str, change: &str, key_after: &str) {
     let (src, buf, source) = databases_with(
         &name.replace('-', "_"),
         "CREATE TABLE rk (id int PRIMARY KEY, u int NOT NULL UNIQUE, v text);
@@ -1378,6 +1385,15 @@ async fn copy_while_the_key_changes(name: &str, change: &str) {
     let buffer = connect(&buf).await;
     let pipeline = format!("test/{name}");
     assert_eq!(phase(&buffer, &pipeline, "public.rk").await.0, "Done");
+    // The copy noticed the new key and went on under it.
+    let key: Vec<Option<String>> = column(
+        &buffer,
+        &format!(
+            "SELECT key_names::text FROM philotes.cdc_snapshots WHERE pipeline = '{pipeline}' AND table_name = 'rk'"
+        ),
+    )
+    .await;
+    assert_eq!(key, [Some(key_after.to_string())]);
     assert_replay_equals_source(&source, &buffer, &pipeline, "public.rk", &["id"]).await;
     let report = philotes::verify::verify(&cfg).await.expect("verify");
     assert!(report.ok(), "{report}");
@@ -1389,6 +1405,19 @@ async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
     copy_while_the_key_changes(
         "snap-rekey",
         "ALTER TABLE rk REPLICA IDENTITY USING INDEX rk_u_key",
+        r#"["u"]"#,
+    )
+    .await;
+}
+
+/// The primary key moved to another column, whose order is the reverse: only the table's
+/// indexes changed (its columns and replica identity setting did not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_primary_key_moves_starts_over_under_the_new_key() {
+    copy_while_the_key_changes(
+        "snap-repk",
+        "ALTER TABLE rk DROP CONSTRAINT rk_pkey, ADD PRIMARY KEY (u)",
+        r#"["u"]"#,
     )
     .await;
 }
@@ -1396,5 +1425,10 @@ async fn a_copy_whose_key_changes_starts_over_under_the_new_key() {
 /// The key column's type changed (int to text): same names, another order ('10000' < '2000').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_key_type_changes_starts_over() {
-    copy_while_the_key_changes("snap-retype", "ALTER TABLE rk ALTER COLUMN id TYPE text").await;
+    copy_while_the_key_changes(
+        "snap-retype",
+        "ALTER TABLE rk ALTER COLUMN id TYPE text",
+        r#"["id"]"#,
+    )
+    .await;
 }

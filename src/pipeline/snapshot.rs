@@ -59,6 +59,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -198,14 +199,20 @@ pub struct Plan {
     pub key_kinds: Vec<String>,
 }
 
-/// A query giving a fingerprint of table `relid`'s definition (its columns with their types
-/// and collations, and its replica identity), or `gone` once it no longer exists. Equal fingerprints read in
-/// two transactions mean no column was added, dropped or retyped in between.
+/// A query giving a fingerprint of table `relid`'s definition (its columns with their types,
+/// collations and NOT NULL, its replica identity, and its valid indexes, which decide the
+/// key: [`plan`]), or `gone` once it no longer exists. Equal fingerprints read in two
+/// transactions mean no column was added, dropped or retyped in between, and the key the
+/// chunks go by is the same.
 fn definition_sql(relid: u32) -> String {
     format!(
-        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod || ' ' || a.attcollation, ',' ORDER BY a.attnum)) \
+        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod \
+                || ' ' || a.attcollation || ' ' || a.attnotnull, ',' ORDER BY a.attnum) || ' ' || coalesce((SELECT string_agg(i.indexrelid \
+                || ' ' || i.indisprimary || ' ' || i.indisreplident || ' ' || i.indisunique || ' ' || i.indkey::text || ' ' \
+                || (i.indpred IS NULL) || ' ' || (i.indexprs IS NULL), ',' ORDER BY i.indexrelid) \
+              FROM pg_index i WHERE i.indrelid = c.oid AND i.indisvalid), '')) \
            FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
-           WHERE c.oid = {relid} GROUP BY c.relreplident), 'gone')"
+           WHERE c.oid = {relid} GROUP BY c.oid, c.relreplident), 'gone')"
     )
 }
 
@@ -1144,6 +1151,59 @@ pub async fn copy(
     let _ = task.chunks.send(Message::Finished(result)).await;
 }
 
+/// The snapshot task's session on the source, set up so values read as the stream renders
+/// them.
+struct Session {
+    client: Client,
+    settings: String,
+}
+
+impl Session {
+    async fn open(cfg: &PipelineConfig, time_zone: Option<String>) -> Result<Session> {
+        let client = cfg.source.connect("source").await?;
+        // Values must read exactly as the stream renders them (keys are compared as text,
+        // and the images are the contract): the settings the replication session pins, and
+        // its time zone. Row security off: a policy that would hide rows makes the read fail
+        // instead (pgoutput ignores policies).
+        let mut settings = String::from(
+            "SET standard_conforming_strings = on; SET statement_timeout = 0; SET datestyle = 'ISO, MDY'; \
+             SET intervalstyle = postgres; SET extra_float_digits = 1; SET bytea_output = hex; SET row_security = off;",
+        );
+        if let Some(tz) = &time_zone {
+            let _ = write!(settings, " SET TimeZone = {};", quote_literal(tz));
+        }
+        // As the stream does: a SQL_ASCII source's text is taken as the bytes it stores,
+        // since the server would fail the whole read on the first value that is not UTF-8
+        // (and again on every retry); such a row then goes the way of spec.poisonEvents (see
+        // `Plan::unstorable`).
+        let encoding = client
+            .query_one("SHOW server_encoding", &[])
+            .await
+            .map_err(|e| source_error(cfg, &e))?;
+        if encoding.try_get::<_, &str>(0).ok() == Some("SQL_ASCII") {
+            settings.push_str(" SET client_encoding = 'SQL_ASCII';");
+        }
+        client
+            .batch_execute(&settings)
+            .await
+            .map_err(|e| source_error(cfg, &e))?;
+        Ok(Session { client, settings })
+    }
+
+    /// A new connection in place of one whose read was cut short (see [`read_range`]).
+    async fn reopen(&mut self, cfg: &PipelineConfig) -> Result<()> {
+        let client = cfg.source.connect("source").await?;
+        client
+            .batch_execute(&self.settings)
+            .await
+            .map_err(|e| source_error(cfg, &e))?;
+        // The old connection closes as it is dropped: its server process, still sending the
+        // rest of the COPY, ends at its next write, and its transaction (read-only) with it.
+        self.client = client;
+        Ok(())
+    }
+}
+
 async fn copy_tables(
     cfg: &PipelineConfig,
     token: &str,
@@ -1155,35 +1215,10 @@ async fn copy_tables(
     if todo.is_empty() {
         return Ok(());
     }
-    let client = cfg.source.connect("source").await?;
-    // Values must read exactly as the stream renders them (keys are compared as text, and
-    // the images are the contract): the settings the replication session pins, and its
-    // time zone. Row security off: a policy that would hide rows makes the read fail
-    // instead (pgoutput ignores policies).
-    let mut settings = String::from(
-        "SET standard_conforming_strings = on; SET statement_timeout = 0; SET datestyle = 'ISO, MDY'; \
-         SET intervalstyle = postgres; SET extra_float_digits = 1; SET bytea_output = hex; SET row_security = off;",
-    );
-    if let Some(tz) = &time_zone {
-        let _ = write!(settings, " SET TimeZone = {};", quote_literal(tz));
-    }
-    // As the stream does: a SQL_ASCII source's text is taken as the bytes it stores, since
-    // the server would fail the whole read on the first value that is not UTF-8 (and again on
-    // every retry); such a row then goes the way of spec.poisonEvents (see `Plan::unstorable`).
-    let encoding = client
-        .query_one("SHOW server_encoding", &[])
-        .await
-        .map_err(|e| source_error(cfg, &e))?;
-    if encoding.try_get::<_, &str>(0).ok() == Some("SQL_ASCII") {
-        settings.push_str(" SET client_encoding = 'SQL_ASCII';");
-    }
-    client
-        .batch_execute(&settings)
-        .await
-        .map_err(|e| source_error(cfg, &e))?;
+    let mut source = Session::open(cfg, time_zone).await?;
     let mut chunk_id = 0u64;
     for mut state in todo {
-        let mut plan = Arc::new(plan(&client, cfg, &state.table).await?);
+        let mut plan = Arc::new(plan(&source.client, cfg, &state.table).await?);
         let mut fresh_plan = true;
         let table = state.table.to_string();
         progress.send_modify(|p| {
@@ -1204,6 +1239,7 @@ async fn copy_tables(
             ..TableState::requested(state.table.clone(), String::new())
         };
         let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
+        let mut seen = Seen::default();
         loop {
             while let Ok(next) = task.results.try_recv() {
                 state = next;
@@ -1246,11 +1282,15 @@ async fn copy_tables(
                 }
             };
             chunk_id += 1;
-            // Read again for every chunk after the first: a column added or dropped meanwhile
-            // is read as the table now is (and the loop reads a chunk's rows again when the
-            // stream's definition differs from the one they were read with).
-            if !fresh_plan {
-                plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
+            // Planned again when the table's definition changed since the plan: a column
+            // added or dropped meanwhile is read as the table now is, and a new key is seen
+            // here (the loop also reads a chunk's rows again when the stream's definition
+            // differs from the one they were read with). One query, not the plan's several,
+            // for each chunk.
+            if !fresh_plan
+                && definition(&source.client, cfg, plan.relation.id).await? != plan.definition
+            {
+                plan = Arc::new(self::plan(&source.client, cfg, &state.table).await?);
             }
             fresh_plan = false;
             // A key changed since the copy began (a new replica identity index or primary
@@ -1267,7 +1307,7 @@ async fn copy_tables(
             copy_key.key_names = Some(key.0.clone());
             copy_key.key_kinds = Some(key.1.clone());
             emit(
-                &client,
+                &source.client,
                 cfg,
                 &format!(
                     "open {token} {chunk_id} {} {}",
@@ -1276,8 +1316,11 @@ async fn copy_tables(
                 ),
             )
             .await?;
-            wait_committed_visible(&client, cfg).await?;
-            let mut read = read_chunk(&client, cfg, &plan, &kind).await?;
+            wait_committed_visible(&source.client, cfg).await?;
+            let mut read = read_chunk(&source.client, cfg, &plan, &kind, &mut seen).await?;
+            if read.cut {
+                source.reopen(cfg).await?;
+            }
             // A column added, dropped or retyped after the plan was made: the rows were read
             // for the old columns. Planned and read again, in the same window (any snapshot
             // taken after its open watermark will do).
@@ -1290,7 +1333,7 @@ async fn copy_tables(
                         state.table
                     )));
                 }
-                plan = Arc::new(self::plan(&client, cfg, &state.table).await?);
+                plan = Arc::new(self::plan(&source.client, cfg, &state.table).await?);
                 // The open watermark named the old key, and the values to read after are
                 // its: the next session starts the table over under the new one.
                 if plan.key_id() != key {
@@ -1299,7 +1342,10 @@ async fn copy_tables(
                         state.table
                     )));
                 }
-                read = read_chunk(&client, cfg, &plan, &kind).await?;
+                read = read_chunk(&source.client, cfg, &plan, &kind, &mut seen).await?;
+                if read.cut {
+                    source.reopen(cfg).await?;
+                }
             }
             // Keys to read again whose rows did not fit in the chunk's bytes: the chunk
             // answers for those it read (the rows come in key order, so it stopped at some
@@ -1353,7 +1399,13 @@ async fn copy_tables(
             {
                 return Ok(());
             }
-            emit_close(&client, cfg, &plan, &format!("close {token} {chunk_id}")).await?;
+            emit_close(
+                &source.client,
+                cfg,
+                &plan,
+                &format!("close {token} {chunk_id}"),
+            )
+            .await?;
         }
         tracing::info!(pipeline = %cfg.id, table = %table, rows = state.rows_copied, "existing rows copied");
     }
@@ -1389,6 +1441,20 @@ async fn emit(client: &Client, cfg: &PipelineConfig, content: &str) -> Result<()
         .await
         .map(drop)
         .map_err(|e| source_error(cfg, &e))
+}
+
+/// The fingerprint of table `relid`'s definition now ([`definition_sql`]).
+async fn definition(client: &Client, cfg: &PipelineConfig, relid: u32) -> Result<String> {
+    let rows = client
+        .simple_query(&definition_sql(relid))
+        .await
+        .map_err(|e| source_error(cfg, &e))?;
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Stream("the source returned no definition for a table".into()))
 }
 
 /// Writes a chunk's close watermark carrying the table's definition at that point in the
@@ -1460,24 +1526,56 @@ struct Read {
     whole: bool,
     /// The table's definition the rows were read with ([`definition_sql`]).
     definition: String,
+    /// The read stopped a `COPY` before its end: the connection is still receiving it, and
+    /// is to be replaced before its next use.
+    cut: bool,
 }
 
 /// Reads one chunk in a read-only repeatable-read transaction, with the snapshot it read in.
+/// `seen`: what the table's last chunk read, to size the range's first read.
 async fn read_chunk(
     client: &Client,
     cfg: &PipelineConfig,
     plan: &Plan,
     kind: &ChunkKind,
+    seen: &mut Seen,
 ) -> Result<Read> {
     let limit = match kind {
         ChunkKind::After(_) => cfg.snapshot.chunk_size,
         ChunkKind::Reread(keys) => keys.len(),
     };
-    let result = read_chunk_in_tx(client, cfg, plan, kind, limit).await;
+    let result = read_chunk_in_tx(client, cfg, plan, kind, limit, seen).await;
     if result.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
     result
+}
+
+/// The rows and image bytes the table's last chunk read: their average size decides how
+/// many rows a range read asks for at once.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    rows: usize,
+    bytes: usize,
+}
+
+impl Seen {
+    /// How many rows to ask for next: as many as fit in the bytes left at the average size
+    /// seen (one when nothing was seen), at most twice as many as were seen (a table's rows
+    /// may grow wider further on), at most `left`.
+    fn ask(&self, here: Seen, left: usize) -> usize {
+        let (rows, bytes) = if here.rows > 0 {
+            (here.rows, here.bytes)
+        } else {
+            (self.rows, self.bytes)
+        };
+        if rows == 0 {
+            return 1.min(left);
+        }
+        let average = bytes / rows + 1;
+        let fit = (MAX_CHUNK_BYTES.saturating_sub(here.bytes) / average).max(1);
+        fit.min(rows.max(self.rows) * 2).min(left)
+    }
 }
 
 async fn read_chunk_in_tx(
@@ -1486,6 +1584,7 @@ async fn read_chunk_in_tx(
     plan: &Plan,
     kind: &ChunkKind,
     limit: usize,
+    seen: &mut Seen,
 ) -> Result<Read> {
     let err = |e: tokio_postgres::Error| source_error(cfg, &e);
     // The lock before the snapshot (`LOCK` takes none): the definition the snapshot's
@@ -1496,11 +1595,13 @@ async fn read_chunk_in_tx(
         plan.from,
         definition_sql(plan.relation.id)
     );
-    let _ = write!(
-        sql,
-        "DECLARE philotes_chunk NO SCROLL CURSOR FOR {}",
-        plan.query(kind, limit)
-    );
+    if let ChunkKind::Reread(_) = kind {
+        let _ = write!(
+            sql,
+            "DECLARE philotes_chunk NO SCROLL CURSOR FOR {}",
+            plan.query(kind, limit)
+        );
+    }
     let opened = client.simple_query(&sql).await.map_err(err)?;
     let (visibility, definition) = opened
         .iter()
@@ -1512,6 +1613,22 @@ async fn read_chunk_in_tx(
             _ => None,
         })
         .ok_or_else(|| Error::Stream("the source returned no snapshot for a chunk".into()))?;
+    if let ChunkKind::After(after) = kind {
+        let read = read_range(client, cfg, plan, after.clone(), limit, seen).await?;
+        // A cut read's transaction ends with its connection: COMMIT would wait for the rest
+        // of the COPY. It only read, so ending it either way loses nothing.
+        if !read.cut {
+            client.batch_execute("COMMIT").await.map_err(err)?;
+        }
+        return Ok(Read {
+            visibility,
+            end: read.exhausted,
+            whole: read.exhausted || read.rows.len() == limit,
+            rows: read.rows,
+            definition,
+            cut: read.cut,
+        });
+    }
     let mut rows = Vec::new();
     let mut bytes = 0usize;
     let mut exhausted = false;
@@ -1562,11 +1679,260 @@ async fn read_chunk_in_tx(
     client.batch_execute("COMMIT").await.map_err(err)?;
     Ok(Read {
         visibility,
-        end: exhausted && matches!(kind, ChunkKind::After(_)),
+        end: false,
         whole: exhausted || rows.len() == limit,
         rows,
         definition,
+        cut: false,
     })
+}
+
+/// What a range read got.
+struct Range {
+    rows: Vec<Row>,
+    /// The table holds no row after the last one read.
+    exhausted: bool,
+    /// A `COPY` was left before its end (see [`Read::cut`]).
+    cut: bool,
+}
+
+/// Reads up to `limit` rows after `after` in key order, inside the chunk's transaction, with
+/// `COPY (SELECT …) TO STDOUT`: the source sends rows as a stream in the text format its
+/// output functions write (the text a query returns), at less of its CPU than a cursor's
+/// `FETCH` rounds. Each `COPY` asks for as many rows as [`Seen::ask`] expects to fit in
+/// `MAX_CHUNK_BYTES`. One that brings more (the rows grew wider) is left at
+/// `MAX_CHUNK_BYTES` with its connection, which is replaced (a cancel request could land on
+/// a later statement; draining the rest could mean gigabytes), and the chunk ends at the
+/// last row read: the next chunk begins after it.
+async fn read_range(
+    client: &Client,
+    cfg: &PipelineConfig,
+    plan: &Plan,
+    mut after: Option<Vec<String>>,
+    limit: usize,
+    seen: &mut Seen,
+) -> Result<Range> {
+    let err = |e: tokio_postgres::Error| source_error(cfg, &e);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut here = Seen::default();
+    let mut text = CopyText::default();
+    let mut exhausted = false;
+    let mut cut = false;
+    while rows.len() < limit && here.bytes < MAX_CHUNK_BYTES {
+        let want = seen.ask(here, limit - rows.len());
+        let sql = format!(
+            "COPY ({}) TO STDOUT",
+            plan.query(&ChunkKind::After(after.take()), want)
+        );
+        let stream = client.copy_out(sql.as_str()).await.map_err(err)?;
+        let mut stream = std::pin::pin!(stream);
+        let mut n = 0;
+        let mut ended = false;
+        // Leaving the stream before its end (the bytes are full) loses nothing: the rows
+        // not read are after the last one kept, and the next chunk reads them.
+        while let Some(data) = stream.next().await {
+            let data = data.map_err(err)?;
+            text.rows(plan, &data, |row| {
+                n += 1;
+                here.rows += 1;
+                here.bytes += row.image.len();
+                rows.push(row);
+                Ok(())
+            })?;
+            if here.bytes >= MAX_CHUNK_BYTES {
+                // The last row asked for may be the one just read: then the stream only
+                // has its end left.
+                ended = n == want;
+                break;
+            }
+        }
+        if here.bytes >= MAX_CHUNK_BYTES {
+            cut = !ended;
+            break;
+        }
+        if n < want {
+            exhausted = true;
+            break;
+        }
+        after = rows.last().map(|r| r.key_text.clone());
+    }
+    if here.rows > 0 {
+        *seen = here;
+    }
+    if cut {
+        tracing::info!(pipeline = %cfg.id, table = %plan.table, rows = here.rows,
+            "the rows grew wider than their chunk's read expected; the read was cut and its connection is replaced");
+    }
+    Ok(Range {
+        rows,
+        exhausted,
+        cut,
+    })
+}
+
+/// Splits `COPY … TO STDOUT` text-format data into rows, and rows into values. The server
+/// sends a row per message; a row split across messages is carried over all the same.
+#[derive(Default)]
+struct CopyText {
+    partial: Vec<u8>,
+    /// Where each value of the current row is (`None`: NULL).
+    spans: Vec<Option<Span>>,
+    /// The unescaped values of the current row that held escapes.
+    scratch: Vec<u8>,
+}
+
+#[derive(Clone, Copy)]
+enum Span {
+    Line(usize, usize),
+    Scratch(usize, usize),
+}
+
+impl CopyText {
+    /// Calls `each` with every row `data` completes.
+    fn rows(
+        &mut self,
+        plan: &Plan,
+        data: &[u8],
+        mut each: impl FnMut(Row) -> Result<()>,
+    ) -> Result<()> {
+        let mut rest = data;
+        if !self.partial.is_empty() {
+            let Some(end) = memchr::memchr(b'\n', rest) else {
+                self.partial.extend_from_slice(rest);
+                return Ok(());
+            };
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(&rest[..end]);
+            each(self.row(plan, &line)?)?;
+            rest = &rest[end + 1..];
+        }
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            each(self.row(plan, &rest[..end])?)?;
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// One line of the text format as a row: values separated by tabs, `\N` for NULL, and
+    /// backslash escapes (`\t`, `\n`, `\\`, octal and hex bytes, ...) in values.
+    fn row(&mut self, plan: &Plan, line: &[u8]) -> Result<Row> {
+        self.spans.clear();
+        self.scratch.clear();
+        let mut start = 0;
+        let mut escaped = false;
+        // One pass: each tab ends a value, a backslash marks it as escaped.
+        for at in memchr::memchr2_iter(b'\t', b'\\', line) {
+            if line[at] == b'\\' {
+                escaped = true;
+                continue;
+            }
+            self.field(line, start, at, escaped);
+            start = at + 1;
+            escaped = false;
+        }
+        self.field(line, start, line.len(), escaped);
+        // The line checked at once: its values split at tabs are then valid too.
+        let whole = std::str::from_utf8(line).ok();
+        let mut bad = Vec::new();
+        let mut values: Vec<Option<&str>> = Vec::with_capacity(self.spans.len());
+        for (i, span) in self.spans.iter().enumerate() {
+            let text = match *span {
+                None => {
+                    values.push(None);
+                    continue;
+                }
+                Some(Span::Line(a, b)) => match whole {
+                    Some(w) => w.get(a..b),
+                    None => std::str::from_utf8(&line[a..b]).ok(),
+                },
+                Some(Span::Scratch(a, b)) => std::str::from_utf8(&self.scratch[a..b]).ok(),
+            };
+            if text.is_none() {
+                bad.push(i);
+            }
+            values.push(text);
+        }
+        if values.len() != plan.relation.columns.len() {
+            return Err(Error::Stream(format!(
+                "a row of {} read back {} values for {} columns; reading the chunk again",
+                plan.table,
+                values.len(),
+                plan.relation.columns.len()
+            )));
+        }
+        if bad.is_empty() {
+            plan.row(&values)
+        } else {
+            plan.unstorable(&values, &bad)
+        }
+    }
+
+    /// Notes the value at `line[start..end]`.
+    fn field(&mut self, line: &[u8], start: usize, end: usize, escaped: bool) {
+        let raw = &line[start..end];
+        self.spans.push(if raw == b"\\N" {
+            None
+        } else if escaped {
+            let from = self.scratch.len();
+            unescape(raw, &mut self.scratch);
+            Some(Span::Scratch(from, self.scratch.len()))
+        } else {
+            Some(Span::Line(start, end))
+        });
+    }
+}
+
+/// Appends `raw` with the text format's backslash escapes undone (PostgreSQL's
+/// `CopyReadAttributesText`): `\b \f \n \r \t \v`, one to three octal digits, `\x` and one
+/// or two hex digits, and a backslash before any other byte stands for that byte.
+fn unescape(raw: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        i += 1;
+        if b != b'\\' || i == raw.len() {
+            out.push(b);
+            continue;
+        }
+        let c = raw[i];
+        i += 1;
+        match c {
+            b'0'..=b'7' => {
+                let mut v = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match raw.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push((v & 0xff) as u8);
+            }
+            b'x' if raw.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut v = 0u32;
+                for _ in 0..2 {
+                    match raw.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d;
+                            i += 1;
+                        }
+                        None => break,
+                    }
+                }
+                out.push(v as u8);
+            }
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            other => out.push(other),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1608,6 +1974,91 @@ mod tests {
             definition: "d".into(),
             key_kinds: vec!["23/0".into()],
         })
+    }
+
+    #[test]
+    fn the_copy_text_format_is_read_back_as_the_values_a_query_returns() {
+        // A value with every escape COPY writes (PostgreSQL's CopyAttributeOutText), one
+        // with escapes it only reads, a NULL, and a row split across two messages.
+        let mut text = CopyText::default();
+        let mut rows = Vec::new();
+        let data: &[u8] = b"1\ta\\tb\\nc\\\\d\\re\\bf\\fg\\vh\n2\t\\N\n3\t\\101\\x42\\7\\q";
+        text.rows(&plan(), data, |r| {
+            rows.push(r);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rows.len(), 2);
+        text.rows(&plan(), b"C\n4\t\n", |r| {
+            rows.push(r);
+            Ok(())
+        })
+        .unwrap();
+        let images: Vec<&str> = rows.iter().map(|r| r.image.as_str()).collect();
+        assert_eq!(
+            images,
+            [
+                r#"{"id":1,"v":"a\tb\nc\\d\re\u0008f\u000cg\u000bh"}"#,
+                r#"{"id":2,"v":null}"#,
+                r#"{"id":3,"v":"AB\u0007qC"}"#,
+                r#"{"id":4,"v":""}"#,
+            ]
+        );
+        assert_eq!(rows[3].key_text, ["4"]);
+    }
+
+    #[test]
+    fn a_copied_value_that_is_not_utf8_is_kept_as_its_key_and_a_wrong_width_is_refused() {
+        let mut text = CopyText::default();
+        let mut rows = Vec::new();
+        text.rows(&plan(), b"5\t\\377x\n", |r| {
+            rows.push(r);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rows[0].key, "[5]");
+        assert!(rows[0].image.is_empty());
+        assert!(rows[0]
+            .unstorable
+            .as_deref()
+            .unwrap_or("")
+            .contains("column v"));
+        let wrong = text.rows(&plan(), b"6\n", |_| Ok(()));
+        assert!(matches!(wrong, Err(Error::Stream(m)) if m.contains("1 values for 2 columns")));
+    }
+
+    #[test]
+    fn a_range_read_asks_for_what_fits_in_a_chunk_s_bytes() {
+        let nothing = Seen::default();
+        // Nothing seen yet: one row, then twice the rows read, up to what fits.
+        assert_eq!(nothing.ask(nothing, 10_000), 1);
+        let one = Seen {
+            rows: 1,
+            bytes: 100,
+        };
+        assert_eq!(nothing.ask(one, 9_999), 2);
+        // Narrow rows seen in earlier chunks: the whole chunk at once.
+        let narrow = Seen {
+            rows: 10_000,
+            bytes: 1_000_000,
+        };
+        assert_eq!(narrow.ask(nothing, 10_000), 10_000);
+        // Rows of 1 MB: eight fit.
+        let wide = Seen {
+            rows: 8,
+            bytes: 8 << 20,
+        };
+        assert_eq!(wide.ask(nothing, 10_000), 7);
+        assert_eq!(
+            wide.ask(
+                Seen {
+                    rows: 4,
+                    bytes: 4 << 20
+                },
+                9_996
+            ),
+            3
+        );
     }
 
     fn state() -> TableState {

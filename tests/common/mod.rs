@@ -757,7 +757,8 @@ pub async fn start_fails(cfg: PipelineConfig, what: &str) -> pipeline::Error {
 
 /// Runs `philotes run -f <file> --until-caught-up` to its end, sampling its peak resident
 /// memory (peak KiB). Panics with its log when it fails or runs over 300 s.
-pub async fn catch_up_measuring_rss(file: &std::path::Path) -> u64 {
+/// Runs `philotes run -f file --until-caught-up` to its end: its peak RSS and its log.
+pub async fn catch_up_measuring_rss(file: &std::path::Path) -> (u64, String) {
     let log = tempfile::NamedTempFile::new().expect("log file");
     let mut child = spawn_run(file, &["--until-caught-up"], log.path());
     let pid = child.id();
@@ -781,7 +782,10 @@ pub async fn catch_up_measuring_rss(file: &std::path::Path) -> u64 {
         "{}",
         std::fs::read_to_string(log.path()).unwrap_or_default()
     );
-    peak_kib
+    (
+        peak_kib,
+        std::fs::read_to_string(log.path()).unwrap_or_default(),
+    )
 }
 
 /// Makes the buffer busy: a row trigger on `cdc_event_log` that sleeps `seconds` per event
