@@ -4,6 +4,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -974,6 +976,71 @@ async fn a_truncate_during_a_copy_replays_to_the_source() {
     finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-truncate", "public.tr", &["id"]).await;
+}
+
+/// Hot rows: rows with a TOASTed column updated without it, over and over, faster than a
+/// chunk goes from its read to its close. Each close finds them changed by transactions its
+/// snapshot does not see, with images that leave the TOASTed column out; they used to be read
+/// again, and again, until the updates paused. The row at the close is now built from the
+/// chunk's row and those images, and the copy finishes while the updates go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_rows_updated_without_their_toasted_column_do_not_hold_the_copy_back() {
+    let (src, buf, source) = databases_with(
+        "snap_hot",
+        "CREATE TABLE hot (id int PRIMARY KEY, n int NOT NULL, doc text);
+         ALTER TABLE hot ALTER doc SET STORAGE EXTERNAL;
+         INSERT INTO hot SELECT g, 0, CASE WHEN g <= 20 THEN repeat(md5(g::text), 100) ELSE 'small' END
+           FROM generate_series(1, 4000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-hot",
+        &src,
+        &buf,
+        &["hot"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 200}",
+    ));
+    // Two sessions, each updating its ten rows as fast as it commits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let updates = Arc::new(AtomicU64::new(0));
+    let mut updaters = Vec::new();
+    for rows in ["id <= 10", "id > 10 AND id <= 20"] {
+        let (stop, updates) = (stop.clone(), updates.clone());
+        let client = connect(&src).await;
+        let sql = format!("UPDATE hot SET n = n + 1 WHERE {rows}");
+        updaters.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                client.execute(&sql, &[]).await.expect("update");
+                updates.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait(
+            "the copy to finish while the rows are updated",
+            Duration::from_secs(90),
+            |p| {
+                !p.snapshots.is_empty()
+                    && p.snapshots
+                        .iter()
+                        .all(|t| t.phase == pipeline::snapshot::Phase::Done)
+            },
+        )
+        .await;
+    let at_done = updates.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        updates.load(Ordering::Relaxed) > at_done,
+        "the updates had stopped"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for updater in updaters {
+        updater.await.expect("updater");
+    }
+    finish_copy(running, &source).await;
+    let buffer = connect(&buf).await;
+    assert_replay_equals_source(&source, &buffer, "test/snap-hot", "public.hot", &["id"]).await;
 }
 
 /// `slotDeletionPolicy: Delete` forgets a pipeline (its slot, checkpoint and snapshot states);

@@ -411,8 +411,9 @@ impl Buffer {
                     phase: Phase::parse(r.get(3)),
                     last_key: parse(4).and_then(|v| serde_json::from_value(v).ok()),
                     reread: parse(5)
-                        .and_then(|v| serde_json::from_value(v).ok())
-                        .unwrap_or_default(),
+                        .and_then(|v| serde_json::from_value::<Vec<Vec<String>>>(v).ok())
+                        .unwrap_or_default()
+                        .into(),
                     key_names: parse(10).and_then(|v| serde_json::from_value(v).ok()),
                     key_kinds: parse(11).and_then(|v| serde_json::from_value(v).ok()),
                     rows_copied: r.get(6),
@@ -1033,7 +1034,7 @@ async fn save_snapshot(
         .last_key
         .as_ref()
         .map(|k| serde_json::json!(k).to_string());
-    let reread = (!t.reread.is_empty()).then(|| serde_json::json!(t.reread).to_string());
+    let reread = (!t.reread.is_empty()).then(|| serde_json::json!(t.reread.as_slice()).to_string());
     let key_names = t
         .key_names
         .as_ref()

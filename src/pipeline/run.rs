@@ -1181,7 +1181,8 @@ impl Streamer<'_> {
             return;
         }
         // Written with this change, in the same buffer transaction: once the checkpoint
-        // is past the change, the key to read again is durable too.
+        // is past the change, the key to read again is durable too. (A set lookup above:
+        // a large UPDATE moving rows behind the copy notes one key per row.)
         state.reread.push(key);
         // The state is taken when the batch is handed over (see `Pending::moved`).
         if !self.pending.moved.contains(&state.table) {

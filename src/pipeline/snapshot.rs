@@ -40,9 +40,11 @@
 //! yet marked it in the commit log by the time the task asked (after the watermark's own
 //! commit returned), i.e. stalled between two adjacent steps of its commit.
 //!
-//! A dropped row whose newer image is incomplete (an UPDATE that left an unchanged TOASTed
-//! column out) is read again in a later chunk of its own (`reread`), so every row ends with
-//! a whole image. So is a key an UPDATE moved a row to with such an image
+//! A dropped row whose newer images are incomplete (UPDATEs that left an unchanged TOASTed
+//! column out) is built at the close from the chunk's row with those images laid over it,
+//! when only UPDATEs that kept its key changed it ([`Window::close`]); otherwise it is read
+//! again in a later chunk of its own (`reread`), so every row ends with a whole image. So is
+//! a key an UPDATE moved a row to with such an image
 //! ([`moved_without_whole_image`]): the copy may have passed it. The loop adds such a key to
 //! the table's `reread` as the change arrives, whatever window is open, and writes it with
 //! the change, so a restart after the checkpoint passed the change still reads it again.
@@ -113,6 +115,83 @@ impl Phase {
     }
 }
 
+/// Keys to read again, in the order they were noted, each once: noting a key looks it up in
+/// a set, not along the list (a large UPDATE moving rows behind the copy notes one per row).
+#[derive(Clone, Debug, Default)]
+pub struct Keys {
+    order: Vec<Vec<String>>,
+    set: HashSet<Vec<String>>,
+}
+
+impl Keys {
+    /// Notes `key`, unless it is noted already.
+    pub fn push(&mut self, key: Vec<String>) {
+        if !self.set.contains(&key) {
+            self.set.insert(key.clone());
+            self.order.push(key);
+        }
+    }
+
+    pub fn contains(&self, key: &[String]) -> bool {
+        self.set.contains(key)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Vec<String>> {
+        self.order.iter()
+    }
+
+    pub fn as_slice(&self) -> &[Vec<String>] {
+        &self.order
+    }
+
+    pub fn clear(&mut self) {
+        self.order.clear();
+        self.set.clear();
+    }
+
+    /// Keeps the keys `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Vec<String>) -> bool) {
+        let set = &mut self.set;
+        self.order.retain(|k| {
+            let kept = keep(k);
+            if !kept {
+                set.remove(k);
+            }
+            kept
+        });
+    }
+}
+
+impl From<Vec<Vec<String>>> for Keys {
+    fn from(keys: Vec<Vec<String>>) -> Keys {
+        let mut noted = Keys::default();
+        for k in keys {
+            noted.push(k);
+        }
+        noted
+    }
+}
+
+impl PartialEq for Keys {
+    fn eq(&self, other: &Keys) -> bool {
+        self.order == other.order
+    }
+}
+
+impl PartialEq<Vec<Vec<String>>> for Keys {
+    fn eq(&self, other: &Vec<Vec<String>>) -> bool {
+        &self.order == other
+    }
+}
+
 /// A table's snapshot, as `cdc_snapshots` records it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TableState {
@@ -122,7 +201,7 @@ pub struct TableState {
     /// The key of the last row copied, as text values in key order.
     pub last_key: Option<Vec<String>>,
     /// Keys to read again before going on.
-    pub reread: Vec<Vec<String>>,
+    pub reread: Keys,
     /// The names of the key columns `last_key` and `reread` hold values of (`None`: not
     /// known yet, or written before they were noted).
     pub key_names: Option<Vec<String>>,
@@ -150,7 +229,7 @@ impl TableState {
             },
             request,
             last_key: None,
-            reread: Vec::new(),
+            reread: Keys::default(),
             key_names: None,
             key_kinds: None,
             rows_copied: 0,
@@ -177,7 +256,7 @@ pub struct TableProgress {
 }
 
 /// A table as a snapshot reads it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     pub table: TableName,
     /// As pgoutput describes it: the published columns, the replica identity's flagged.
@@ -336,6 +415,32 @@ impl Plan {
         })
     }
 
+    /// `row` with `images` (JSON objects of some of its columns, in order) laid over it:
+    /// each column's value from the last image holding it, else the row's. `None` when an
+    /// image names a column the plan does not have, or is not an object.
+    fn fold(&self, row: &Row, images: &[&str]) -> Option<Row> {
+        let mut values: HashMap<String, &RawValue> = serde_json::from_str(&row.image).ok()?;
+        for image in images {
+            let fields: HashMap<String, &RawValue> = serde_json::from_str(image).ok()?;
+            for (name, value) in fields {
+                *values.get_mut(&name)? = value;
+            }
+        }
+        let mut image = String::with_capacity(row.image.len());
+        for (col, prefix) in self.relation.columns.iter().zip(&self.prefixes) {
+            image.push_str(prefix);
+            image.push_str(values.get(col.name.as_str())?.get());
+        }
+        if image.is_empty() {
+            image.push('{');
+        }
+        image.push('}');
+        Some(Row {
+            image,
+            ..row.clone()
+        })
+    }
+
     /// A row with values that are not UTF-8 (`bad`: their columns; a `SQL_ASCII` source
     /// stores bytes unchecked): kept as its key, with why it cannot be stored, for
     /// `spec.poisonEvents` to deal with as with such a change in the stream. A key that is
@@ -491,11 +596,8 @@ impl Chunk {
                 next.reread.retain(|k| !taken.contains(k));
             }
         }
-        let mut noted: HashSet<Vec<String>> = next.reread.iter().cloned().collect();
         for k in reread {
-            if noted.insert(k.clone()) {
-                next.reread.push(k);
-            }
+            next.reread.push(k);
         }
         if next.range_done && next.reread.is_empty() {
             next.phase = Phase::Done;
@@ -537,6 +639,20 @@ struct Touch {
     deleted: bool,
     /// The new key of an UPDATE that changed the key.
     moved_in: bool,
+    /// What the change adds to the chunk's row of its key, built at the close.
+    fold: Fold,
+}
+
+/// How a change of a key enters the row built at the close from the chunk's row and the
+/// changes its snapshot does not see (see [`Window::close`]).
+#[derive(Debug)]
+enum Fold {
+    /// Not from an UPDATE that kept its key, or its image was not kept: no row is built.
+    No,
+    /// The old image of an UPDATE that kept its key: the new one says it all.
+    Skip,
+    /// The new image of an UPDATE that kept its key and left a TOASTed column out.
+    Image(String),
 }
 
 /// The changes of one table between a chunk's watermarks.
@@ -551,6 +667,8 @@ pub struct Window {
     /// Changes past `limit` were not kept (see [`MAX_WINDOW_TOUCHES`]).
     overflowed: bool,
     limit: usize,
+    /// The bytes of the images kept ([`Fold::Image`]), at most `MAX_CHUNK_BYTES`.
+    image_bytes: usize,
     /// The commit position of the watermark that opened it (0: carried from a close).
     opened_at: u64,
 }
@@ -599,6 +717,7 @@ impl Window {
             unknown: Vec::new(),
             overflowed: false,
             limit: MAX_WINDOW_TOUCHES,
+            image_bytes: 0,
         }
     }
 
@@ -617,6 +736,7 @@ impl Window {
                 whole: true,
                 deleted: true,
                 moved_in: false,
+                fold: Fold::No,
             }),
             Operation::Snapshot => {}
             op => {
@@ -643,14 +763,27 @@ impl Window {
                             let moved_in = is_after
                                 && op == Operation::Update
                                 && old_key.as_ref().is_some_and(|(old, _)| *old != key);
+                            let whole =
+                                is_after && (op == Operation::Insert || whole_after == Some(true));
+                            let fold = match (op, deleted || moved_in, is_after) {
+                                (Operation::Update, false, false) => Fold::Skip,
+                                (Operation::Update, false, true)
+                                    if !whole
+                                        && self.image_bytes + image.len() <= MAX_CHUNK_BYTES =>
+                                {
+                                    self.image_bytes += image.len();
+                                    Fold::Image(image.clone())
+                                }
+                                _ => Fold::No,
+                            };
                             self.touch(Touch {
                                 moved_in,
                                 xid,
                                 key: Some(key),
                                 key_text,
-                                whole: is_after
-                                    && (op == Operation::Insert || whole_after == Some(true)),
+                                whole,
                                 deleted,
+                                fold,
                             });
                         }
                         // The old image of an UPDATE carries the key only when it changed.
@@ -746,13 +879,59 @@ impl Window {
                 why: Some(why),
             };
         }
+        // A row changed only by UPDATEs that kept its key, the last ones unseen and leaving
+        // a TOASTed column out: the row at the close is the chunk's row with their images
+        // laid over it in the stream's order (a column an image leaves out is unchanged
+        // since the one before). Updates of one row commit in the order they become visible
+        // (each waits for the last one's lock, released once it is visible), so the seen ones
+        // come first; should an unseen one come before a seen one, it is read again instead.
+        let mut folds: HashMap<&str, Option<Vec<&str>>> = HashMap::new();
+        if !truncated {
+            for row in &chunk.rows {
+                if let Some((&k, (true, false, false, _))) = keys.get_key_value(row.key.as_str()) {
+                    if row.unstorable.is_none() {
+                        folds.insert(k, Some(Vec::new()));
+                    }
+                }
+            }
+        }
+        if !folds.is_empty() {
+            for t in &self.touches {
+                let Some(Some(list)) = t.key.as_deref().and_then(|k| folds.get_mut(k)) else {
+                    continue;
+                };
+                let keep = match &t.fold {
+                    Fold::Skip => true,
+                    Fold::Image(image) if !vis.sees(t.xid) => {
+                        list.push(image);
+                        true
+                    }
+                    Fold::Image(_) => list.is_empty(),
+                    Fold::No => false,
+                };
+                if !keep {
+                    if let Some(k) = t.key.as_deref() {
+                        folds.insert(k, None);
+                    }
+                }
+            }
+        }
         let mut reread = Vec::new();
         let mut rows = Vec::with_capacity(chunk.rows.len());
         for row in chunk.rows.drain(..) {
             match keys.get(row.key.as_str()) {
                 Some((true, whole, deleted, _)) => {
                     if !whole && !deleted && !truncated {
-                        reread.push(row.key_text);
+                        let folded = match folds.get(row.key.as_str()) {
+                            Some(Some(images)) if !images.is_empty() => {
+                                chunk.plan.fold(&row, images)
+                            }
+                            _ => None,
+                        };
+                        match folded {
+                            Some(row) => rows.push(row),
+                            None => reread.push(row.key_text),
+                        }
                     }
                 }
                 _ if truncated => {}
@@ -2028,6 +2207,21 @@ mod tests {
     }
 
     #[test]
+    fn keys_to_read_again_are_noted_once_in_order_and_can_be_noted_again_once_read() {
+        let k = |v: &str| vec![v.to_string()];
+        let mut keys = Keys::default();
+        for v in ["3", "1", "3", "2", "1"] {
+            keys.push(k(v));
+        }
+        assert_eq!(keys, vec![k("3"), k("1"), k("2")]);
+        keys.retain(|key| key != &k("1"));
+        assert!(!keys.contains(&k("1")) && keys.contains(&k("3")));
+        keys.push(k("1"));
+        assert_eq!(keys, vec![k("3"), k("2"), k("1")]);
+        assert_eq!(Keys::from(vec![k("5"), k("5")]).len(), 1);
+    }
+
+    #[test]
     fn a_range_read_asks_for_what_fits_in_a_chunk_s_bytes() {
         let nothing = Seen::default();
         // Nothing seen yet: one row, then twice the rows read, up to what fits.
@@ -2067,7 +2261,7 @@ mod tests {
             request: "initial".into(),
             phase: Phase::Pending,
             last_key: None,
-            reread: vec![],
+            reread: Keys::default(),
             key_names: None,
             key_kinds: None,
             rows_copied: 0,
@@ -2154,10 +2348,18 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_newer_image_is_read_again() {
+    fn an_incomplete_newer_image_is_read_again_unless_the_row_can_be_built() {
+        // An UPDATE that left the TOASTed column v out: the row is built from the chunk's.
         let mut c = chunk(&[1, 2], "10:10:");
         let mut w = Window::open(1, 7, vec!["id".into()]);
-        // An UPDATE that left the TOASTed column v out.
+        w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
+        let (rows, reread) = kept(w.close(&mut c));
+        assert_eq!(rows, vec!["[1]", "[2]"]);
+        assert!(reread.is_empty(), "{reread:?}");
+        // Its image not kept (the window's images are full): read again.
+        let mut c = chunk(&[1, 2], "10:10:");
+        let mut w = Window::open(1, 7, vec!["id".into()]);
+        w.image_bytes = MAX_CHUNK_BYTES;
         w.record(11, &change(Operation::Update, None, Some(r#"{"id":2}"#)));
         let (rows, reread) = kept(w.close(&mut c));
         assert_eq!(rows, vec!["[1]"]);
@@ -2344,6 +2546,95 @@ mod tests {
     }
 
     #[test]
+    fn a_row_updated_unseen_leaving_a_toasted_column_out_is_built_from_the_chunk_s_row() {
+        // id, n, doc: doc is the TOASTed column the UPDATEs leave out.
+        let rel = Arc::new(Relation {
+            columns: vec![
+                rel().columns[0].clone(),
+                Column {
+                    name: "n".into(),
+                    type_oid: oid::INT4,
+                    type_modifier: -1,
+                    key: false,
+                },
+                Column {
+                    name: "doc".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                    key: false,
+                },
+            ],
+            ..(*rel()).clone()
+        });
+        let plan = Arc::new(Plan {
+            relation: rel.clone(),
+            prefixes: Plan::prefixes(&rel),
+            ..(*plan()).clone()
+        });
+        let update = |after: &str| Change {
+            relation: rel.clone(),
+            operation: Operation::Update,
+            before: None,
+            after: Some(after.to_string()),
+        };
+        let close = |changes: &[(u32, Change)]| {
+            let mut c = Chunk {
+                plan: plan.clone(),
+                rows: [5, 6]
+                    .iter()
+                    .map(|i| {
+                        plan.row(&[Some(&i.to_string()), Some("1"), Some("big")])
+                            .unwrap()
+                    })
+                    .collect(),
+                ..chunk(&[5, 6], "100:100:")
+            };
+            let mut w = Window::open(1, 7, vec!["id".into()]);
+            for (xid, change) in changes {
+                w.record(*xid, change);
+            }
+            let closed = w.close(&mut c);
+            assert_eq!(closed.why, None);
+            let rows: Vec<String> = closed.rows.into_iter().map(|r| r.image).collect();
+            (rows, closed.reread)
+        };
+        // Seen (99), then two unseen: the row at the close, doc from the chunk's row.
+        let (rows, reread) = close(&[
+            (99, update(r#"{"id":5,"n":1}"#)),
+            (101, update(r#"{"id":5,"n":2}"#)),
+            (102, update(r#"{"id":5,"n":3}"#)),
+        ]);
+        assert!(reread.is_empty(), "{reread:?}");
+        assert_eq!(
+            rows,
+            [
+                r#"{"id":5,"n":3,"doc":"big"}"#,
+                r#"{"id":6,"n":1,"doc":"big"}"#
+            ]
+        );
+        // Unseen, then deleted: dropped (the DELETE is in the log), not built.
+        let delete = Change {
+            operation: Operation::Delete,
+            before: Some(r#"{"id":5}"#.into()),
+            after: None,
+            ..update("{}")
+        };
+        let (rows, reread) = close(&[(101, update(r#"{"id":5,"n":2}"#)), (102, delete)]);
+        assert!(reread.is_empty());
+        assert_eq!(rows, [r#"{"id":6,"n":1,"doc":"big"}"#]);
+        // An unseen UPDATE before a seen one cannot be laid over the row: read again.
+        let (rows, reread) = close(&[
+            (101, update(r#"{"id":5,"n":2}"#)),
+            (99, update(r#"{"id":5,"n":1}"#)),
+        ]);
+        assert_eq!(reread, [vec!["5".to_string()]]);
+        assert_eq!(rows, [r#"{"id":6,"n":1,"doc":"big"}"#]);
+        // An image naming a column the chunk's row does not have: read again.
+        let (_, reread) = close(&[(101, update(r#"{"id":5,"m":2}"#))]);
+        assert_eq!(reread, [vec!["5".to_string()]]);
+    }
+
+    #[test]
     fn a_move_is_read_again_only_without_a_whole_image() {
         let names = vec!["id".to_string()];
         let moved = |before: Option<&str>, after: &str| {
@@ -2392,7 +2683,7 @@ mod tests {
     fn a_chunk_advances_the_table_and_the_last_one_completes_it() {
         let c = chunk(&[1, 2], "10:10:");
         let mut before = state();
-        before.reread = vec![vec!["9".to_string()]];
+        before.reread = vec![vec!["9".to_string()]].into();
         let next = c.advance(&before, 2, vec![vec!["2".to_string()]], 70, 77);
         assert_eq!(next.last_key, Some(vec!["2".to_string()]));
         assert!(next.range_done && next.phase == Phase::Copying);
@@ -2401,7 +2692,7 @@ mod tests {
             vec![vec!["9".to_string()], vec!["2".to_string()]]
         );
         let reread = Chunk {
-            kind: ChunkKind::Reread(next.reread.clone()),
+            kind: ChunkKind::Reread(next.reread.as_slice().to_vec()),
             ..chunk(&[2], "10:10:")
         };
         let done = reread.advance(&next, 1, vec![], 90, 99);
@@ -2416,7 +2707,7 @@ mod tests {
         let mut before = state();
         before.key_names = Some(vec!["other".to_string()]);
         before.last_key = Some(vec!["900".to_string()]);
-        before.reread = vec![vec!["5".to_string()]];
+        before.reread = vec![vec!["5".to_string()]].into();
         before.range_done = true;
         before.rows_copied = 900;
         let c = Chunk {
