@@ -221,6 +221,23 @@ impl ConnInfo {
         Ok(client)
     }
 
+    /// Asks the server to cancel what the session of `token` is running, over a connection
+    /// of its own made as [`ConnInfo::connect`] makes them.
+    pub async fn cancel(
+        &self,
+        target: &'static str,
+        token: &tokio_postgres::CancelToken,
+    ) -> Result<()> {
+        let result = match self.sslmode {
+            SslMode::Disable => token.cancel_query(tokio_postgres::NoTls).await,
+            _ => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
+                token.cancel_query(tls).await
+            }
+        };
+        result.map_err(|e| self.connect_error(target, &e))
+    }
+
     fn connect_error(&self, target: &'static str, e: &tokio_postgres::Error) -> Error {
         let message = describe_pg_error(e);
         let endpoint = self.to_string();

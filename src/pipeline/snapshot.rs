@@ -278,20 +278,21 @@ pub struct Plan {
     pub key_kinds: Vec<String>,
 }
 
-/// A query giving a fingerprint of table `relid`'s definition (its columns with their types,
-/// collations and NOT NULL, its replica identity, and its valid indexes, which decide the
-/// key: [`plan`]), or `gone` once it no longer exists. Equal fingerprints read in two
+/// A query giving a fingerprint of table `relid`'s definition (its schema and name, which
+/// the chunks' queries go by; its columns with their types, collations and NOT NULL; its
+/// replica identity; and its valid indexes, which decide the key: [`plan`]), or `gone` once
+/// it no longer exists. Equal fingerprints read in two
 /// transactions mean no column was added, dropped or retyped in between, and the key the
 /// chunks go by is the same.
 fn definition_sql(relid: u32) -> String {
     format!(
-        "SELECT coalesce((SELECT md5(c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod \
+        "SELECT coalesce((SELECT md5(c.relnamespace::text || ' ' || c.relname || ' ' || c.relreplident::text || ' ' || string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod \
                 || ' ' || a.attcollation || ' ' || a.attnotnull, ',' ORDER BY a.attnum) || ' ' || coalesce((SELECT string_agg(i.indexrelid \
                 || ' ' || i.indisprimary || ' ' || i.indisreplident || ' ' || i.indisunique || ' ' || i.indkey::text || ' ' \
                 || (i.indpred IS NULL) || ' ' || (i.indexprs IS NULL), ',' ORDER BY i.indexrelid) \
               FROM pg_index i WHERE i.indrelid = c.oid AND i.indisvalid), '')) \
            FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
-           WHERE c.oid = {relid} GROUP BY c.oid, c.relreplident), 'gone')"
+           WHERE c.oid = {relid} GROUP BY c.oid, c.relnamespace, c.relname, c.relreplident), 'gone')"
     )
 }
 
@@ -1371,13 +1372,23 @@ impl Session {
 
     /// A new connection in place of one whose read was cut short (see [`read_range`]).
     async fn reopen(&mut self, cfg: &PipelineConfig) -> Result<()> {
+        // The COPY still running is cancelled: dropped, the connection would read the rest
+        // of it before closing (tokio-postgres drains a response nobody waits for), and its
+        // server process would go on sending it, snapshot and lock held. The old session runs
+        // no other statement, so the cancel cannot land on one. Should it fail, the old
+        // connection drains and closes: rows read twice, nothing lost.
+        if let Err(e) = cfg
+            .source
+            .cancel("source", &self.client.cancel_token())
+            .await
+        {
+            tracing::warn!(pipeline = %cfg.id, error = %e, "could not cancel a chunk's read cut short; its connection reads the rest before closing");
+        }
         let client = cfg.source.connect("source").await?;
         client
             .batch_execute(&self.settings)
             .await
             .map_err(|e| source_error(cfg, &e))?;
-        // The old connection closes as it is dropped: its server process, still sending the
-        // rest of the COPY, ends at its next write, and its transaction (read-only) with it.
         self.client = client;
         Ok(())
     }
@@ -1880,9 +1891,9 @@ struct Range {
 /// output functions write (the text a query returns), at less of its CPU than a cursor's
 /// `FETCH` rounds. Each `COPY` asks for as many rows as [`Seen::ask`] expects to fit in
 /// `MAX_CHUNK_BYTES`. One that brings more (the rows grew wider) is left at
-/// `MAX_CHUNK_BYTES` with its connection, which is replaced (a cancel request could land on
-/// a later statement; draining the rest could mean gigabytes), and the chunk ends at the
-/// last row read: the next chunk begins after it.
+/// `MAX_CHUNK_BYTES`: its connection is cancelled and replaced ([`Session::reopen`]; reading
+/// the rest could mean gigabytes), and the chunk ends at the last row read: the next chunk
+/// begins after it.
 async fn read_range(
     client: &Client,
     cfg: &PipelineConfig,
@@ -1929,6 +1940,13 @@ async fn read_range(
             cut = !ended;
             break;
         }
+        // The server ends every row with a newline, and a COPY with its last row.
+        if !text.partial.is_empty() {
+            return Err(Error::Stream(format!(
+                "a chunk's COPY of {} ended in the middle of a row; reading it again",
+                plan.table
+            )));
+        }
         if n < want {
             exhausted = true;
             break;
@@ -1937,6 +1955,14 @@ async fn read_range(
     }
     if here.rows > 0 {
         *seen = here;
+    }
+    // Cut: the rows grew wider than the chunk's average says; the next chunk goes by the
+    // last row's width.
+    if let (true, Some(last)) = (cut, rows.last()) {
+        *seen = Seen {
+            rows: 1,
+            bytes: last.image.len(),
+        };
     }
     if cut {
         tracing::info!(pipeline = %cfg.id, table = %plan.table, rows = here.rows,
