@@ -387,7 +387,8 @@ impl Buffer {
             .query(
                 &format!(
                     "SELECT schema_name, table_name, request, phase, last_key::text, reread::text, rows_copied, range_done, \
-                     done_lsn::text, started_lsn::text, key_names::text, key_kinds::text FROM {schema}.cdc_snapshots WHERE pipeline = $1"
+                     done_lsn::text, started_lsn::text, key_names::text, key_kinds::text, relation_id FROM {schema}.cdc_snapshots \
+                     WHERE pipeline = $1"
                 ),
                 &[&pipeline],
             )
@@ -416,6 +417,7 @@ impl Buffer {
                         .into(),
                     key_names: parse(10).and_then(|v| serde_json::from_value(v).ok()),
                     key_kinds: parse(11).and_then(|v| serde_json::from_value(v).ok()),
+                    relation_id: r.get(12),
                     rows_copied: r.get(6),
                     range_done: r.get(7),
                     done_lsn: r.get::<_, Option<&str>>(8).and_then(lsn::parse),
@@ -1015,7 +1017,7 @@ async fn save_request(
             &format!(
                 "INSERT INTO {schema}.cdc_snapshots (pipeline, schema_name, table_name, request, phase) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (pipeline, schema_name, table_name) DO UPDATE SET request = excluded.request, phase = excluded.phase, \
-                 last_key = NULL, reread = NULL, key_names = NULL, key_kinds = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, started_lsn = NULL, \
+                 last_key = NULL, reread = NULL, key_names = NULL, key_kinds = NULL, relation_id = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, started_lsn = NULL, \
                  requested_at = now(), updated_at = now()"
             ),
             &[&pipeline, &t.table.schema, &t.table.name, &t.request, &t.phase.as_str()],
@@ -1048,7 +1050,7 @@ async fn save_snapshot(
             &format!(
                 "UPDATE {schema}.cdc_snapshots SET phase = $4, last_key = $5::text::json, reread = $6::text::json, rows_copied = $7, \
                  range_done = $8, done_lsn = $9::text::pg_lsn, started_lsn = $10::text::pg_lsn, key_names = $11::text::json, \
-                 key_kinds = $12::text::json, \
+                 key_kinds = $12::text::json, relation_id = $13, \
                  updated_at = now() \
                  WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
             ),
@@ -1065,6 +1067,7 @@ async fn save_snapshot(
                 &t.started_lsn.map(lsn::format),
                 &key_names,
                 &key_kinds,
+                &t.relation_id,
             ],
         )
         .await

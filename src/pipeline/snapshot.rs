@@ -208,6 +208,9 @@ pub struct TableState {
     /// Each key column's type and collation (`<type oid>/<collation oid>`): a key of the
     /// same names whose values order differently is another key.
     pub key_kinds: Option<Vec<String>>,
+    /// The source table's OID the copy reads (`None`: not known yet, or written before it
+    /// was noted). Another one under the same name is another table.
+    pub relation_id: Option<u32>,
     pub rows_copied: i64,
     /// The chunks in key order reached the end of the table (rows to read again may remain).
     pub range_done: bool,
@@ -232,6 +235,7 @@ impl TableState {
             reread: Keys::default(),
             key_names: None,
             key_kinds: None,
+            relation_id: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
@@ -572,15 +576,24 @@ impl Chunk {
     ) -> TableState {
         let mut next = before.clone();
         let (names, kinds) = self.plan.key_id();
-        if another_key(&next, &names, &kinds) {
-            // Read under a new key (see `copy_tables`): what was noted under the old one
-            // means nothing now; the copy starts over from this chunk.
+        let replaced = another_table(&next, self.plan.relation.id);
+        if another_key(&next, &names, &kinds) || replaced {
+            // Read under a new key, or from another table under the same name (see
+            // `copy_tables`): what was noted under the old one means nothing now; the copy
+            // starts over from this chunk.
             next.last_key = None;
             next.reread.clear();
             next.range_done = false;
         }
+        if replaced {
+            // The rows of the table replaced are gone with it, no event saying so: from
+            // here on, a row whose last event sorts before this chunk no longer exists
+            // (README: the consumer rule of a finished copy).
+            next.started_lsn = Some(opened);
+        }
         next.key_names = Some(names);
         next.key_kinds = Some(kinds);
+        next.relation_id = Some(self.plan.relation.id);
         next.rows_copied += written as i64;
         // Everything of the table from here on is in the log: events after it, or rows
         // of the copy (README: the consumer rule of a finished copy).
@@ -612,6 +625,11 @@ impl Chunk {
 
 /// Whether `state`'s progress was noted under another key than `names` with `kinds` (not
 /// when it does not say: progress written before the key was noted).
+/// Whether `state`'s progress was noted reading another table than `relid` under its name.
+fn another_table(state: &TableState, relid: u32) -> bool {
+    state.relation_id.is_some_and(|r| r != relid)
+}
+
 fn another_key(state: &TableState, names: &[String], kinds: &[String]) -> bool {
     state.key_names.as_deref().is_some_and(|k| k != names)
         || state.key_kinds.as_deref().is_some_and(|k| k != kinds)
@@ -1426,6 +1444,7 @@ async fn copy_tables(
         let mut copy_key = TableState {
             key_names: state.key_names.clone(),
             key_kinds: state.key_kinds.clone(),
+            relation_id: state.relation_id,
             ..TableState::requested(state.table.clone(), String::new())
         };
         let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
@@ -1445,7 +1464,10 @@ async fn copy_tables(
                 .key_names
                 .as_ref()
                 .zip(copy_key.key_kinds.as_ref())
-                .is_none_or(|(names, kinds)| !another_key(&state, names, kinds));
+                .is_none_or(|(names, kinds)| !another_key(&state, names, kinds))
+                && copy_key
+                    .relation_id
+                    .is_none_or(|r| !another_table(&state, r));
             let kind = if !state.reread.is_empty() && !reread_in_flight && same_key {
                 Some(ChunkKind::Reread(
                     state
@@ -1494,8 +1516,18 @@ async fn copy_tables(
                 range_sent = false;
                 kind = ChunkKind::After(None);
             }
+            // Another table under the name (swapped in by renames): its rows before the
+            // point reached were never read, so its copy starts from its start.
+            if another_table(&copy_key, plan.relation.id) {
+                tracing::info!(pipeline = %cfg.id, table = %table, from = ?copy_key.relation_id, to = plan.relation.id,
+                    "another table was put in place of a table during its copy; copying it from its start");
+                next_after = None;
+                range_sent = false;
+                kind = ChunkKind::After(None);
+            }
             copy_key.key_names = Some(key.0.clone());
             copy_key.key_kinds = Some(key.1.clone());
+            copy_key.relation_id = Some(plan.relation.id);
             emit(
                 &source.client,
                 cfg,
@@ -1526,9 +1558,10 @@ async fn copy_tables(
                 plan = Arc::new(self::plan(&source.client, cfg, &state.table).await?);
                 // The open watermark named the old key, and the values to read after are
                 // its: the next session starts the table over under the new one.
-                if plan.key_id() != key {
+                if plan.key_id() != key || copy_key.relation_id != Some(plan.relation.id) {
                     return Err(Error::Stream(format!(
-                        "the key of {} changed while a chunk of it was read; copying it again from its start",
+                        "the key of {}, or the table under its name, changed while a chunk of it was read; \
+                         copying it again from its start",
                         state.table
                     )));
                 }
@@ -2290,6 +2323,7 @@ mod tests {
             reread: Keys::default(),
             key_names: None,
             key_kinds: None,
+            relation_id: None,
             rows_copied: 0,
             range_done: false,
             started_lsn: None,
