@@ -222,20 +222,33 @@ impl ConnInfo {
     }
 
     /// Asks the server to cancel what the session of `token` is running, over a connection
-    /// of its own made as [`ConnInfo::connect`] makes them.
+    /// of its own made as [`ConnInfo::connect`] makes them, within `connect_timeout` (the
+    /// TLS handshake and the request included: a server that accepts and goes silent does
+    /// not hold the caller).
     pub async fn cancel(
         &self,
         target: &'static str,
         token: &tokio_postgres::CancelToken,
     ) -> Result<()> {
-        let result = match self.sslmode {
-            SslMode::Disable => token.cancel_query(tokio_postgres::NoTls).await,
-            _ => {
-                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
-                token.cancel_query(tls).await
+        let sent = async {
+            match self.sslmode {
+                SslMode::Disable => token.cancel_query(tokio_postgres::NoTls).await,
+                _ => {
+                    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(self.rustls_config()?);
+                    token.cancel_query(tls).await
+                }
             }
+            .map_err(|e| self.connect_error(target, &e))
         };
-        result.map_err(|e| self.connect_error(target, &e))
+        // Dropping the request on timeout loses nothing: it only asked to stop a read.
+        tokio::time::timeout(self.connect_timeout, sent)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Stream(format!(
+                    "no answer to a cancel request to the {target} database {self} within {:?}",
+                    self.connect_timeout
+                )))
+            })
     }
 
     fn connect_error(&self, target: &'static str, e: &tokio_postgres::Error) -> Error {

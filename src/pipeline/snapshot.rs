@@ -588,7 +588,13 @@ impl Chunk {
         if replaced {
             // The rows of the table replaced are gone with it, no event saying so: from
             // here on, a row whose last event sorts before this chunk no longer exists
-            // (README: the consumer rule of a finished copy).
+            // (README: the consumer rule of a finished copy). A window is carried (opened
+            // at 0) only across chunks of one relation, so this chunk's opened at its own
+            // watermark.
+            debug_assert!(
+                opened != 0,
+                "a chunk of a replaced table opened a window of its own"
+            );
             next.started_lsn = Some(opened);
         }
         next.key_names = Some(names);
@@ -623,13 +629,14 @@ impl Chunk {
     }
 }
 
-/// Whether `state`'s progress was noted under another key than `names` with `kinds` (not
-/// when it does not say: progress written before the key was noted).
-/// Whether `state`'s progress was noted reading another table than `relid` under its name.
+/// Whether `state`'s progress was noted reading another table than `relid` under its name
+/// (not when it does not say: progress written before migration 0008).
 fn another_table(state: &TableState, relid: u32) -> bool {
     state.relation_id.is_some_and(|r| r != relid)
 }
 
+/// Whether `state`'s progress was noted under another key than `names` with `kinds` (not
+/// when it does not say: progress written before the key was noted).
 fn another_key(state: &TableState, names: &[String], kinds: &[String]) -> bool {
     state.key_names.as_deref().is_some_and(|k| k != names)
         || state.key_kinds.as_deref().is_some_and(|k| k != kinds)
