@@ -133,6 +133,21 @@ async fn assert_replay_equals_source(
 
 /// Waits until every table is copied and everything written on the source so far is
 /// checkpointed, then stops the pipeline.
+/// The copy is still under way after `what` was done to the table: else the test did not
+/// test what it says (the table is too small).
+fn assert_still_copying(running: &Running, what: &str) {
+    let copying = running
+        .progress
+        .borrow()
+        .snapshots
+        .iter()
+        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
+    assert!(
+        copying,
+        "the copy ended before {what}; make the table larger"
+    );
+}
+
 async fn finish_copy(mut running: Running, source: &Client) {
     running
         .wait("the copy to finish", Duration::from_secs(300), |p| {
@@ -963,16 +978,7 @@ async fn a_truncate_during_a_copy_replays_to_the_source() {
         )
         .await
         .expect("truncate");
-    let copying = running
-        .progress
-        .borrow()
-        .snapshots
-        .iter()
-        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
-    assert!(
-        copying,
-        "the copy ended before the TRUNCATE; make the table larger"
-    );
+    assert_still_copying(&running, "the TRUNCATE");
     finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
     assert_replay_equals_source(&source, &buffer, "test/snap-truncate", "public.tr", &["id"]).await;
@@ -1134,16 +1140,7 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
             .expect("move a row behind the copy");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let copying = running
-        .progress
-        .borrow()
-        .snapshots
-        .iter()
-        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
-    assert!(
-        copying,
-        "the copy ended before the moves; make the table larger"
-    );
+    assert_still_copying(&running, "the moves");
     // One more right before a stop: its chunk's window is lost with the session while the
     // checkpoint written at the stop is past it. And more while the pipeline is stopped
     // mid-copy: they arrive before the first chunk of the session that resumes the copy.
@@ -1379,16 +1376,7 @@ async fn a_copy_finishes_after_an_alter_while_the_table_is_quiet() {
         )
         .await
         .expect("alter the table");
-    let copying = running
-        .progress
-        .borrow()
-        .snapshots
-        .iter()
-        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
-    assert!(
-        copying,
-        "the copy ended before the ALTER; make the table larger"
-    );
+    assert_still_copying(&running, "the ALTER");
     running
         .wait("the copy to finish", Duration::from_secs(60), |p| {
             p.snapshots
@@ -1438,16 +1426,7 @@ async fn copy_while_the_key_changes(name: &str, change: &str, key_after: &str) {
         })
         .await;
     source.batch_execute(change).await.expect("change the key");
-    let copying = running
-        .progress
-        .borrow()
-        .snapshots
-        .iter()
-        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
-    assert!(
-        copying,
-        "the copy ended before the change; make the table larger"
-    );
+    assert_still_copying(&running, "the change");
     finish_copy(running, &source).await;
     let buffer = connect(&buf).await;
     let pipeline = format!("test/{name}");
@@ -1524,16 +1503,7 @@ async fn a_table_swapped_in_under_its_name_mid_copy_is_copied_from_its_start() {
         ))
         .await
         .expect("swap");
-    let copying = running
-        .progress
-        .borrow()
-        .snapshots
-        .iter()
-        .any(|t| t.phase == pipeline::snapshot::Phase::Copying);
-    assert!(
-        copying,
-        "the copy ended before the swap; make the table larger"
-    );
+    assert_still_copying(&running, "the swap");
     // Changes to the new table after the swap stream as usual.
     source
         .batch_execute("UPDATE sw SET v = 'changed' WHERE id = 4; DELETE FROM sw WHERE id = 7;")
