@@ -6,10 +6,15 @@
 test: lint test-deps
 	cargo test --all-targets
 
-# What the tests need beyond Rust and PostgreSQL: Helm's engine (a PyPI wheel). etcd and
-# kube-apiserver are fetched/built on first use by scripts/envtest-assets.sh (root, apt).
+# What the tests need beyond Rust and PostgreSQL: Helm's engine (a PyPI wheel), and gdb (a
+# snapshot test holds a server backend half way through its commit: tests/common/hold.rs;
+# installed with apt as root). etcd and kube-apiserver are fetched/built on first use by
+# scripts/envtest-assets.sh (root, apt).
 test-deps:
 	@python3 -c 'import helm_python' 2>/dev/null || python3 -m pip install -q helm-python-sdk
+	@command -v gdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb >/dev/null; } || \
+	  echo "gdb is missing and cannot be installed here: install it (apt-get install gdb)" >&2
 
 lint:
 	cargo fmt --all -- --check

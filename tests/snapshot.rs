@@ -1268,6 +1268,100 @@ async fn an_update_larger_than_a_window_during_a_copy_replays_to_the_source() {
     .await;
 }
 
+/// A transaction whose commit record the source has written, so the stream carries it, but
+/// that no snapshot sees yet: its backend is between writing the record and marking the
+/// transaction committed (a loaded machine can deschedule it there, as CI's did once; gdb
+/// holds it there here). Chunks read meanwhile hold the rows as they were before it, and the
+/// windows that opened after its commit do not hold its changes. They used to be written
+/// after it all the same, over its changes: the replay kept the old rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_not_yet_visible_to_a_chunk_read_after_it_is_not_written_over() {
+    let (src, buf, source) = databases_with(
+        "snap_unseen",
+        "CREATE TABLE seed (id int PRIMARY KEY);
+         CREATE TABLE uv (id int PRIMARY KEY, n int NOT NULL);
+         INSERT INTO uv SELECT g, 0 FROM generate_series(1, 14000) g;",
+    )
+    .await;
+    // The buffer's tables exist once the pipeline ran; a row trigger that sleeps for each
+    // copied row keeps the copy of `uv`, added after, going for some seconds.
+    let seed = config(&manifest("snap-unseen", &src, &buf, &["seed"], ""));
+    assert_eq!(catch_up(&seed).await, pipeline::Outcome::CaughtUp);
+    let buffer = connect(&buf).await;
+    buffer
+        .batch_execute(
+            "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN PERFORM pg_sleep(0.0002); RETURN NEW; END$$;
+             CREATE TRIGGER slow BEFORE INSERT ON philotes.cdc_event_log
+               FOR EACH ROW WHEN (NEW.operation = 'S') EXECUTE FUNCTION public.slow();",
+        )
+        .await
+        .expect("slow down the copy");
+    // The transaction's session, its next commit to be held (gdb attached now: attaching
+    // takes a while, the copy does not).
+    let writer = connect(&src).await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let mut hold = hold::CommitHold::attach(pid);
+    let cfg = config(&manifest(
+        "snap-unseen",
+        &src,
+        &buf,
+        &["seed", "uv"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    ));
+    let mut running = start(cfg, pipeline::RunOptions::default());
+    running
+        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
+            p.snapshots
+                .iter()
+                .any(|t| t.table == "public.uv" && t.rows_copied > 0)
+        })
+        .await;
+    writer
+        .batch_execute("BEGIN; UPDATE uv SET n = n + 1 WHERE id > 7000")
+        .await
+        .expect("update the rows ahead of the copy");
+    let commit = tokio::spawn(async move { writer.batch_execute("COMMIT").await });
+    hold.wait_stopped();
+    assert_still_copying(&running, "the commit was held");
+    // Its commit is in the WAL: once the pipeline has checkpointed past it, the copy goes on
+    // three more chunks, read while the transaction is still not visible.
+    let lsn = wal_lsn(&source).await;
+    running.checkpointed(lsn).await;
+    let last_key = || async {
+        let r = buffer
+            .query_one(
+                "SELECT coalesce((last_key->>0)::int, 0), range_done FROM philotes.cdc_snapshots
+                 WHERE pipeline = 'test/snap-unseen' AND table_name = 'uv'",
+                &[],
+            )
+            .await
+            .expect("progress");
+        (r.get::<_, i32>(0), r.get::<_, bool>(1))
+    };
+    let (from, _) = last_key().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (at, done) = last_key().await;
+        if at >= from + 300 || done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy stayed at key {at} (from {from}) while the commit was held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hold.release();
+    commit.await.expect("commit task").expect("commit");
+    finish_copy(running, &source).await;
+    assert_replay_equals_source(&source, &buffer, "test/snap-unseen", "public.uv", &["id"]).await;
+}
+
 /// The copy's connection to the source lost while it waits for the loop (the session
 /// terminated; a source restart or a network cut does the same): the copy resumes from the
 /// last chunk written, as the stream does, instead of failing for good. It used to stop the

@@ -926,6 +926,7 @@ impl Streamer<'_> {
         }
         let key_names = window.key_names().to_vec();
         let opened = window.opened_at();
+        let began = window.began();
         // The table's definition changed between the chunk's read and its close watermark
         // (a column added, dropped or retyped): the rows no longer fit the events around
         // them, and are read again. Otherwise they are current at the close watermark,
@@ -935,17 +936,27 @@ impl Streamer<'_> {
         // without a whole image among them) are read again then too.
         let mut closed = window.close(&mut chunk);
         if closed_with != chunk.definition {
-            let mut reread: Vec<Vec<String>> = closed.rows.drain(..).map(|r| r.key_text).collect();
-            reread.append(&mut closed.reread);
-            closed = Closed {
-                rows: Vec::new(),
-                reread,
-                why: Some(format!(
-                    "the definition of {} changed while it was read",
-                    chunk.plan.table
-                )),
-            };
+            closed = closed.read_again(format!(
+                "the definition of {} changed while it was read",
+                chunk.plan.table
+            ));
         }
+        // A transaction of the table that committed before the window began, and that the
+        // chunk's snapshot does not see (see [`snapshot::Earlier`]): the rows it changed are
+        // older than its events, and the window cannot tell which.
+        if closed.why.is_none() {
+            let unseen =
+                link.earlier
+                    .unseen_before(&chunk.visibility, chunk.plan.relation.id, began);
+            if let Some(xid) = unseen {
+                closed = closed.read_again(format!(
+                    "transaction {xid} changed {} before the chunk's window began and was not \
+                     visible yet when the chunk was read",
+                    chunk.plan.table
+                ));
+            }
+        }
+        link.earlier.seen_by(&chunk.visibility);
         let Closed { rows, reread, why } = closed;
         if let Some(why) = why {
             tracing::info!(pipeline = %self.cfg.id, table = %chunk.plan.table, "reading a snapshot chunk's rows again: {why}");
@@ -1045,7 +1056,7 @@ impl Streamer<'_> {
             // Changes of the table between this chunk and the next belong to the next one's
             // window (see [`Window::open_after`]).
             if phase != Phase::Done {
-                link.window = Some(Window::open(0, rel.id, key_names));
+                link.window = Some(Window::open(0, rel.id, key_names).beginning_at(commit_lsn));
             }
             link.states.insert(next.table.clone(), next.clone());
             let _ = link.results.send(next);
@@ -1152,8 +1163,15 @@ impl Streamer<'_> {
         let Some(link) = self.snap.as_mut() else {
             return;
         };
-        if let (Some(window), Some(open)) = (link.window.as_mut(), self.tx.as_ref()) {
-            window.record(open.xid, change);
+        if let Some(open) = self.tx.as_ref() {
+            if let Some(window) = link.window.as_mut() {
+                window.record(open.xid, change);
+            }
+            // While tables are copied (see [`snapshot::Earlier`]).
+            if !link.finished {
+                link.earlier
+                    .note(open.xid, change.relation.id, open.commit_lsn);
+            }
         }
         if change.operation != super::decode::Operation::Update || change.before.is_none() {
             return;

@@ -35,10 +35,14 @@
 //! A transaction that committed before the open watermark and that `S` does not see would be
 //! missed by a window that began there. So the window of a chunk begins where the previous
 //! chunk of the table closed ([`Window::open_after`]), and step 1's wait covers every
-//! transaction the source shows as committed. What remains is the first chunk of a table: a
-//! backend that wrote and flushed its commit record before its open watermark and had not
-//! yet marked it in the commit log by the time the task asked (after the watermark's own
-//! commit returned), i.e. stalled between two adjacent steps of its commit.
+//! transaction the source shows as committed. A commit record can still precede a window and
+//! its transaction be invisible to `S`: its backend writes the record (the stream carries it
+//! from then on) before it marks the transaction committed, and a loaded machine can
+//! deschedule it in between. The loop notes every transaction the stream carries while
+//! tables are copied ([`Earlier`]); a chunk whose snapshot does not see one that changed its
+//! table before its window began is read again. What remains is a transaction committed
+//! before the position the session's stream resumed from, stalled at that step through a
+//! whole restart of the pipeline.
 //!
 //! A dropped row whose newer images are incomplete (UPDATEs that left an unchanged TOASTed
 //! column out) is built at the close from the chunk's row with those images laid over it,
@@ -652,6 +656,73 @@ pub struct Closed {
     pub why: Option<String>,
 }
 
+impl Closed {
+    /// Every row of the chunk read again, besides the keys it already reads again.
+    pub fn read_again(self, why: String) -> Closed {
+        let mut reread: Vec<Vec<String>> = self.rows.into_iter().map(|r| r.key_text).collect();
+        reread.extend(self.reread);
+        Closed {
+            rows: Vec::new(),
+            reread,
+            why: Some(why),
+        }
+    }
+}
+
+/// Transactions the stream carried that changed a table, as long as a chunk's snapshot may
+/// not see them: for each, its table and its commit position.
+///
+/// A transaction's commit record can be in the WAL, and in the stream, before the snapshot
+/// of a chunk read after it sees the transaction: its backend writes the record, then marks
+/// the transaction committed in the commit log, then ends it for snapshots. The task's wait
+/// (see [`wait_committed_visible`]) covers the last gap; nothing a client can ask covers the
+/// first. When a window begins after such a commit, the window does not hold its changes and
+/// cannot drop the rows they made stale. The loop notes every transaction here instead, and
+/// reads a chunk again when its snapshot does not see a transaction of its table that
+/// committed before its window began ([`Earlier::unseen_before`]). Once a chunk's snapshot
+/// sees a transaction, every later chunk's does (it is read after), so it is forgotten: what
+/// stays is the transactions since the last chunk was read.
+#[derive(Debug, Default)]
+pub struct Earlier {
+    /// (xid, relation id) → commit position.
+    xids: HashMap<(u32, u32), u64>,
+    /// The last one noted: a transaction's changes of one table come one after another.
+    last: Option<(u32, u32)>,
+}
+
+impl Earlier {
+    /// Notes that transaction `xid`, committing at `commit_lsn`, changed relation `relid`.
+    pub fn note(&mut self, xid: u32, relid: u32, commit_lsn: u64) {
+        if self.last == Some((xid, relid)) {
+            return;
+        }
+        self.last = Some((xid, relid));
+        self.xids.entry((xid, relid)).or_insert(commit_lsn);
+    }
+
+    /// A transaction that changed `relid`, committed before `since`, that `vis` does not see.
+    pub fn unseen_before(&self, vis: &Visibility, relid: u32, since: u64) -> Option<u32> {
+        self.xids
+            .iter()
+            .find(|((xid, rel), at)| *rel == relid && **at < since && !vis.sees(*xid))
+            .map(|((xid, _), _)| *xid)
+    }
+
+    /// Forgets the transactions `vis` sees: so does every chunk read after it.
+    pub fn seen_by(&mut self, vis: &Visibility) {
+        self.xids.retain(|(xid, _), _| !vis.sees(*xid));
+        self.last = None;
+    }
+
+    pub fn len(&self) -> usize {
+        self.xids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.xids.is_empty()
+    }
+}
+
 /// One change of the table seen in a window.
 #[derive(Debug)]
 struct Touch {
@@ -697,6 +768,9 @@ pub struct Window {
     image_bytes: usize,
     /// The commit position of the watermark that opened it (0: carried from a close).
     opened_at: u64,
+    /// Where it began in the stream: the commit position of the watermark that opened it, or
+    /// of the close it was carried from. Changes before are not in it ([`Earlier`]).
+    began: u64,
 }
 
 impl Window {
@@ -718,6 +792,7 @@ impl Window {
             }
             _ => Window {
                 opened_at: at,
+                began: at,
                 ..Window::open(chunk, relation_id, key_names)
             },
         }
@@ -728,6 +803,16 @@ impl Window {
         self.opened_at
     }
 
+    /// Where the window began in the stream (see [`Earlier`]).
+    pub fn began(&self) -> u64 {
+        self.began
+    }
+
+    /// The window, beginning at `lsn`: the commit position of the close it is carried from.
+    pub fn beginning_at(self, lsn: u64) -> Window {
+        Window { began: lsn, ..self }
+    }
+
     /// The names of the key the window tracks.
     pub fn key_names(&self) -> &[String] {
         &self.key_names
@@ -736,6 +821,7 @@ impl Window {
     pub fn open(chunk: u64, relation_id: u32, key_names: Vec<String>) -> Window {
         Window {
             opened_at: 0,
+            began: 0,
             chunk,
             relation_id,
             key_names,
@@ -1271,6 +1357,8 @@ pub struct Link {
     /// Each table's state as written with its last chunk (or read at the start): the loop
     /// owns it, the task follows it through `results`.
     pub states: HashMap<TableName, TableState>,
+    /// The transactions a chunk's snapshot may not see yet.
+    pub earlier: Earlier,
 }
 
 impl Link {
@@ -1293,6 +1381,7 @@ pub fn link(token: String, todo: &[TableState]) -> (Link, Task) {
             window: None,
             finished: false,
             states: todo.iter().map(|t| (t.table.clone(), t.clone())).collect(),
+            earlier: Earlier::default(),
         },
         Task {
             chunks: chunks_tx,
@@ -2382,6 +2471,31 @@ mod tests {
         let v = Visibility::parse("4294967396:4294967400:").unwrap();
         assert!(v.sees(99) && !v.sees(104));
         assert!(v.sees(u32::MAX - 5));
+    }
+
+    #[test]
+    fn earlier_transactions_a_chunk_does_not_see_are_found_then_forgotten() {
+        let mut e = Earlier::default();
+        // Table 7: transaction 101 committed at 1000, 106 at 3000; table 8: 103 at 1500.
+        e.note(101, 7, 1000);
+        e.note(101, 7, 1000);
+        e.note(103, 8, 1500);
+        e.note(106, 7, 3000);
+        assert_eq!(e.len(), 3);
+        // A chunk of table 7 whose window began at 2000, read in a snapshot that does not
+        // see 101 (in progress) nor 106 (at or past xmax).
+        let read = Visibility::parse("100:105:101,103").unwrap();
+        assert_eq!(e.unseen_before(&read, 7, 2000), Some(101));
+        // 106 committed inside the window: the window decides it, key by key.
+        assert_eq!(e.unseen_before(&read, 7, 1000), None);
+        // Table 8's transaction is not table 7's.
+        e.seen_by(&Visibility::parse("102:105:103").unwrap());
+        assert_eq!(e.unseen_before(&read, 7, 2000), None);
+        assert_eq!(e.unseen_before(&read, 8, 2000), Some(103));
+        // Forgotten once a snapshot sees them: 101 is seen, 103 and 106 are not yet.
+        assert_eq!(e.len(), 2);
+        e.seen_by(&Visibility::parse("107:107:").unwrap());
+        assert!(e.is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod hold;
 pub mod proxy;
 
 use std::future::Future;
