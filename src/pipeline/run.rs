@@ -844,7 +844,14 @@ impl Streamer<'_> {
             return Ok(());
         };
         match message {
-            Some(snapshot::Message::Chunk(c)) => link.ready.push_back(c),
+            Some(snapshot::Message::Chunk(c)) => {
+                // The oldest chunk not closed yet, when none waits before it (see
+                // [`snapshot::Earlier`]): what it sees, every chunk still to close sees.
+                if link.ready.is_empty() {
+                    link.earlier.seen_by(&c.visibility);
+                }
+                link.ready.push_back(c)
+            }
             Some(snapshot::Message::Finished(Ok(()))) if link.all_done() => {
                 link.finished = true;
                 if self.opts.until_caught_up {
@@ -944,18 +951,24 @@ impl Streamer<'_> {
         // A transaction of the table that committed before the window began, and that the
         // chunk's snapshot does not see (see [`snapshot::Earlier`]): the rows it changed are
         // older than its events, and the window cannot tell which.
-        if closed.why.is_none() {
-            let unseen =
-                link.earlier
-                    .unseen_before(&chunk.visibility, chunk.plan.relation.id, began);
-            if let Some(xid) = unseen {
-                closed = closed.read_again(format!(
+        let unseen = link
+            .earlier
+            .unseen_before(&chunk.visibility, chunk.plan.relation.id, began);
+        if let (Some(unseen), None) = (unseen, &closed.why) {
+            closed = closed.read_again(match unseen {
+                snapshot::Unseen::Transaction(xid) => format!(
                     "transaction {xid} changed {} before the chunk's window began and was not \
                      visible yet when the chunk was read",
                     chunk.plan.table
-                ));
-            }
+                ),
+                snapshot::Unseen::Forgotten => format!(
+                    "more than {} transactions arrived since a chunk was last read",
+                    snapshot::MAX_EARLIER
+                ),
+            });
         }
+        // Chunks close in the order they were read: every one still to close sees what
+        // this one saw.
         link.earlier.seen_by(&chunk.visibility);
         let Closed { rows, reread, why } = closed;
         if let Some(why) = why {

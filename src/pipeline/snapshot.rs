@@ -41,8 +41,8 @@
 //! deschedule it in between. The loop notes every transaction the stream carries while
 //! tables are copied ([`Earlier`]); a chunk whose snapshot does not see one that changed its
 //! table before its window began is read again. What remains is a transaction committed
-//! before the position the session's stream resumed from, stalled at that step through a
-//! whole restart of the pipeline.
+//! before the position the session's stream resumed from and not visible when the session
+//! reads a chunk: stalled at that step through a whole restart of the pipeline.
 //!
 //! A dropped row whose newer images are incomplete (UPDATEs that left an unchanged TOASTed
 //! column out) is built at the close from the chunk's row with those images laid over it,
@@ -679,15 +679,37 @@ impl Closed {
 /// first. When a window begins after such a commit, the window does not hold its changes and
 /// cannot drop the rows they made stale. The loop notes every transaction here instead, and
 /// reads a chunk again when its snapshot does not see a transaction of its table that
-/// committed before its window began ([`Earlier::unseen_before`]). Once a chunk's snapshot
-/// sees a transaction, every later chunk's does (it is read after), so it is forgotten: what
-/// stays is the transactions since the last chunk was read.
+/// committed before its window began ([`Earlier::unseen_before`]).
+///
+/// Chunks are read one after another and closed in that order, so what the snapshot of the
+/// oldest chunk not closed yet sees, every chunk still to close sees: such transactions are
+/// forgotten, and not noted from then on ([`Earlier::seen_by`], with each chunk as it
+/// arrives while none is waiting, and at each close). What stays is the transactions that
+/// committed after the oldest chunk still open was read. Should they be more than
+/// [`MAX_EARLIER`] (the copy has not read a chunk for that long), they are forgotten and the
+/// next chunk to close is read again, whatever its snapshot sees.
 #[derive(Debug, Default)]
 pub struct Earlier {
     /// (xid, relation id) → commit position.
     xids: HashMap<(u32, u32), u64>,
     /// The last one noted: a transaction's changes of one table come one after another.
     last: Option<(u32, u32)>,
+    /// What every chunk still to close sees.
+    floor: Option<Visibility>,
+    /// Transactions were forgotten past [`MAX_EARLIER`].
+    forgot: bool,
+}
+
+/// The most transactions [`Earlier`] holds (some 50 MB).
+pub const MAX_EARLIER: usize = 1_000_000;
+
+/// Why a chunk is read again whatever its window says ([`Earlier::unseen_before`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unseen {
+    /// This transaction changed the table before the window began; the chunk does not see it.
+    Transaction(u32),
+    /// Transactions past [`MAX_EARLIER`] were forgotten.
+    Forgotten,
 }
 
 impl Earlier {
@@ -697,21 +719,33 @@ impl Earlier {
             return;
         }
         self.last = Some((xid, relid));
+        if self.floor.as_ref().is_some_and(|f| f.sees(xid)) {
+            return;
+        }
+        if self.xids.len() >= MAX_EARLIER && !self.xids.contains_key(&(xid, relid)) {
+            self.xids.clear();
+            self.forgot = true;
+        }
         self.xids.entry((xid, relid)).or_insert(commit_lsn);
     }
 
-    /// A transaction that changed `relid`, committed before `since`, that `vis` does not see.
-    pub fn unseen_before(&self, vis: &Visibility, relid: u32, since: u64) -> Option<u32> {
+    /// At the close of a chunk of `relid` whose window began at `since`, read in `vis`: why
+    /// it is read again, if it is. (Transactions forgotten are answered for once.)
+    pub fn unseen_before(&mut self, vis: &Visibility, relid: u32, since: u64) -> Option<Unseen> {
+        if std::mem::take(&mut self.forgot) {
+            return Some(Unseen::Forgotten);
+        }
         self.xids
             .iter()
             .find(|((xid, rel), at)| *rel == relid && **at < since && !vis.sees(*xid))
-            .map(|((xid, _), _)| *xid)
+            .map(|((xid, _), _)| Unseen::Transaction(*xid))
     }
 
-    /// Forgets the transactions `vis` sees: so does every chunk read after it.
+    /// `vis` is the snapshot of the oldest chunk not closed yet, or of one older: forgets the
+    /// transactions it sees, and notes none of them from now on.
     pub fn seen_by(&mut self, vis: &Visibility) {
         self.xids.retain(|(xid, _), _| !vis.sees(*xid));
-        self.last = None;
+        self.floor = Some(vis.clone());
     }
 
     pub fn len(&self) -> usize {
@@ -2485,17 +2519,39 @@ mod tests {
         // A chunk of table 7 whose window began at 2000, read in a snapshot that does not
         // see 101 (in progress) nor 106 (at or past xmax).
         let read = Visibility::parse("100:105:101,103").unwrap();
-        assert_eq!(e.unseen_before(&read, 7, 2000), Some(101));
+        assert_eq!(
+            e.unseen_before(&read, 7, 2000),
+            Some(Unseen::Transaction(101))
+        );
         // 106 committed inside the window: the window decides it, key by key.
         assert_eq!(e.unseen_before(&read, 7, 1000), None);
         // Table 8's transaction is not table 7's.
         e.seen_by(&Visibility::parse("102:105:103").unwrap());
         assert_eq!(e.unseen_before(&read, 7, 2000), None);
-        assert_eq!(e.unseen_before(&read, 8, 2000), Some(103));
+        assert_eq!(
+            e.unseen_before(&read, 8, 2000),
+            Some(Unseen::Transaction(103))
+        );
         // Forgotten once a snapshot sees them: 101 is seen, 103 and 106 are not yet.
+        assert_eq!(e.len(), 2);
+        // Nor noted again: every chunk still to close sees 101.
+        e.note(101, 9, 4000);
         assert_eq!(e.len(), 2);
         e.seen_by(&Visibility::parse("107:107:").unwrap());
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn earlier_transactions_past_the_limit_read_the_next_chunk_again() {
+        let mut e = Earlier::default();
+        for xid in 0..=MAX_EARLIER as u32 {
+            e.note(1000 + xid, 7, u64::from(xid));
+        }
+        assert_eq!(e.len(), 1, "the others were forgotten");
+        // Whatever the next chunk sees, and once.
+        let all = Visibility::parse("4000000:4000000:").unwrap();
+        assert_eq!(e.unseen_before(&all, 8, 10), Some(Unseen::Forgotten));
+        assert_eq!(e.unseen_before(&all, 8, 10), None);
     }
 
     #[test]

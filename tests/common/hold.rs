@@ -6,7 +6,10 @@
 //!
 //! The breakpoint is on `TransactionIdCommitTree`, which a synchronous commit calls right
 //! after flushing its commit record; the servers export it (extensions link against it).
-//! `.ci/run` installs gdb.
+//! `make test-deps` installs gdb. The signals a server sends its backends (SIGUSR1 for cache
+//! invalidation and barriers, among others) pass through without stopping it: the backend
+//! stops only at the breakpoint. The hold ends when the test releases it, when the test's
+//! `CommitHold` is dropped, or after five minutes, whatever happens to the test.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -30,11 +33,15 @@ impl CommitHold {
         let dir = tempfile::tempdir().expect("temp dir");
         let release = dir.path().join("release");
         let wait = format!(
-            "shell while [ ! -e '{}' ]; do sleep 0.02; done",
+            "shell i=0; while [ ! -e '{}' ] && [ $i -lt 15000 ]; do sleep 0.02; i=$((i+1)); done",
             release.display()
         );
         let mut gdb = Command::new("gdb")
             .args(["-q", "-nx", "-batch", "-p", &pid.to_string()])
+            .args([
+                "-ex",
+                "handle SIGUSR1 SIGUSR2 SIGPIPE SIGALRM SIGTERM SIGQUIT SIGHUP nostop noprint pass",
+            ])
             .args(["-ex", "break TransactionIdCommitTree"])
             .args(["-ex", "echo HOLD-READY\\n"])
             .args(["-ex", "continue"])
@@ -80,6 +87,13 @@ impl CommitHold {
     pub fn wait_stopped(&mut self) {
         self.expect("HOLD-STOPPED", Duration::from_secs(60));
         self.stopped = true;
+        assert!(
+            self.output
+                .iter()
+                .any(|l| l.starts_with("Breakpoint 1, ") && l.contains("TransactionIdCommitTree")),
+            "the backend stopped elsewhere than at its commit:\n{}",
+            self.output.join("\n")
+        );
     }
 
     /// Lets the backend finish its commit and detaches.
@@ -118,14 +132,16 @@ impl CommitHold {
 }
 
 impl Drop for CommitHold {
-    /// Never leaves a backend stopped behind a failed test. (gdb still waiting for the
-    /// breakpoint is killed: the backend then dies on it, if it ever gets there.)
+    /// Never leaves a backend stopped, or a breakpoint in it, behind a failed test: gdb still
+    /// waiting for the breakpoint is interrupted (it stops the backend without passing it a
+    /// signal), then goes on to detach, as the release is there already.
     fn drop(&mut self) {
         if let Some(mut gdb) = self.gdb.take() {
-            if self.stopped {
-                let _ = std::fs::write(&self.release, b"");
-            } else {
-                let _ = gdb.kill();
+            let _ = std::fs::write(&self.release, b"");
+            if !self.stopped {
+                let _ = Command::new("kill")
+                    .args(["-INT", &gdb.id().to_string()])
+                    .status();
             }
             let _ = gdb.wait();
         }
