@@ -1223,6 +1223,88 @@ async fn keys_to_read_again_beyond_a_chunk_s_bytes_are_all_read() {
     .await;
 }
 
+/// More keys to read again than a copy holds (ten times `chunkSize`, at least 10,000: here
+/// 12,000 rows moved behind the copy, their TOASTed column left out of the stream's images):
+/// the table's rows are copied again from its start instead. The keys used to be held, and
+/// written with every chunk's progress, however many there were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_keys_to_read_again_than_a_copy_holds_copy_the_table_again() {
+    let (src, buf, source) = databases_with(
+        "snap_too_many_moved",
+        "CREATE TABLE tm (id int PRIMARY KEY, n int NOT NULL, doc text);
+         ALTER TABLE tm ALTER doc SET STORAGE EXTERNAL;
+         INSERT INTO tm SELECT g, 0, repeat(md5(g::text), 70) FROM generate_series(1, 14000) g;",
+    )
+    .await;
+    let cfg = config(&manifest(
+        "snap-too-many-moved",
+        &src,
+        &buf,
+        &["tm"],
+        "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
+    ));
+    let buffer = connect(&buf).await;
+    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            !p.snapshots.is_empty()
+        })
+        .await;
+    slow_down_buffer(&buffer, "0.0003").await;
+    running
+        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    running.stop().await.expect("stops");
+    let (copying, copied) = phase(&buffer, "test/snap-too-many-moved", "public.tm").await;
+    assert_eq!(copying, "Copying", "copied {copied}; make the table larger");
+    buffer
+        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
+        .await
+        .expect("drop the trigger");
+    // 12,000 keys to read again, whatever the copy has read.
+    source
+        .batch_execute("UPDATE tm SET id = -id, n = n + 1 WHERE id > 2000")
+        .await
+        .expect("move rows behind the copy");
+    let running = start(cfg, pipeline::RunOptions::default());
+    // The most keys to read again the buffer ever holds for the table, until the copy is done.
+    let mut most = 0;
+    loop {
+        let r = buffer
+            .query_one(
+                "SELECT coalesce(json_array_length(reread), 0), phase FROM philotes.cdc_snapshots
+                 WHERE pipeline = 'test/snap-too-many-moved' AND table_name = 'tm'",
+                &[],
+            )
+            .await
+            .expect("progress");
+        most = most.max(r.get::<_, i32>(0));
+        if r.get::<_, String>(1) == "Done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        most <= 10_000,
+        "{most} keys to read again held; at most 10,000"
+    );
+    // Copied again from its start: every row of the table once more, after what was copied
+    // before the stop.
+    let copies = snapshot_events(&buffer, "test/snap-too-many-moved", "public.tm").await;
+    assert!(copies >= copied + 14_000, "{copies} rows copied in all");
+    finish_copy(running, &source).await;
+    assert_replay_equals_source(
+        &source,
+        &buffer,
+        "test/snap-too-many-moved",
+        "public.tm",
+        &["id"],
+    )
+    .await;
+}
+
 /// One UPDATE of more rows than a chunk's window keeps changes of (100,000), committed while
 /// the table is copied: the window stops noting them and its chunk is read again, and the
 /// copy still replays to the source.

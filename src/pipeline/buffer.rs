@@ -422,6 +422,7 @@ impl Buffer {
                     range_done: r.get(7),
                     done_lsn: r.get::<_, Option<&str>>(8).and_then(lsn::parse),
                     started_lsn: r.get::<_, Option<&str>>(9).and_then(lsn::parse),
+                    pass: 0,
                 },
             );
         }

@@ -362,6 +362,17 @@ struct Carried {
     started: bool,
 }
 
+/// Holds a table's keys to read again to their bound ([`TableState::max_reread`]): past it,
+/// the table's rows are copied again from its start.
+fn bound_reread(cfg: &PipelineConfig, state: &mut TableState) {
+    let max = TableState::max_reread(cfg.snapshot.chunk_size);
+    if state.reread.len() > max {
+        tracing::info!(pipeline = %cfg.id, table = %state.table, keys = state.reread.len(), max,
+            "more keys to read again than a copy holds; copying the table's rows again from its start");
+        state.restart_range();
+    }
+}
+
 /// One connection's worth of streaming: provision, resume from the checkpoint, loop.
 async fn session(
     cfg: &PipelineConfig,
@@ -1059,7 +1070,8 @@ impl Streamer<'_> {
             }
             self.on_change(change, lsn).await?;
         }
-        let next = chunk.advance(&before, written, reread, opened, commit_lsn);
+        let mut next = chunk.advance(&before, written, reread, opened, commit_lsn);
+        bound_reread(self.cfg, &mut next);
         let phase = next.phase;
         // Published (status, metrics, the log line) once the buffer transaction holding it
         // commits: see `snapshots_committed`.
@@ -1215,6 +1227,7 @@ impl Streamer<'_> {
         // is past the change, the key to read again is durable too. (A set lookup above:
         // a large UPDATE moving rows behind the copy notes one key per row.)
         state.reread.push(key);
+        bound_reread(self.cfg, state);
         // The state is taken when the batch is handed over (see `Pending::moved`).
         if !self.pending.moved.contains(&state.table) {
             self.pending.moved.push(state.table.clone());

@@ -88,6 +88,13 @@ pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// key, until the chunk closes).
 const MAX_WINDOW_TOUCHES: usize = 100_000;
 
+/// The keys to read again are at most this many times `chunkSize` (and at least
+/// [`MIN_REREAD_KEYS`]): past it, the table's range is copied again from its start instead
+/// ([`TableState::restart_range`]), so their memory, and the bytes written with each chunk's
+/// progress, follow the chunk size and not the table's.
+const REREAD_CHUNKS: usize = 10;
+const MIN_REREAD_KEYS: usize = 10_000;
+
 /// Rows fetched from the chunk's cursor per round trip.
 const FETCH_ROWS: usize = 1000;
 
@@ -222,6 +229,10 @@ pub struct TableState {
     pub started_lsn: Option<u64>,
     /// Set once done: the commit position of the chunk that completed it.
     pub done_lsn: Option<u64>,
+    /// How many times this session copied the range again from its start
+    /// ([`TableState::restart_range`]): chunks of the range read before no longer move it.
+    /// Not written: the next session starts from what was.
+    pub pass: u32,
 }
 
 impl TableState {
@@ -244,7 +255,26 @@ impl TableState {
             range_done: false,
             started_lsn: None,
             done_lsn: None,
+            pass: 0,
         }
+    }
+
+    /// The most keys to read again a copy in chunks of `chunk_size` holds.
+    pub fn max_reread(chunk_size: usize) -> usize {
+        chunk_size
+            .saturating_mul(REREAD_CHUNKS)
+            .max(MIN_REREAD_KEYS)
+    }
+
+    /// Copies the table's range again from its start, instead of reading the keys noted one
+    /// by one: the range reads every row that exists, whole, in a chunk read after they were
+    /// noted (a key it does not find holds no row). Chunks of the range read before keep
+    /// their rows but no longer move its position.
+    pub fn restart_range(&mut self) {
+        self.last_key = None;
+        self.range_done = false;
+        self.reread.clear();
+        self.pass += 1;
     }
 
     /// Still to copy.
@@ -562,6 +592,8 @@ pub struct Chunk {
     pub last_key: Option<Vec<String>>,
     /// A range chunk that reached the end of the table.
     pub end: bool,
+    /// The pass of the range it was read in ([`TableState::pass`]).
+    pub pass: u32,
     /// The table's definition the rows were read with ([`definition_sql`]), the plan's.
     pub definition: String,
 }
@@ -609,6 +641,8 @@ impl Chunk {
         // of the copy (README: the consumer rule of a finished copy).
         next.started_lsn.get_or_insert(opened);
         match &self.kind {
+            // Read before the range started over: its rows are written, its position is past.
+            ChunkKind::After(_) if self.pass != next.pass => {}
             ChunkKind::After(_) => {
                 if let Some(last) = &self.last_key {
                     next.last_key = Some(last.clone());
@@ -1579,6 +1613,7 @@ async fn copy_tables(
         };
         let mut in_flight: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
         let mut seen = Seen::default();
+        let mut pass = state.pass;
         loop {
             while let Ok(next) = task.results.try_recv() {
                 state = next;
@@ -1586,6 +1621,12 @@ async fn copy_tables(
             }
             if state.phase == Phase::Done {
                 break;
+            }
+            // The loop started the range over (too many keys to read again): from the start.
+            if state.pass != pass {
+                pass = state.pass;
+                next_after = None;
+                range_sent = false;
             }
             let reread_in_flight = in_flight.iter().any(|r| *r);
             // Keys noted under another key (the loop has not written a chunk under the new
@@ -1742,6 +1783,7 @@ async fn copy_tables(
                 rows,
                 last_key,
                 end,
+                pass,
                 definition,
             };
             if task
@@ -2458,6 +2500,7 @@ mod tests {
             range_done: false,
             started_lsn: None,
             done_lsn: None,
+            pass: 0,
         }
     }
 
@@ -2475,6 +2518,7 @@ mod tests {
             last_key: ids.last().map(|i| vec![i.to_string()]),
             rows,
             end: true,
+            pass: 0,
             definition: "d".into(),
         }
     }
@@ -2937,6 +2981,39 @@ mod tests {
             (done.phase, done.done_lsn, done.rows_copied),
             (Phase::Done, Some(99), 3)
         );
+    }
+
+    #[test]
+    fn a_range_started_over_is_not_moved_by_chunks_read_before() {
+        let mut before = state();
+        before.last_key = Some(vec!["500".to_string()]);
+        before.reread = (0..20)
+            .map(|k| vec![k.to_string()])
+            .collect::<Vec<_>>()
+            .into();
+        // Ten times a chunk of 1 row, but at least 10,000.
+        assert_eq!(TableState::max_reread(1), 10_000);
+        assert_eq!(TableState::max_reread(5_000), 50_000);
+        before.restart_range();
+        assert_eq!(before.pass, 1);
+        assert!(before.last_key.is_none() && before.reread.is_empty() && !before.range_done);
+        // A chunk of the range read before: its rows count, its position does not.
+        let old = Chunk {
+            end: true,
+            ..chunk(&[501, 502], "10:10:")
+        };
+        let next = old.advance(&before, 2, vec![], 70, 77);
+        assert_eq!((next.last_key.clone(), next.range_done), (None, false));
+        assert_eq!((next.phase, next.rows_copied), (Phase::Copying, 2));
+        // One read after: both.
+        let new = Chunk {
+            pass: 1,
+            end: true,
+            ..chunk(&[1, 2], "10:10:")
+        };
+        let done = new.advance(&next, 2, vec![], 80, 88);
+        assert_eq!(done.last_key, Some(vec!["2".to_string()]));
+        assert_eq!((done.phase, done.done_lsn), (Phase::Done, Some(88)));
     }
 
     #[test]
