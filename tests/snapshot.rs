@@ -1271,7 +1271,12 @@ async fn more_keys_to_read_again_than_a_copy_holds_copy_the_table_again() {
     let running = start(cfg, pipeline::RunOptions::default());
     // The most keys to read again the buffer ever holds for the table, until the copy is done.
     let mut most = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy was not done within 300s ({most} keys to read again at most)"
+        );
         let r = buffer
             .query_one(
                 "SELECT coalesce(json_array_length(reread), 0), phase FROM philotes.cdc_snapshots

@@ -962,21 +962,17 @@ impl Streamer<'_> {
         // A transaction of the table that committed before the window began, and that the
         // chunk's snapshot does not see (see [`snapshot::Earlier`]): the rows it changed are
         // older than its events, and the window cannot tell which.
-        let unseen = link
-            .earlier
-            .unseen_before(&chunk.visibility, chunk.plan.relation.id, began);
-        if let (Some(unseen), None) = (unseen, &closed.why) {
-            closed = closed.read_again(match unseen {
-                snapshot::Unseen::Transaction(xid) => format!(
+        if closed.why.is_none() {
+            let unseen =
+                link.earlier
+                    .unseen_before(&chunk.visibility, chunk.plan.relation.id, began);
+            if let Some(xid) = unseen {
+                closed = closed.read_again(format!(
                     "transaction {xid} changed {} before the chunk's window began and was not \
                      visible yet when the chunk was read",
                     chunk.plan.table
-                ),
-                snapshot::Unseen::Forgotten => format!(
-                    "more than {} transactions arrived since a chunk was last read",
-                    snapshot::MAX_EARLIER
-                ),
-            });
+                ));
+            }
         }
         // Chunks close in the order they were read: every one still to close sees what
         // this one saw.
@@ -1136,7 +1132,7 @@ impl Streamer<'_> {
                     Decoded::Change(c) => c,
                     Decoded::Truncate(cs) => {
                         for c in &cs {
-                            self.note_in_window(c);
+                            self.note_in_window(c)?;
                         }
                         for c in cs {
                             match self.refused(&c) {
@@ -1151,7 +1147,7 @@ impl Streamer<'_> {
                     Decoded::Nothing => return Ok(()),
                     Decoded::Poison(poison) => return self.on_poison(poison, data, wal_start.0),
                 };
-                self.note_in_window(&change);
+                self.note_in_window(&change)?;
                 if let Some(poison) = self.refused(&change) {
                     return self.set_aside(poison, data, wal_start.0).await;
                 }
@@ -1184,22 +1180,29 @@ impl Streamer<'_> {
 
     /// Notes a change in the open snapshot window, if any; and a row moved behind the copy
     /// of its table with an incomplete image, whose new key is then read again.
-    fn note_in_window(&mut self, change: &Change) {
+    fn note_in_window(&mut self, change: &Change) -> Result<()> {
         let Some(link) = self.snap.as_mut() else {
-            return;
+            return Ok(());
         };
         if let Some(open) = self.tx.as_ref() {
             if let Some(window) = link.window.as_mut() {
                 window.record(open.xid, change);
             }
             // While tables are copied (see [`snapshot::Earlier`]).
-            if !link.finished {
-                link.earlier
-                    .note(open.xid, change.relation.id, open.commit_lsn);
+            if !link.finished
+                && !link
+                    .earlier
+                    .note(open.xid, change.relation.id, open.commit_lsn)
+            {
+                return Err(Error::Stream(format!(
+                    "more than {} transactions arrived while the snapshot read no chunk; \
+                     starting the session again (the copy resumes from its last chunk written)",
+                    snapshot::MAX_EARLIER
+                )));
             }
         }
         if change.operation != super::decode::Operation::Update || change.before.is_none() {
-            return;
+            return Ok(());
         }
         let rel = &change.relation;
         let Some(state) = link
@@ -1207,7 +1210,7 @@ impl Streamer<'_> {
             .values_mut()
             .find(|t| t.table.schema == rel.schema && t.table.name == rel.name)
         else {
-            return;
+            return Ok(());
         };
         // Only once a chunk was written under a known key: before, nothing was passed.
         let Some(names) = state
@@ -1215,13 +1218,13 @@ impl Streamer<'_> {
             .as_ref()
             .filter(|_| state.phase == Phase::Copying)
         else {
-            return;
+            return Ok(());
         };
         let Some(key) = snapshot::moved_without_whole_image(change, names) else {
-            return;
+            return Ok(());
         };
         if state.reread.contains(&key) {
-            return;
+            return Ok(());
         }
         // Written with this change, in the same buffer transaction: once the checkpoint
         // is past the change, the key to read again is durable too. (A set lookup above:
@@ -1233,6 +1236,7 @@ impl Streamer<'_> {
             self.pending.moved.push(state.table.clone());
         }
         self.arm_deadline();
+        Ok(())
     }
 
     /// One change of the open transaction: skipped if the buffer has it already, else encoded

@@ -38,9 +38,9 @@
 //! transaction the source shows as committed. A commit record can still precede a window and
 //! its transaction be invisible to `S`: its backend writes the record (the stream carries it
 //! from then on) before it marks the transaction committed, and a loaded machine can
-//! deschedule it in between. The loop notes every transaction the stream carries while
-//! tables are copied ([`Earlier`]); a chunk whose snapshot does not see one that changed its
-//! table before its window began is read again. What remains is a transaction committed
+//! deschedule it in between. While tables are copied, the loop notes every transaction the
+//! stream carries that a chunk still to close may not see ([`Earlier`]); a chunk whose
+//! snapshot does not see one that changed its table before its window began is read again. What remains is a transaction committed
 //! before the position the session's stream resumed from and not visible when the session
 //! reads a chunk: stalled at that step through a whole restart of the pipeline.
 //!
@@ -719,9 +719,10 @@ impl Closed {
 /// oldest chunk not closed yet sees, every chunk still to close sees: such transactions are
 /// forgotten, and not noted from then on ([`Earlier::seen_by`], with each chunk as it
 /// arrives while none is waiting, and at each close). What stays is the transactions that
-/// committed after the oldest chunk still open was read. Should they be more than
-/// [`MAX_EARLIER`] (the copy has not read a chunk for that long), they are forgotten and the
-/// next chunk to close is read again, whatever its snapshot sees.
+/// committed after the oldest chunk still open was read. Should they reach [`MAX_EARLIER`]
+/// (the copy has not read a chunk for that long), the session ends and the next one resumes
+/// the copy from its last chunk written: forgetting them would leave the chunks still to
+/// close unchecked.
 #[derive(Debug, Default)]
 pub struct Earlier {
     /// (xid, relation id) → commit position.
@@ -730,49 +731,36 @@ pub struct Earlier {
     last: Option<(u32, u32)>,
     /// What every chunk still to close sees.
     floor: Option<Visibility>,
-    /// Transactions were forgotten past [`MAX_EARLIER`].
-    forgot: bool,
 }
 
 /// The most transactions [`Earlier`] holds (some 50 MB).
 pub const MAX_EARLIER: usize = 1_000_000;
 
-/// Why a chunk is read again whatever its window says ([`Earlier::unseen_before`]).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Unseen {
-    /// This transaction changed the table before the window began; the chunk does not see it.
-    Transaction(u32),
-    /// Transactions past [`MAX_EARLIER`] were forgotten.
-    Forgotten,
-}
-
 impl Earlier {
-    /// Notes that transaction `xid`, committing at `commit_lsn`, changed relation `relid`.
-    pub fn note(&mut self, xid: u32, relid: u32, commit_lsn: u64) {
+    /// Notes that transaction `xid`, committing at `commit_lsn`, changed relation `relid`;
+    /// `false` when [`MAX_EARLIER`] are held already (it is not noted).
+    pub fn note(&mut self, xid: u32, relid: u32, commit_lsn: u64) -> bool {
         if self.last == Some((xid, relid)) {
-            return;
+            return true;
         }
-        self.last = Some((xid, relid));
         if self.floor.as_ref().is_some_and(|f| f.sees(xid)) {
-            return;
+            self.last = Some((xid, relid));
+            return true;
         }
         if self.xids.len() >= MAX_EARLIER && !self.xids.contains_key(&(xid, relid)) {
-            self.xids.clear();
-            self.forgot = true;
+            return false;
         }
+        self.last = Some((xid, relid));
         self.xids.entry((xid, relid)).or_insert(commit_lsn);
+        true
     }
 
-    /// At the close of a chunk of `relid` whose window began at `since`, read in `vis`: why
-    /// it is read again, if it is. (Transactions forgotten are answered for once.)
-    pub fn unseen_before(&mut self, vis: &Visibility, relid: u32, since: u64) -> Option<Unseen> {
-        if std::mem::take(&mut self.forgot) {
-            return Some(Unseen::Forgotten);
-        }
+    /// A transaction that changed `relid`, committed before `since`, that `vis` does not see.
+    pub fn unseen_before(&self, vis: &Visibility, relid: u32, since: u64) -> Option<u32> {
         self.xids
             .iter()
             .find(|((xid, rel), at)| *rel == relid && **at < since && !vis.sees(*xid))
-            .map(|((xid, _), _)| Unseen::Transaction(*xid))
+            .map(|((xid, _), _)| *xid)
     }
 
     /// `vis` is the snapshot of the oldest chunk not closed yet, or of one older: forgets the
@@ -2563,19 +2551,13 @@ mod tests {
         // A chunk of table 7 whose window began at 2000, read in a snapshot that does not
         // see 101 (in progress) nor 106 (at or past xmax).
         let read = Visibility::parse("100:105:101,103").unwrap();
-        assert_eq!(
-            e.unseen_before(&read, 7, 2000),
-            Some(Unseen::Transaction(101))
-        );
+        assert_eq!(e.unseen_before(&read, 7, 2000), Some(101));
         // 106 committed inside the window: the window decides it, key by key.
         assert_eq!(e.unseen_before(&read, 7, 1000), None);
         // Table 8's transaction is not table 7's.
         e.seen_by(&Visibility::parse("102:105:103").unwrap());
         assert_eq!(e.unseen_before(&read, 7, 2000), None);
-        assert_eq!(
-            e.unseen_before(&read, 8, 2000),
-            Some(Unseen::Transaction(103))
-        );
+        assert_eq!(e.unseen_before(&read, 8, 2000), Some(103));
         // Forgotten once a snapshot sees them: 101 is seen, 103 and 106 are not yet.
         assert_eq!(e.len(), 2);
         // Nor noted again: every chunk still to close sees 101.
@@ -2586,16 +2568,15 @@ mod tests {
     }
 
     #[test]
-    fn earlier_transactions_past_the_limit_read_the_next_chunk_again() {
+    fn earlier_transactions_past_the_limit_are_refused() {
         let mut e = Earlier::default();
-        for xid in 0..=MAX_EARLIER as u32 {
-            e.note(1000 + xid, 7, u64::from(xid));
+        for xid in 0..MAX_EARLIER as u32 {
+            assert!(e.note(1000 + xid, 7, u64::from(xid)));
         }
-        assert_eq!(e.len(), 1, "the others were forgotten");
-        // Whatever the next chunk sees, and once.
-        let all = Visibility::parse("4000000:4000000:").unwrap();
-        assert_eq!(e.unseen_before(&all, 8, 10), Some(Unseen::Forgotten));
-        assert_eq!(e.unseen_before(&all, 8, 10), None);
+        assert!(!e.note(5_000_000, 7, 1), "one more");
+        // One noted already still is.
+        assert!(e.note(1000, 7, 0));
+        assert_eq!(e.len(), MAX_EARLIER);
     }
 
     #[test]
