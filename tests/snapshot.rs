@@ -1164,6 +1164,32 @@ async fn a_row_moved_behind_the_copy_keeping_a_toasted_column_is_copied_whole() 
     assert_replay_equals_source(&source, &buffer, "test/snap-moved", "public.mv", &["id"]).await;
 }
 
+/// Runs `cfg` until its copy of `table` has written a chunk (a busy buffer, a row trigger
+/// that sleeps, keeps it going until then) and stops it mid-copy; returns the rows copied.
+/// The buffer is quick again after.
+async fn stop_after_a_chunk(cfg: &pipeline::PipelineConfig, buffer: &Client, table: &str) -> i64 {
+    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
+    running
+        .wait("the copy to start", Duration::from_secs(60), |p| {
+            !p.snapshots.is_empty()
+        })
+        .await;
+    slow_down_buffer(buffer, "0.0003").await;
+    running
+        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
+            p.snapshots.iter().any(|t| t.rows_copied > 0)
+        })
+        .await;
+    running.stop().await.expect("stops");
+    let (copying, copied) = phase(buffer, &cfg.id, table).await;
+    assert_eq!(copying, "Copying", "copied {copied}; make the table larger");
+    buffer
+        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
+        .await
+        .expect("drop the trigger");
+    copied
+}
+
 /// More keys to read again than one chunk's bytes hold (here 8,000 rows of 3 KB moved behind
 /// the copy, their TOASTed column left out of the stream's images; a chunk holds 8 MB): the
 /// keys a chunk did not get to stay noted and are read by the next ones. They used to be
@@ -1185,27 +1211,8 @@ async fn keys_to_read_again_beyond_a_chunk_s_bytes_are_all_read() {
         &["mm"],
         "flushInterval: 100ms\nsnapshot: {chunkSize: 10000}",
     ));
-    // A busy buffer keeps the copy going until the stop.
     let buffer = connect(&buf).await;
-    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
-    running
-        .wait("the copy to start", Duration::from_secs(60), |p| {
-            !p.snapshots.is_empty()
-        })
-        .await;
-    slow_down_buffer(&buffer, "0.0003").await;
-    running
-        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
-            p.snapshots.iter().any(|t| t.rows_copied > 0)
-        })
-        .await;
-    running.stop().await.expect("stops");
-    let copying = phase(&buffer, "test/snap-many-moved", "public.mm").await;
-    assert_eq!(copying.0, "Copying", "{copying:?}; make the table larger");
-    buffer
-        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
-        .await
-        .expect("drop the trigger");
+    stop_after_a_chunk(&cfg, &buffer, "public.mm").await;
     // Behind the copy, whatever it has read: 8,000 keys to read again, 24 MB of rows.
     source
         .batch_execute("UPDATE mm SET id = -id, n = n + 1 WHERE id > 12000")
@@ -1244,25 +1251,7 @@ async fn more_keys_to_read_again_than_a_copy_holds_copy_the_table_again() {
         "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
     ));
     let buffer = connect(&buf).await;
-    let mut running = start(cfg.clone(), pipeline::RunOptions::default());
-    running
-        .wait("the copy to start", Duration::from_secs(60), |p| {
-            !p.snapshots.is_empty()
-        })
-        .await;
-    slow_down_buffer(&buffer, "0.0003").await;
-    running
-        .wait("the copy to write a chunk", Duration::from_secs(60), |p| {
-            p.snapshots.iter().any(|t| t.rows_copied > 0)
-        })
-        .await;
-    running.stop().await.expect("stops");
-    let (copying, copied) = phase(&buffer, "test/snap-too-many-moved", "public.tm").await;
-    assert_eq!(copying, "Copying", "copied {copied}; make the table larger");
-    buffer
-        .batch_execute("DROP TRIGGER slow ON philotes.cdc_event_log")
-        .await
-        .expect("drop the trigger");
+    let copied = stop_after_a_chunk(&cfg, &buffer, "public.tm").await;
     // 12,000 keys to read again, whatever the copy has read.
     source
         .batch_execute("UPDATE tm SET id = -id, n = n + 1 WHERE id > 2000")

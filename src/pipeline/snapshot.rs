@@ -770,11 +770,13 @@ impl Earlier {
         self.floor = Some(vis.clone());
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.xids.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.xids.is_empty()
     }
 }
