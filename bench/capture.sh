@@ -5,6 +5,8 @@
 #              BENCH_SNAPSHOT_ROWS (rows of the snapshot workload's table, default 5000000),
 #              BENCH_SNAPSHOT_CONTENDERS (default "copy native philotes"; add "halves" for two
 #              pipelines copying half the table each at once, PostgreSQL 15+),
+#              BENCH_SNAPSHOT_SPEC (more of the snapshot pipeline's spec.snapshot, e.g.
+#              "chunkSize: 50000"; default: none, the defaults users get),
 #              BENCH_DURABILITY (production: fsync, synchronous_commit and full_page_writes on,
 #              the default; off: fsync and full_page_writes off, a labelled variant),
 #              BENCH_FRESH_RATES (transactions per second of the freshness workload's trickles,
@@ -164,7 +166,7 @@ metadata: {name: ${6:-bench}, namespace: bench}
 spec:
   source: {connectionSecretRef: {name: src}, tables: [${7:-public.${4:-t}}], publication: ${5:-bench}, slot: $2}
   buffer: {connectionSecretRef: {name: buf}}
-  snapshot: {mode: $3}
+  snapshot: {mode: $3${BENCH_SNAPSHOT_SPEC:+, $BENCH_SNAPSHOT_SPEC}}
 ---
 apiVersion: v1
 kind: Secret
