@@ -373,7 +373,7 @@ pub struct TableSnapshotStatus {
     /// The source's estimate of the table's rows (`pg_class.reltuples`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows_estimate: Option<i64>,
-    /// What asked for it (`initial`, `added`, `resync:<id>`, `gap:<lsn>`, `cli:<time>`).
+    /// What asked for it (`initial`, `added`, `changed`, `resync:<id>`, `gap:<lsn>`, `cli:<time>`).
     pub request: String,
 }
 

@@ -1266,6 +1266,35 @@ async fn a_snapshot_reports_its_progress_in_status_and_metrics() {
     )
     .await;
     assert_eq!(copies[0], copied + 20001);
+    // A row filter put on the table in the spec (PostgreSQL 15+): the publication follows
+    // it and the table is copied again, the rows it takes in only.
+    if server_version(&db).await >= 150000 {
+        pipelines
+            .patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {
+                    "source": {"tables": [{"name": "t", "where": "id > 15000"}]},
+                    "snapshot": {"resync": null},
+                }})),
+            )
+            .await
+            .unwrap();
+        let filtered = wait_status(&pipelines, "p", "the table copied under its filter", |s| {
+            s.phase.as_deref() == Some("Running")
+                && s.snapshots
+                    .first()
+                    .is_some_and(|t| t.request == "changed" && t.phase == "Done")
+        })
+        .await;
+        assert_eq!(filtered.snapshots[0].rows_copied, 5001);
+        let filter: Vec<Option<String>> = column(
+            &db,
+            "SELECT rowfilter FROM pg_publication_tables WHERE tablename = 't'",
+        )
+        .await;
+        assert_eq!(filter, [Some("(id > 15000)".to_string())]);
+    }
     op.stop().await;
 }
 

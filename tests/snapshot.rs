@@ -581,12 +581,24 @@ async fn a_table_is_added_resynced_and_copied_again_on_demand() {
         &["a", "b"],
         "flushInterval: 100ms\nsnapshot: {chunkSize: 100}",
     );
+    // A transaction that changed b before it was published, still open then, commits
+    // after the copy could have read the row: its change is in the copy.
+    let open = connect(&src).await;
+    open.batch_execute("BEGIN; UPDATE b SET v = 'in flight' WHERE id = 9")
+        .await
+        .expect("open transaction");
     let mut running = start(config(&both), pipeline::RunOptions::default());
-    running.streaming().await;
+    running
+        .wait("the stream", Duration::from_secs(60), |p| {
+            p.state == pipeline::State::Streaming
+        })
+        .await;
     source
         .batch_execute("INSERT INTO a VALUES (51, 'new'); UPDATE b SET v = 'changed' WHERE id = 7; DELETE FROM b WHERE id = 8;")
         .await
         .expect("writes");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    open.batch_execute("COMMIT").await.expect("commit");
     running
         .wait("b to be copied", Duration::from_secs(60), |p| {
             p.snapshots
@@ -1702,4 +1714,183 @@ async fn a_copy_whose_key_type_changes_starts_over() {
         r#"["id"]"#,
     )
     .await;
+}
+
+/// The pipeline `manifest` with its one table given as `entry` (a column list, a condition).
+fn with_entry(name: &str, src: &str, buf: &str, entry: &str) -> String {
+    manifest(name, src, buf, &["f"], "snapshot: {chunkSize: 100}").replace("['f']", entry)
+}
+
+/// What the pipeline's publication holds for `f`: its columns and its row filter.
+async fn publication_entry(source: &Client, publication: &str) -> (Vec<String>, String) {
+    let r = source
+        .query_one(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'f'",
+            &[&publication],
+        )
+        .await
+        .expect("publication entry");
+    (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())
+}
+
+/// `f`'s copy: (request, phase, rows copied), and the SNAPSHOT events written for it so far.
+async fn copy_of_f(buffer: &Client, pipeline: &str) -> (String, String, i64, i64) {
+    let r = buffer
+        .query_one(
+            "SELECT request, phase, rows_copied FROM philotes.cdc_snapshots WHERE pipeline = $1 AND table_name = 'f'",
+            &[&pipeline],
+        )
+        .await
+        .expect("snapshot row");
+    (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        snapshot_events(buffer, pipeline, "public.f").await,
+    )
+}
+
+/// A table's column list or row filter changed in the spec of a running pipeline: the
+/// publication Philotes owns follows it, and the table is copied again, so the rows it now
+/// takes in are captured and the consumer rule of a finished copy removes the rows it leaves
+/// out (`philotes verify` replays by that rule). The publication already holding the new
+/// entry when the pipeline starts (a stop right after it was changed) still copies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_whose_columns_or_row_filter_change_is_copied_again() {
+    let (src, buf, source) = databases_with(
+        "snap_refilter",
+        "CREATE TABLE f (id int PRIMARY KEY, v text, secret text);
+         INSERT INTO f SELECT g, 'v' || g, 's' || g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    if server_version(&source).await < 150000 {
+        eprintln!("column lists and row filters need PostgreSQL 15; skipped");
+        return;
+    }
+    let buffer = connect(&buf).await;
+    let pipeline = "test/snap-refilter";
+    let verify = |m: &str| {
+        let file = manifest_file(m);
+        let (code, out) = run_cli(&["verify", "-f", file.path().to_str().expect("path")]);
+        assert_eq!(code, 0, "{out}");
+    };
+
+    let first = with_entry(
+        "snap-refilter",
+        &src,
+        &buf,
+        r#"[{name: f, columns: [id, v], where: "id <= 300"}]"#,
+    );
+    let cfg = config(&first);
+    assert_eq!(catch_up(&cfg).await, pipeline::Outcome::CaughtUp);
+    assert_eq!(
+        copy_of_f(&buffer, pipeline).await,
+        ("initial".into(), "Done".into(), 300, 300)
+    );
+    verify(&first);
+
+    // Changed while it is stopped: a row it captures, and one it will take in.
+    source
+        .batch_execute("UPDATE f SET v = 'changed' WHERE id IN (250, 350)")
+        .await
+        .expect("updates");
+    // A condition on a column outside the replica identity would make the source refuse
+    // the table's UPDATEs and DELETEs: refused, the publication left as it was.
+    let outside = with_entry(
+        "snap-refilter",
+        &src,
+        &buf,
+        r#"[{name: f, columns: [id, v], where: "v <> 'hidden'"}]"#,
+    );
+    let err = start_fails(config(&outside), "a condition outside the key").await;
+    assert!(err.to_string().contains("replica identity"), "{err}");
+    assert_eq!(
+        publication_entry(&source, &cfg.publication).await,
+        (
+            vec!["id".to_string(), "v".to_string()],
+            "(id <= 300)".to_string()
+        )
+    );
+    source
+        .batch_execute("UPDATE f SET v = v WHERE id = 1; DELETE FROM f WHERE id = 2; INSERT INTO f VALUES (2, 'v2', 's2')")
+        .await
+        .expect("the source's updates still work");
+
+    // More columns, and rows moved: 1-200 left out, 301-700 taken in. A transaction that
+    // changed a row it takes in before the publication changed, still open then, commits
+    // after the pipeline started: its change is in the copy.
+    let second = with_entry(
+        "snap-refilter",
+        &src,
+        &buf,
+        r#"[{name: f, columns: [id, v, secret], where: "id > 200 AND id <= 700"}]"#,
+    );
+    let open = connect(&src).await;
+    open.batch_execute("BEGIN; UPDATE f SET v = 'in flight' WHERE id = 400")
+        .await
+        .expect("open transaction");
+    let run = tokio::spawn({
+        let cfg = config(&second);
+        async move { catch_up(&cfg).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    open.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(
+        run.await.expect("pipeline task"),
+        pipeline::Outcome::CaughtUp
+    );
+    let (columns, filter) = publication_entry(&source, &cfg.publication).await;
+    assert_eq!(columns, vec!["id", "v", "secret"]);
+    assert_eq!(filter, "((id > 200) AND (id <= 700))");
+    assert_eq!(
+        copy_of_f(&buffer, pipeline).await,
+        ("changed".into(), "Done".into(), 500, 800)
+    );
+    let images: Vec<String> = column(
+        &buffer,
+        "SELECT after::text FROM philotes.cdc_events WHERE pipeline = 'test/snap-refilter' AND operation = 'SNAPSHOT' \
+         AND after->>'id' = '350'",
+    )
+    .await;
+    assert_eq!(
+        images,
+        vec![r#"{"id":350,"v":"changed","secret":"s350"}"#.to_string()]
+    );
+    assert_eq!(
+        replay(&buffer, pipeline, "public.f", &["id"]).await["[400]"]["v"],
+        "in flight"
+    );
+    verify(&second);
+    // Started again as it is: nothing copied again.
+    assert_eq!(
+        catch_up(&config(&second)).await,
+        pipeline::Outcome::CaughtUp
+    );
+    assert_eq!(copy_of_f(&buffer, pipeline).await.3, 800);
+
+    // The publication already holds the next entry (a stop right after Philotes changed it,
+    // before it recorded the request): the copy follows what the publication holds.
+    source
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {pub} DROP TABLE f; ALTER PUBLICATION {pub} ADD TABLE f (id, v, secret) WHERE (id > 600)",
+            pub = cfg.publication
+        ))
+        .await
+        .expect("publication changed");
+    source
+        .batch_execute("DELETE FROM f WHERE id = 650; INSERT INTO f VALUES (1001, 'new', 's')")
+        .await
+        .expect("writes");
+    let third = with_entry(
+        "snap-refilter",
+        &src,
+        &buf,
+        r#"[{name: f, columns: [id, v, secret], where: "id > 600"}]"#,
+    );
+    assert_eq!(catch_up(&config(&third)).await, pipeline::Outcome::CaughtUp);
+    assert_eq!(
+        copy_of_f(&buffer, pipeline).await,
+        ("changed".into(), "Done".into(), 400, 1200)
+    );
+    verify(&third);
 }

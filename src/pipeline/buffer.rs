@@ -8,7 +8,7 @@
 //! the transaction with the table definitions and the checkpoint, and the writer reports it
 //! back once committed. Only then does the loop confirm the checkpoint to the source.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use super::error::{Error, Result};
 use super::identity::Recorded;
 use super::lsn;
 use super::snapshot::{Phase, TableState};
+use super::source::Pending;
 use crate::crd::SnapshotMode;
 
 /// Classifies an error of the buffer: what retrying can heal (the server restarting,
@@ -373,11 +374,19 @@ impl Buffer {
     /// to a pipeline that has snapshots, and the tables of a `spec.snapshot.resync` request
     /// not carried out yet. A pipeline of an earlier release (a checkpoint, no snapshots
     /// recorded) has its tables recorded as `Skipped`: upgrading copies nothing.
+    /// A table whose entry in the publication (`published`, by `schema.name`, see
+    /// [`Published::describe`](super::source::Published::describe)) is not the one its copy
+    /// followed, or that Philotes's own publication is about to publish anew or again
+    /// (`pending`: the stream did not carry what the spec asks for), is copied again
+    /// (request `changed`); under `mode: Never` only a copy a user asked for and that is
+    /// under way is, starting over.
     /// Returns every listed table's state.
     pub async fn snapshot_states(
         &mut self,
         cfg: &PipelineConfig,
         new_pipeline: bool,
+        published: &BTreeMap<String, String>,
+        pending: &Pending,
     ) -> Result<Vec<TableState>> {
         let err = |e: tokio_postgres::Error| buffer_error(&e);
         let (schema, pipeline) = (self.schema.clone(), self.pipeline.clone());
@@ -387,14 +396,15 @@ impl Buffer {
             .query(
                 &format!(
                     "SELECT schema_name, table_name, request, phase, last_key::text, reread::text, rows_copied, range_done, \
-                     done_lsn::text, started_lsn::text, key_names::text, key_kinds::text, relation_id FROM {schema}.cdc_snapshots \
-                     WHERE pipeline = $1"
+                     done_lsn::text, started_lsn::text, key_names::text, key_kinds::text, relation_id, published \
+                     FROM {schema}.cdc_snapshots WHERE pipeline = $1"
                 ),
                 &[&pipeline],
             )
             .await
             .map_err(err)?;
         let mut known: HashMap<TableName, TableState> = HashMap::new();
+        let mut followed: HashMap<TableName, Option<String>> = HashMap::new();
         for r in &rows {
             let table = TableName {
                 schema: r.get(0),
@@ -404,6 +414,7 @@ impl Buffer {
                 r.get::<_, Option<String>>(i)
                     .and_then(|t| serde_json::from_str(&t).ok())
             };
+            followed.insert(table.clone(), r.get(13));
             known.insert(
                 table.clone(),
                 TableState {
@@ -447,31 +458,55 @@ impl Buffer {
                 .as_ref()
                 .filter(|(_, tables)| tables.contains(table))
                 .map(|(id, _)| format!("resync:{id}"));
+            let entry = published.get(&table.to_string()).map(String::as_str);
+            let followed = followed.get(table).cloned().flatten();
+            // The rows the publication takes in or leaves out changed since the copy: rows
+            // it takes in now were never copied (a table copied before schema 9 followed
+            // what it publishes now).
+            let name = table.to_string();
+            let changed = pending.add.contains(&name)
+                || pending.renew.contains(&name)
+                || followed.as_deref().is_some_and(|f| Some(f) != entry);
+            let never = cfg.snapshot.mode == SnapshotMode::Never;
             let asked = match known.get(table) {
                 Some(s) if resync.as_ref().is_some_and(|r| *r != s.request) => resync,
-                // Never: a copy the pipeline asked for itself (a new pipeline, an added table)
-                // and has not finished is dropped; one a user asked for explicitly (resync,
-                // philotes snapshot, recover) is still carried out.
+                // Never: a copy the pipeline asked for itself (a new pipeline, an added or
+                // changed table) and has not finished is dropped; one a user asked for
+                // explicitly (resync, philotes snapshot, recover) is still carried out.
                 Some(s)
                     if s.to_copy()
-                        && cfg.snapshot.mode == SnapshotMode::Never
-                        && (s.request == "initial" || s.request == "added") =>
+                        && never
+                        && matches!(s.request.as_str(), "initial" | "added" | "changed") =>
                 {
                     Some("skipped".to_string())
                 }
+                // Under Never, and for a resync the spec still names (carried out once per
+                // id), the request keeps its name and starts over.
+                Some(s) if changed && (!never || s.to_copy()) => {
+                    tracing::info!(pipeline = %cfg.id, table = %table, was = followed.as_deref().unwrap_or("?"),
+                        now = entry.unwrap_or("?"), "the table's column list or row filter changed; copying it again");
+                    Some(if never || resync.as_ref() == Some(&s.request) {
+                        s.request.clone()
+                    } else {
+                        "changed".to_string()
+                    })
+                }
                 Some(s) => {
+                    if followed.as_deref() != entry {
+                        note_published(&tx, schema, &pipeline, table, entry)
+                            .await
+                            .map_err(err)?;
+                    }
                     states.push(s.clone());
                     continue;
                 }
-                None if upgraded || cfg.snapshot.mode == SnapshotMode::Never => {
-                    resync.or(Some("skipped".to_string()))
-                }
+                None if upgraded || never => resync.or(Some("skipped".to_string())),
                 None if new_pipeline => resync.or(Some("initial".to_string())),
                 None => resync.or(Some("added".to_string())),
             };
             let Some(request) = asked else { continue };
             let state = TableState::requested(table.clone(), request);
-            save_request(&tx, schema, &pipeline, &state)
+            save_request(&tx, schema, &pipeline, &state, entry)
                 .await
                 .map_err(err)?;
             states.push(state);
@@ -487,7 +522,7 @@ impl Buffer {
         let tx = self.guarded().await?;
         for table in tables {
             let state = TableState::requested(table.clone(), request.to_string());
-            save_request(&tx, &schema, &pipeline, &state)
+            save_request(&tx, &schema, &pipeline, &state, None)
                 .await
                 .map_err(err)?;
         }
@@ -563,6 +598,7 @@ impl Buffer {
                 &schema,
                 &pipeline,
                 &TableState::requested(table.clone(), request),
+                None,
             )
             .await
             .map_err(err)?;
@@ -1006,22 +1042,43 @@ async fn insert_dead_letter(
         .await
 }
 
-/// Records a snapshot request (a table recorded `skipped` is captured without one).
+/// Records a request to copy a table (or that it is skipped: captured without a copy),
+/// following `published`: the table's entry in the publication (`None`: unknown here, the one recorded is kept).
 async fn save_request(
     client: &impl GenericClient,
     schema: &str,
     pipeline: &str,
     t: &TableState,
+    published: Option<&str>,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
     client
         .execute(
             &format!(
-                "INSERT INTO {schema}.cdc_snapshots (pipeline, schema_name, table_name, request, phase) VALUES ($1, $2, $3, $4, $5) \
+                "INSERT INTO {schema}.cdc_snapshots (pipeline, schema_name, table_name, request, phase, published) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (pipeline, schema_name, table_name) DO UPDATE SET request = excluded.request, phase = excluded.phase, \
                  last_key = NULL, reread = NULL, key_names = NULL, key_kinds = NULL, relation_id = NULL, rows_copied = 0, range_done = false, done_lsn = NULL, started_lsn = NULL, \
-                 requested_at = now(), updated_at = now()"
+                 published = coalesce(excluded.published, cdc_snapshots.published), requested_at = now(), updated_at = now()"
             ),
-            &[&pipeline, &t.table.schema, &t.table.name, &t.request, &t.phase.as_str()],
+            &[&pipeline, &t.table.schema, &t.table.name, &t.request, &t.phase.as_str(), &published],
+        )
+        .await
+}
+
+/// Records the table's entry in the publication its copy follows (unchanged in what it
+/// takes in, or `mode: Never`).
+async fn note_published(
+    client: &impl GenericClient,
+    schema: &str,
+    pipeline: &str,
+    table: &TableName,
+    published: Option<&str>,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.cdc_snapshots SET published = $4 WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3"
+            ),
+            &[&pipeline, &table.schema, &table.name, &published],
         )
         .await
 }

@@ -494,7 +494,20 @@ async fn session(
         });
     // What to copy is recorded before the checkpoint exists, so a new pipeline that stops
     // before its first checkpoint still copies its tables when it starts again.
-    let tables = buffer.snapshot_states(cfg, new_pipeline).await?;
+    let tables = buffer
+        .snapshot_states(
+            cfg,
+            new_pipeline,
+            &provisioned.published,
+            &provisioned.pending,
+        )
+        .await?;
+    // Philotes's own publication follows the spec once the copies that calls for are
+    // recorded: a stop in between changes it on the next start, and copies then.
+    if !provisioned.pending.is_empty() {
+        let source_client = cfg.source.connect("source").await?;
+        source::publish(&source_client, cfg, &provisioned.pending, true).await?;
+    }
     let todo: Vec<TableState> = tables.iter().filter(|t| t.to_copy()).cloned().collect();
     progress.send_modify(|p| {
         p.snapshots = tables

@@ -1578,6 +1578,22 @@ async fn copy_tables(
         return Ok(());
     }
     let mut source = Session::open(cfg, time_zone).await?;
+    // A table just added to the publication, or published with another column list or row
+    // filter, before its first chunk: a transaction running when the publication changed
+    // may have changed its rows before, unpublished then, and commit after a chunk read
+    // them. Once those transactions have ended, every chunk sees what they wrote. The other
+    // tables' changes stream meanwhile.
+    if todo
+        .iter()
+        .any(|t| t.phase == Phase::Pending && matches!(t.request.as_str(), "added" | "changed"))
+    {
+        wait_running_ended(
+            &source.client,
+            cfg,
+            "tables were published (added, or their column list or row filter changed)",
+        )
+        .await?;
+    }
     let mut chunk_id = 0u64;
     for mut state in todo {
         let mut plan = Arc::new(plan(&source.client, cfg, &state.table).await?);
@@ -1869,7 +1885,29 @@ async fn emit_close(
 /// Waits until the transactions the source has marked committed but not yet made visible
 /// (waiting for a synchronous standby, or between the two steps) are visible.
 async fn wait_committed_visible(client: &Client, cfg: &PipelineConfig) -> Result<()> {
-    let mut left = in_progress(client, cfg, true).await?;
+    let left = in_progress(client, cfg, true).await?;
+    wait_ended(client, cfg, left).await
+}
+
+/// Waits until the transactions running now have ended, saying so after a while (a
+/// transaction left open holds it).
+async fn wait_running_ended(client: &Client, cfg: &PipelineConfig, why: &str) -> Result<()> {
+    let left = in_progress(client, cfg, false).await?;
+    let waiting = wait_ended(client, cfg, left);
+    tokio::pin!(waiting);
+    // Only the wait is timed: dropping the timer when it ends first cancels nothing.
+    if tokio::time::timeout(Duration::from_secs(10), &mut waiting)
+        .await
+        .is_err()
+    {
+        tracing::info!(pipeline = %cfg.id, "{why}: waiting for the source's transactions that were running then to end");
+        waiting.await?;
+    }
+    Ok(())
+}
+
+/// Waits until none of the transactions `left` is still in progress.
+async fn wait_ended(client: &Client, cfg: &PipelineConfig, mut left: Vec<String>) -> Result<()> {
     let mut wait = Duration::from_millis(1);
     while !left.is_empty() {
         tokio::time::sleep(wait).await;

@@ -31,6 +31,12 @@ pub struct Provisioned {
     /// The source's WAL position when provisioning ended: everything committed before it is
     /// what `--until-caught-up` waits for.
     pub current_wal_lsn: u64,
+    /// What the publication holds for each listed table ([`Published::describe`]), by
+    /// `schema.name`, once `pending` is carried out.
+    pub published: BTreeMap<String, String>,
+    /// What Philotes's own publication lacks to follow the spec: changed with [`publish`]
+    /// once the copies it calls for are recorded.
+    pub pending: Pending,
 }
 
 /// The source's WAL position: where it writes, or on a standby (PostgreSQL 16+ decodes on
@@ -113,8 +119,25 @@ pub async fn provision(
         }
     }
 
-    let publication_created = ensure_publication(client, cfg).await?;
+    let mut wanted_entries = BTreeMap::new();
+    let (publication_created, pending) =
+        ensure_publication(client, cfg, &mut wanted_entries).await?;
     let slot_created = ensure_slot(client, cfg, checkpoint).await?;
+    let entries = published(client, &cfg.publication).await.map_err(q)?;
+    let published = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let t = t.to_string();
+            let entry = wanted_entries.remove(&t).unwrap_or_else(|| {
+                entries
+                    .get(&t)
+                    .map_or_else(Published::default, |(p, _)| p.clone())
+                    .describe()
+            });
+            (t, entry)
+        })
+        .collect();
 
     let row = client
         .query_one(
@@ -133,6 +156,8 @@ pub async fn provision(
             .and_then(lsn::parse)
             .unwrap_or(0),
         current_wal_lsn: lsn::parse(row.get(1)).unwrap_or(0),
+        published,
+        pending,
     })
 }
 
@@ -253,10 +278,28 @@ async fn check_filter(
 
 /// What a publication holds for one table: its column list (`None`: all) and row filter as
 /// the server prints it (`None`: every row).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
     pub columns: Option<Vec<String>>,
     pub row_filter: Option<String>,
+}
+
+impl Published {
+    /// How `cdc_snapshots.published` records it: `columns (a, b), rows WHERE (cond)`, the
+    /// columns sorted, `all` for either when the publication does not restrict it.
+    pub fn describe(&self) -> String {
+        let mut columns = self.columns.clone();
+        if let Some(c) = columns.as_mut() {
+            c.sort();
+        }
+        format!(
+            "columns {}, rows {}",
+            columns.map_or("all".to_string(), |c| format!("({})", c.join(", "))),
+            self.row_filter
+                .as_ref()
+                .map_or("all".to_string(), |w| format!("WHERE {w}"))
+        )
+    }
 }
 
 /// The tables publication `name` names (not its partitions), with their column lists and
@@ -353,7 +396,7 @@ fn filter_error(cfg: &PipelineConfig, e: &tokio_postgres::Error) -> Error {
     if e.code().map(|c| c.code()) == Some("42P10") {
         return Error::InvalidSpec(format!(
             "spec.source.tables: a where condition or column list of publication {} does not fit a table's replica identity, \
-             so the source database {} would refuse every UPDATE and DELETE of it ({}); nothing was created. \
+             so the source database {} would refuse every UPDATE and DELETE of it ({}); nothing was created or changed. \
              Use only replica identity (primary key) columns in where, list them in columns, or change the table's REPLICA IDENTITY",
             cfg.publication,
             cfg.source,
@@ -406,6 +449,40 @@ fn create_publication_sql(cfg: &PipelineConfig, name: &str) -> String {
     )
 }
 
+/// The source checks a table's replica identity against the row filter and column list of
+/// every publication of it when an UPDATE or DELETE starts, refusing every one of them if
+/// they do not cover it: asked now, in the caller's transaction, for each of `tables` with
+/// a filter, with statements that touch no row.
+async fn probe_identity<'a>(
+    client: &Client,
+    cfg: &PipelineConfig,
+    tables: impl Iterator<Item = &'a TableName>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    for t in tables.filter(|t| cfg.filters.contains_key(*t)) {
+        let column: Option<String> = client
+            .query_opt(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                 AND attnum > 0 AND NOT attisdropped ORDER BY attnum LIMIT 1",
+                &[&t.quoted()],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if let Some(c) = column {
+            let c = quote_ident(&c);
+            client
+                .execute(
+                    &format!("UPDATE {} SET {c} = {c} WHERE false", t.quoted()),
+                    &[],
+                )
+                .await?;
+            client
+                .execute(&format!("DELETE FROM {} WHERE false", t.quoted()), &[])
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether the publication is one Philotes created for this pipeline (its comment says so).
 async fn owned_by(
     client: &Client,
@@ -421,26 +498,57 @@ async fn owned_by(
     Ok(comment.as_deref() == Some(format!("created by philotes for {}", cfg.id).as_str()))
 }
 
-/// Adds the listed tables a publication Philotes owns lacks, and drops those it no longer
-/// lists, in one transaction.
-async fn sync_owned_publication(
+/// What a publication Philotes owns lacks to follow the spec, to be changed once the copies
+/// it calls for are recorded ([`publish`]).
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    /// Listed tables it does not publish.
+    pub add: BTreeSet<String>,
+    /// Listed tables it publishes with another column list or row filter.
+    pub renew: BTreeSet<String>,
+    /// It publishes tables no longer listed.
+    pub unlist: bool,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.renew.is_empty() && !self.unlist
+    }
+}
+
+/// Makes a publication Philotes owns follow the spec, in one transaction: adds the listed
+/// tables it lacks, publishes the `renew` ones anew with the column list and row filter the
+/// spec gives them (dropped and added again), and drops the tables no longer listed. The
+/// source is asked first whether the new filters would refuse the tables' UPDATEs and
+/// DELETEs. With `commit` false, everything is rolled back: a trial, before the copies it
+/// calls for are recorded.
+pub async fn publish(
     client: &Client,
     cfg: &PipelineConfig,
-    published: &BTreeSet<String>,
-    wanted: &BTreeSet<String>,
-) -> std::result::Result<(), tokio_postgres::Error> {
+    pending: &Pending,
+    commit: bool,
+) -> Result<()> {
+    let changed = |t: &&TableName| {
+        let t = t.to_string();
+        pending.add.contains(&t) || pending.renew.contains(&t)
+    };
     let name = quote_ident(&cfg.publication);
-    let extra = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname), n.nspname || '.' || c.relname \
-             FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
-             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
-            &[&cfg.publication],
-        )
-        .await?;
-    client.batch_execute("BEGIN").await?;
     let result = async {
-        for t in cfg.tables.iter().filter(|t| !published.contains(&t.to_string())) {
+        client.batch_execute("BEGIN").await?;
+        let extra = client
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname), n.nspname || '.' || c.relname \
+                 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
+                &[&cfg.publication],
+            )
+            .await?;
+        for t in cfg.tables.iter().filter(|t| pending.renew.contains(&t.to_string())) {
+            client
+                .execute(&format!("ALTER PUBLICATION {name} DROP TABLE {}", t.quoted()), &[])
+                .await?;
+        }
+        for t in cfg.tables.iter().filter(changed) {
             let clause = cfg
                 .filters
                 .get(t)
@@ -449,28 +557,56 @@ async fn sync_owned_publication(
             client
                 .execute(&format!("ALTER PUBLICATION {name} ADD TABLE {}{clause}", t.quoted()), &[])
                 .await?;
-            tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication, "table added to the publication");
         }
+        let wanted: BTreeSet<String> = cfg.tables.iter().map(|t| t.to_string()).collect();
+        let mut unlisted = Vec::new();
         for r in &extra {
             let (quoted, plain): (String, String) = (r.get(0), r.get(1));
             if !wanted.contains(&plain) {
                 client
                     .execute(&format!("ALTER PUBLICATION {name} DROP TABLE {quoted}"), &[])
                     .await?;
-                tracing::info!(pipeline = %cfg.id, table = %plain, publication = %cfg.publication, "table dropped from the publication");
+                unlisted.push(plain);
             }
         }
-        client.batch_execute("COMMIT").await
+        probe_identity(client, cfg, cfg.tables.iter().filter(changed)).await?;
+        client
+            .batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+            .await?;
+        Ok(unlisted)
     }
     .await;
-    if result.is_err() {
-        let _ = client.batch_execute("ROLLBACK").await;
+    match result {
+        Ok(unlisted) => {
+            if commit {
+                for t in &pending.add {
+                    tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication, "table added to the publication");
+                }
+                for t in &pending.renew {
+                    tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication,
+                        "the table's column list or row filter changed in the spec; published anew");
+                }
+                for t in &unlisted {
+                    tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication, "table dropped from the publication");
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(filter_error(cfg, &e))
+        }
     }
-    result
 }
 
-/// Returns whether the publication was created now.
-async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<bool> {
+/// Returns whether the publication was created now, and what is left to change in it
+/// ([`Provisioned::pending`]), whose entries for those tables, as the spec asks for them, go
+/// into `wanted_entries`.
+async fn ensure_publication(
+    client: &Client,
+    cfg: &PipelineConfig,
+    wanted_entries: &mut BTreeMap<String, String>,
+) -> Result<(bool, Pending)> {
     let name = &cfg.publication;
     let err = |e: tokio_postgres::Error| {
         setup_error(
@@ -511,31 +647,7 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             client
                 .execute(&create_publication_sql(cfg, name), &[])
                 .await?;
-            // The source checks a table's replica identity against the row filter and
-            // column list when an UPDATE or DELETE starts, refusing every one of them if it
-            // does not cover them: ask it now, with statements that touch no row.
-            for t in cfg.tables.iter().filter(|t| cfg.filters.contains_key(*t)) {
-                let column: Option<String> = client
-                    .query_opt(
-                        "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) \
-                         AND attnum > 0 AND NOT attisdropped ORDER BY attnum LIMIT 1",
-                        &[&t.quoted()],
-                    )
-                    .await?
-                    .map(|r| r.get(0));
-                if let Some(c) = column {
-                    let c = quote_ident(&c);
-                    client
-                        .execute(
-                            &format!("UPDATE {} SET {c} = {c} WHERE false", t.quoted()),
-                            &[],
-                        )
-                        .await?;
-                    client
-                        .execute(&format!("DELETE FROM {} WHERE false", t.quoted()), &[])
-                        .await?;
-                }
-            }
+            probe_identity(client, cfg, cfg.tables.iter()).await?;
             client
                 .execute(
                     &format!(
@@ -555,7 +667,7 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
                 let _ = client.batch_execute("ROLLBACK").await;
                 // Created by a concurrent start: adopt it below like any other.
                 if e.code().map(|c| c.code()) == Some("42710") {
-                    return Box::pin(ensure_publication(client, cfg)).await;
+                    return Box::pin(ensure_publication(client, cfg, wanted_entries)).await;
                 }
                 return Err(filter_error(cfg, &e));
             }
@@ -570,7 +682,7 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             )));
         }
         client.batch_execute("COMMIT").await.map_err(err)?;
-        return Ok(true);
+        return Ok((true, Pending::default()));
     };
     let all_tables: bool = row.get(0);
     let missing_ops: Vec<&str> = [(1, "insert"), (2, "update"), (3, "delete"), (4, "truncate")]
@@ -596,65 +708,84 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
         .filter(|(_, (_, kind))| kind == "p")
         .map(|(t, _)| t.clone())
         .collect();
-    let mut published = published_tables;
-    if !all_tables && published != wanted && owned_by(client, cfg).await.map_err(err)? {
-        // A publication Philotes created for this pipeline follows spec.source.tables: a
-        // table added is published from now on (and copied, README: Snapshots), a table
-        // removed no longer is.
-        sync_owned_publication(client, cfg, &published, &wanted)
-            .await
-            .map_err(|e| filter_error(cfg, &e))?;
-        published = super::source::published(client, name)
-            .await
-            .map_err(err)?
-            .into_keys()
-            .collect();
-    }
-    if all_tables || published != wanted {
-        let shown = if all_tables {
-            "ALL TABLES".to_string()
-        } else {
-            published.iter().cloned().collect::<Vec<_>>().join(", ")
-        };
+    if all_tables {
         return Err(Error::SourceSetup(format!(
-            "publication {name} already exists on the source database {} and publishes [{shown}], but spec.source.tables lists [{}]; \
+            "publication {name} already exists on the source database {} and publishes [ALL TABLES], but spec.source.tables lists [{}]; \
              make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
             cfg.source,
             wanted.iter().cloned().collect::<Vec<_>>().join(", "),
             quote_ident(name)
         )));
     }
-    // The same columns and rows: a filter in the publication the spec does not ask for
-    // would capture silently less.
+    // The same tables, columns and rows: a filter in the publication the spec does not ask
+    // for would capture silently less. A publication Philotes created for this pipeline
+    // follows the spec instead: a table added is published from now on (and copied, README:
+    // Snapshots), a table removed no longer is, and a table whose column list or row filter
+    // changed is published anew (and copied again).
     let asked = expected(client, cfg).await?;
-    for (table, (has, _)) in &named {
-        let Some(want) = asked.get(table) else {
-            continue;
-        };
-        let mut has = has.clone();
-        if let Some(c) = has.columns.as_mut() {
-            c.sort();
+    let mut pending = Pending {
+        unlist: published_tables.iter().any(|t| !wanted.contains(t)),
+        ..Pending::default()
+    };
+    let mut differing = None;
+    for (table, want) in &asked {
+        match named.get(table) {
+            None => {
+                pending.add.insert(table.clone());
+            }
+            Some((has, _)) => {
+                let mut has = has.clone();
+                if let Some(c) = has.columns.as_mut() {
+                    c.sort();
+                }
+                if &has != want {
+                    differing.get_or_insert((table.clone(), has, want.clone()));
+                    pending.renew.insert(table.clone());
+                }
+            }
         }
-        if &has != want {
-            let show = |p: &Published| {
-                format!(
-                    "columns {}, rows {}",
-                    p.columns
-                        .as_ref()
-                        .map_or("all".to_string(), |c| format!("({})", c.join(", "))),
-                    p.row_filter
-                        .as_ref()
-                        .map_or("all".to_string(), |w| format!("WHERE {w}"))
-                )
-            };
+    }
+    if !pending.is_empty() && !owned_by(client, cfg).await.map_err(err)? {
+        if published_tables != wanted {
+            return Err(Error::SourceSetup(format!(
+                "publication {name} already exists on the source database {} and publishes [{}], but spec.source.tables lists [{}]; \
+                 make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
+                cfg.source,
+                published_tables.iter().cloned().collect::<Vec<_>>().join(", "),
+                wanted.iter().cloned().collect::<Vec<_>>().join(", "),
+                quote_ident(name)
+            )));
+        }
+        if let Some((table, has, want)) = differing {
             return Err(Error::SourceSetup(format!(
                 "publication {name} on the source database {} publishes {table} with {}, but spec.source.tables asks for {}; \
                  make them match (ALTER PUBLICATION {} SET TABLE ...) or choose another spec.source.publication",
                 cfg.source,
-                show(&has),
-                show(want),
+                has.describe(),
+                want.describe(),
                 quote_ident(name)
             )));
+        }
+    }
+    if !pending.is_empty() && read_only {
+        return Err(Error::SourceSetup(format!(
+            "the source database {} is a standby (read-only), and publication {name} does not publish what spec.source.tables \
+             lists ({} to add, {} with another column list or row filter{}); change it on the primary (it reaches the standby \
+             by replication)",
+            cfg.source,
+            pending.add.len(),
+            pending.renew.len(),
+            if pending.unlist { ", tables no longer listed" } else { "" }
+        )));
+    }
+    if !pending.is_empty() {
+        // Tried now, so a spec the source refuses stops the start before anything is
+        // recorded; carried out once the copies it calls for are.
+        publish(client, cfg, &pending, false).await?;
+    }
+    for t in pending.add.iter().chain(&pending.renew) {
+        if let Some(want) = asked.get(t) {
+            wanted_entries.insert(t.clone(), want.describe());
         }
     }
     let via_root: bool = row.get(5);
@@ -668,7 +799,7 @@ async fn ensure_publication(client: &Client, cfg: &PipelineConfig) -> Result<boo
             quote_ident(name)
         )));
     }
-    Ok(false)
+    Ok((false, pending))
 }
 
 /// A slot as `pg_replication_slots` shows it.
