@@ -1759,8 +1759,9 @@ async fn copy_of_f(buffer: &Client, pipeline: &str) -> (String, String, i64, i64
 async fn a_table_whose_columns_or_row_filter_change_is_copied_again() {
     let (src, buf, source) = databases_with(
         "snap_refilter",
-        "CREATE TABLE f (id int PRIMARY KEY, v text, secret text);
-         INSERT INTO f SELECT g, 'v' || g, 's' || g FROM generate_series(1, 1000) g;",
+        "CREATE TABLE f (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text, secret text);
+         INSERT INTO f OVERRIDING SYSTEM VALUE SELECT g, 'v' || g, 's' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE g (id int PRIMARY KEY);",
     )
     .await;
     if server_version(&source).await < 150000 {
@@ -1812,9 +1813,28 @@ async fn a_table_whose_columns_or_row_filter_change_is_copied_again() {
         )
     );
     source
-        .batch_execute("UPDATE f SET v = v WHERE id = 1; DELETE FROM f WHERE id = 2; INSERT INTO f VALUES (2, 'v2', 's2')")
+        .batch_execute("UPDATE f SET v = v WHERE id = 1; DELETE FROM f WHERE id = 2; INSERT INTO f OVERRIDING SYSTEM VALUE VALUES (2, 'v2', 's2')")
         .await
         .expect("the source's updates still work");
+    // A condition that closes its parenthesis to publish another table: refused, nothing
+    // changed.
+    let sneaky = with_entry(
+        "snap-refilter",
+        &src,
+        &buf,
+        r#"[{name: f, columns: [id, v], where: "id <= 400), g WHERE (true"}]"#,
+    );
+    let err = start_fails(config(&sneaky), "a condition naming another table").await;
+    assert!(err.to_string().contains("spec.source.tables"), "{err}");
+    let tables: Vec<String> = column(
+        &source,
+        &format!(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = '{}'",
+            cfg.publication
+        ),
+    )
+    .await;
+    assert_eq!(tables, vec!["f"]);
 
     // More columns, and rows moved: 1-200 left out, 301-700 taken in. A transaction that
     // changed a row it takes in before the publication changed, still open then, commits
@@ -1868,8 +1888,8 @@ async fn a_table_whose_columns_or_row_filter_change_is_copied_again() {
     );
     assert_eq!(copy_of_f(&buffer, pipeline).await.3, 800);
 
-    // The publication already holds the next entry (a stop right after Philotes changed it,
-    // before it recorded the request): the copy follows what the publication holds.
+    // The publication already holds the next entry, changed by hand while the pipeline was
+    // stopped: the copy follows what the publication holds.
     source
         .batch_execute(&format!(
             "ALTER PUBLICATION {pub} DROP TABLE f; ALTER PUBLICATION {pub} ADD TABLE f (id, v, secret) WHERE (id > 600)",
@@ -1878,7 +1898,7 @@ async fn a_table_whose_columns_or_row_filter_change_is_copied_again() {
         .await
         .expect("publication changed");
     source
-        .batch_execute("DELETE FROM f WHERE id = 650; INSERT INTO f VALUES (1001, 'new', 's')")
+        .batch_execute("DELETE FROM f WHERE id = 650; INSERT INTO f OVERRIDING SYSTEM VALUE VALUES (1001, 'new', 's')")
         .await
         .expect("writes");
     let third = with_entry(

@@ -1582,15 +1582,18 @@ async fn copy_tables(
     // filter, before its first chunk: a transaction running when the publication changed
     // may have changed its rows before, unpublished then, and commit after a chunk read
     // them. Once those transactions have ended, every chunk sees what they wrote. The other
-    // tables' changes stream meanwhile.
+    // tables' changes stream meanwhile (the loop does not wait for the task).
+    // Any copy asked for at a start but a new pipeline's (whose slot, created after its
+    // publication, waited for them already) may follow such a change: an added table, a
+    // changed one, and a resync or `philotes snapshot` asked for in the same start.
     if todo
         .iter()
-        .any(|t| t.phase == Phase::Pending && matches!(t.request.as_str(), "added" | "changed"))
+        .any(|t| t.phase == Phase::Pending && t.request != "initial")
     {
         wait_running_ended(
             &source.client,
             cfg,
-            "tables were published (added, or their column list or row filter changed)",
+            "tables are to be copied that the publication may have just begun to publish",
         )
         .await?;
     }
@@ -1889,21 +1892,40 @@ async fn wait_committed_visible(client: &Client, cfg: &PipelineConfig) -> Result
     wait_ended(client, cfg, left).await
 }
 
-/// Waits until the transactions running now have ended, saying so after a while (a
-/// transaction left open holds it).
+/// Waits until the transactions running now have ended, saying so every minute (a
+/// transaction left open, or a prepared one, holds it). By the horizon of the source's
+/// snapshots, which a standby keeps too: every transaction id below the first one not yet
+/// assigned now.
 async fn wait_running_ended(client: &Client, cfg: &PipelineConfig, why: &str) -> Result<()> {
-    let left = in_progress(client, cfg, false).await?;
-    let waiting = wait_ended(client, cfg, left);
-    tokio::pin!(waiting);
-    // Only the wait is timed: dropping the timer when it ends first cancels nothing.
-    if tokio::time::timeout(Duration::from_secs(10), &mut waiting)
+    let err = |e: tokio_postgres::Error| source_error(cfg, &e);
+    let horizon: String = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
-        .is_err()
-    {
-        tracing::info!(pipeline = %cfg.id, "{why}: waiting for the source's transactions that were running then to end");
-        waiting.await?;
+        .map_err(err)?
+        .get(0);
+    let started = std::time::Instant::now();
+    let mut said = Duration::ZERO;
+    let mut wait = Duration::from_millis(1);
+    loop {
+        let ended: bool = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+                &[&horizon],
+            )
+            .await
+            .map_err(err)?
+            .get(0);
+        if ended {
+            return Ok(());
+        }
+        if started.elapsed() >= said + Duration::from_secs(if said.is_zero() { 10 } else { 60 }) {
+            said = started.elapsed();
+            tracing::info!(pipeline = %cfg.id, waited_s = said.as_secs(),
+                "{why}: waiting for the source's transactions that were running then to end (see pg_stat_activity.backend_xid, pg_prepared_xacts)");
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
     }
-    Ok(())
 }
 
 /// Waits until none of the transactions `left` is still in progress.

@@ -469,9 +469,10 @@ async fn probe_identity<'a>(
             .map(|r| r.get(0));
         if let Some(c) = column {
             let c = quote_ident(&c);
+            // DEFAULT: an identity or generated column takes nothing else.
             client
                 .execute(
-                    &format!("UPDATE {} SET {c} = {c} WHERE false", t.quoted()),
+                    &format!("UPDATE {} SET {c} = DEFAULT WHERE false", t.quoted()),
                     &[],
                 )
                 .await?;
@@ -570,14 +571,32 @@ pub async fn publish(
             }
         }
         probe_identity(client, cfg, cfg.tables.iter().filter(changed)).await?;
+        // A condition that closed its parenthesis to name another table publishes that
+        // one too: the publication must hold exactly the listed tables.
+        let now: BTreeSet<String> = published(client, &cfg.publication)
+            .await?
+            .into_keys()
+            .collect();
+        let verdict = (now == wanted).then_some(unlisted).ok_or(now);
         client
-            .batch_execute(if commit { "COMMIT" } else { "ROLLBACK" })
+            .batch_execute(if commit && verdict.is_ok() { "COMMIT" } else { "ROLLBACK" })
             .await?;
-        Ok(unlisted)
+        Ok(verdict)
     }
     .await;
     match result {
-        Ok(unlisted) => {
+        Ok(Err(now)) => Err(Error::InvalidSpec(format!(
+            "spec.source.tables would make publication {} publish [{}] instead of [{}]: \
+             a where condition must be one condition on its own table; nothing was changed",
+            cfg.publication,
+            now.into_iter().collect::<Vec<_>>().join(", "),
+            cfg.tables
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        Ok(Ok(unlisted)) => {
             if commit {
                 for t in &pending.add {
                     tracing::info!(pipeline = %cfg.id, table = %t, publication = %cfg.publication, "table added to the publication");
