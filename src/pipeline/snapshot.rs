@@ -1579,13 +1579,13 @@ async fn copy_tables(
     }
     let mut source = Session::open(cfg, time_zone).await?;
     // A table just added to the publication, or published with another column list or row
-    // filter, before its first chunk: a transaction running when the publication changed
-    // may have changed its rows before, unpublished then, and commit after a chunk read
-    // them. Once those transactions have ended, every chunk sees what they wrote. The other
-    // tables' changes stream meanwhile (the loop does not wait for the task).
-    // Any copy asked for at a start but a new pipeline's (whose slot, created after its
-    // publication, waited for them already) may follow such a change: an added table, a
-    // changed one, and a resync or `philotes snapshot` asked for in the same start.
+    // filter: a transaction running when the publication changed may have changed its rows
+    // before, unpublished then, and commit after a chunk read them. Once those transactions
+    // have ended, every chunk sees what they wrote. Any copy asked for at a start may follow
+    // such a change (an added or changed table, or a resync asked for in the same start),
+    // but a new pipeline's first ones: its slot, created after its publication, waited for
+    // them already. The other tables' changes stream meanwhile (the loop does not wait for
+    // the task).
     if todo
         .iter()
         .any(|t| t.phase == Phase::Pending && t.request != "initial")
@@ -1888,8 +1888,15 @@ async fn emit_close(
 /// Waits until the transactions the source has marked committed but not yet made visible
 /// (waiting for a synchronous standby, or between the two steps) are visible.
 async fn wait_committed_visible(client: &Client, cfg: &PipelineConfig) -> Result<()> {
-    let left = in_progress(client, cfg, true).await?;
-    wait_ended(client, cfg, left).await
+    let mut left = in_progress(client, cfg, true).await?;
+    let mut wait = Duration::from_millis(1);
+    while !left.is_empty() {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
+        let running: HashSet<String> = in_progress(client, cfg, false).await?.into_iter().collect();
+        left.retain(|x| running.contains(x));
+    }
+    Ok(())
 }
 
 /// Waits until the transactions running now have ended, saying so every minute (a
@@ -1926,18 +1933,6 @@ async fn wait_running_ended(client: &Client, cfg: &PipelineConfig, why: &str) ->
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(100));
     }
-}
-
-/// Waits until none of the transactions `left` is still in progress.
-async fn wait_ended(client: &Client, cfg: &PipelineConfig, mut left: Vec<String>) -> Result<()> {
-    let mut wait = Duration::from_millis(1);
-    while !left.is_empty() {
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(100));
-        let running: HashSet<String> = in_progress(client, cfg, false).await?.into_iter().collect();
-        left.retain(|x| running.contains(x));
-    }
-    Ok(())
 }
 
 /// The transactions a snapshot taken now sees as in progress (`committed`: only those the
